@@ -1,0 +1,123 @@
+"""Every setting of the service, read from the environment in one place.
+
+Each field names its environment variable. Defaults are the embedded local stack's
+(`make demo`): Redis on 127.0.0.1:6379, SeaweedFS S3 on 127.0.0.1:8333.
+`README.md` has the same table; `tests/unit/test_settings_docs.py` keeps them in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _env_list(name: str, default: str = "") -> tuple[str, ...]:
+    return tuple(item.strip() for item in os.environ.get(name, default).split(",") if item.strip())
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def setting(env: str, default, kind=str, doc: str = ""):
+    """A dataclass field read from environment variable `env` (see `Settings.from_env`)."""
+    return field(default=default, metadata={"env": env, "kind": kind, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Broker, result backend and job records.
+    redis_url: str = setting("AVSR_REDIS_URL", "redis://127.0.0.1:6379/0",
+                             doc="Redis for the Celery broker, results and job records")
+    # S3: inputs, the work prefix for intermediate arrays, results.
+    s3_endpoint_url: str = setting("AVSR_S3_ENDPOINT_URL", "http://127.0.0.1:8333",
+                                   doc="S3 endpoint; empty string means AWS S3")
+    s3_region: str = setting("AWS_DEFAULT_REGION", "us-east-1", doc="S3 region")
+    s3_access_key_id: str = setting("AWS_ACCESS_KEY_ID", "avsr", doc="S3 access key (AWS default chain if empty)")
+    s3_secret_access_key: str = setting("AWS_SECRET_ACCESS_KEY", "avsr-secret",
+                                        doc="S3 secret key (AWS default chain if empty)")
+    work_bucket: str = setting("AVSR_WORK_BUCKET", "avsr-work",
+                               doc="bucket for intermediate arrays and results")
+    work_prefix: str = setting("AVSR_WORK_PREFIX", "jobs/", doc="key prefix inside the work bucket")
+    allowed_buckets: tuple = setting("AVSR_ALLOWED_BUCKETS", (), kind=tuple,
+                                     doc="comma list of input buckets jobs may read; empty allows any")
+    s3_max_concurrency: int = setting("AVSR_S3_MAX_CONCURRENCY", 16, kind=int,
+                                      doc="parallel S3 GETs when downloading frames")
+    # API.
+    api_keys: tuple = setting("AVSR_API_KEYS", (), kind=tuple,
+                              doc="comma list of accepted API keys; empty disables auth (local use only)")
+    max_request_bytes: int = setting("AVSR_MAX_REQUEST_BYTES", 64 * 1024, kind=int,
+                                     doc="largest accepted request body")
+    max_frames: int = setting("AVSR_MAX_FRAMES", 30000, kind=int, doc="longest accepted input, in frames")
+    max_input_bytes: int = setting("AVSR_MAX_INPUT_BYTES", 2 * 1024**3, kind=int,
+                                   doc="largest accepted input (sum of S3 objects)")
+    predict_timeout_s: float = setting("AVSR_PREDICT_TIMEOUT_S", 300.0, kind=float,
+                                       doc="how long POST /predict waits for its job")
+    callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
+    job_ttl_s: int = setting("AVSR_JOB_TTL_S", 7 * 24 * 3600, kind=int, doc="how long job records live")
+    # Model.
+    model_path: str = setting("AVHUBERT_MODEL_PATH", "", doc="AV-HuBERT fairseq checkpoint (.pt)")
+    spm_path: str = setting("AVHUBERT_SPM_PATH", "", doc="sentencepiece model; overrides the checkpoint's")
+    dict_path: str = setting("AVHUBERT_DICT_PATH", "", doc="fairseq dict.wrd.txt; overrides the checkpoint's")
+    device: str = setting("AVSR_DEVICE", "auto", doc="auto, cpu, cuda or cuda:N")
+    precision: str = setting("AVSR_PRECISION", "fp32", doc="fp32, fp16 or bf16 (CUDA only)")
+    beam_size: int = setting("AVSR_BEAM_SIZE", 5, kind=int, doc="default beam size")
+    max_segment_s: float = setting("AVSR_MAX_SEGMENT_S", 15.0, kind=float,
+                                   doc="longest segment decoded at once, seconds")
+    # Workers.
+    task_soft_time_limit_s: int = setting("AVSR_TASK_SOFT_TIME_LIMIT_S", 1800, kind=int,
+                                          doc="soft time limit of one task")
+    task_time_limit_s: int = setting("AVSR_TASK_TIME_LIMIT_S", 2100, kind=int,
+                                     doc="hard time limit of one task")
+    heartbeat_interval_s: float = setting("AVSR_HEARTBEAT_INTERVAL_S", 10.0, kind=float,
+                                          doc="GPU worker heartbeat period")
+    cpu_threads: int = setting("AVSR_CPU_THREADS", 0, kind=int,
+                               doc="threads for preprocessing in one CPU worker; 0 means all cores")
+    # Logging.
+    log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
+    log_json: bool = setting("AVSR_LOG_JSON", True, kind=bool, doc="JSON log lines")
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Read every field from its environment variable, falling back to the default."""
+        values = {}
+        for f in fields(cls):
+            env, kind = f.metadata["env"], f.metadata["kind"]
+            if kind is tuple:
+                values[f.name] = _env_list(env) if env in os.environ else f.default
+            elif kind is int:
+                values[f.name] = _env_int(env, f.default)
+            elif kind is float:
+                values[f.name] = _env_float(env, f.default)
+            elif kind is bool:
+                values[f.name] = _env_bool(env, f.default)
+            else:
+                values[f.name] = _env(env, f.default)
+        return cls(**values)
+
+    @staticmethod
+    def environment_variables() -> dict[str, str]:
+        """Environment variable → description, for docs and drift tests."""
+        return {f.metadata["env"]: f.metadata["doc"] for f in fields(Settings)}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests call `get_settings.cache_clear()`)."""
+    return Settings.from_env()
