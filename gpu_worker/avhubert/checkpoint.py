@@ -1,0 +1,188 @@
+"""Safe reader for fairseq / AV-HuBERT ``.pt`` checkpoints (no fairseq, no arbitrary unpickling).
+
+A fairseq checkpoint is a torch zip archive (``<top>/data.pkl`` + ``<top>/data/<key>`` storage
+records, any top folder name). Its pickle references a handful of classes (fairseq ``Dictionary``,
+``SentencepieceBPE``, ``sentencepiece.SentencePieceProcessor``, ``argparse.Namespace`` ...). This
+module unpickles it with :class:`RestrictedUnpickler`, which maps exactly those globals onto inert
+plain-data stand-ins defined here and refuses every other global with :class:`CheckpointError`
+*before* anything is called, so a malicious ``__reduce__`` payload never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is unreadable, unsafe or does not fit the model."""
+
+
+class _PickledState:
+    """Base of the stand-ins: accepts pickle's ``NEWOBJ``/``BUILD`` and keeps the state as data."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict | type(None)):
+            state = state[0] or {}  # (dict state, slot state) form
+        if not isinstance(state, dict):
+            raise CheckpointError(f"unexpected pickled state for {type(self).__name__}: {type(state)}")
+        self.__dict__.update(state)
+
+
+class DictionaryState(_PickledState):
+    """Stand-in for ``fairseq.data.dictionary.Dictionary``.
+
+    Attributes as pickled: ``symbols``, ``count``, ``indices``, ``bos_index``, ``pad_index``,
+    ``eos_index``, ``unk_index``, ``nspecial`` and the ``*_word`` strings.
+    """
+
+    symbols: list[str]
+
+
+class SentencepieceBPEState(_PickledState):
+    """Stand-in for ``fairseq.data.encoders.sentencepiece_bpe.SentencepieceBPE`` (attribute ``sp``)."""
+
+    sp: SentencePieceModelState
+
+
+@dataclass
+class SentencePieceModelState:
+    """Stand-in for ``sentencepiece.SentencePieceProcessor``; keeps the serialized model proto
+    (pickled either as the bare bytes or as a dict with ``model_proto`` and encoder options)."""
+
+    proto: bytes = b""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            state = state.get("model_proto")
+        if not isinstance(state, bytes | bytearray):
+            raise CheckpointError("pickled SentencePieceProcessor state carries no serialized model proto")
+        self.proto = bytes(state)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 uses it to store ``bytes`` (latin-1 only)."""
+    if not isinstance(text, str) or encoding.lower() not in ("latin1", "latin-1"):
+        raise CheckpointError(f"refused _codecs.encode call with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+    """Replacement for ``torch._utils._rebuild_tensor_v2`` on our flat storage tensors."""
+    if not isinstance(storage, torch.Tensor):
+        raise CheckpointError("tensor rebuild without a storage")
+    return storage.as_strided(tuple(size), tuple(stride), offset)
+
+
+def _rebuild_parameter(data: torch.Tensor, *_: Any) -> torch.Tensor:
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("fairseq.data.dictionary", "Dictionary"): DictionaryState,
+    ("fairseq.data.encoders.sentencepiece_bpe", "SentencepieceBPE"): SentencepieceBPEState,
+    ("sentencepiece", "SentencePieceProcessor"): SentencePieceModelState,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "long"): int,
+    ("argparse", "Namespace"): argparse.Namespace,
+    **{(mod, name): obj for mod in ("builtins", "__builtin__")
+       for name, obj in (("set", set), ("frozenset", frozenset), ("int", int), ("float", float))},
+    **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for torch zip checkpoints that only knows the globals listed in ``_ALLOWED_GLOBALS``."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self._archive = archive
+        self._prefix = prefix
+        self._storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(
+                f"checkpoint references the global '{module}.{name}', which is not allowed "
+                "(only tensors, builtin containers and the fairseq config/data classes are)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unsupported persistent id in checkpoint: {pid!r:.80}")
+        storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise CheckpointError(f"unsupported storage type in checkpoint: {storage_type!r:.80}")
+        if key not in self._storages:
+            try:
+                raw = self._archive.read(f"{self._prefix}data/{key}")
+            except KeyError:
+                raise CheckpointError(f"checkpoint archive lacks the storage record data/{key}") from None
+            flat = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else (
+                torch.empty(0, dtype=storage_type.dtype))
+            self._storages[key] = flat
+        return self._storages[key]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fairseq checkpoint into plain data without executing any code from it.
+
+    Returns the top-level dict (``args``, ``cfg``, ``model``, ``task_state`` ...), tensors on CPU
+    in their stored dtype. Raises :class:`CheckpointError` for non-zip (legacy) files, big-endian
+    archives and any pickle global outside the allow-list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a torch zip checkpoint (legacy pre-zip files are unsupported)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: expected exactly one <top>/data.pkl record, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
+            raise CheckpointError(f"{path}: big-endian checkpoints are unsupported")
+        unpickler = RestrictedUnpickler(archive.read(pickles[0]), archive, prefix)
+        try:
+            state = unpickler.load()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # malformed pickle stream
+            raise CheckpointError(f"{path}: cannot read checkpoint pickle: {exc}") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no top-level 'model' entry)")
+    return state
+

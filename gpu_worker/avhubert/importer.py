@@ -1,0 +1,117 @@
+"""Map fairseq AV-HuBERT parameter names onto :class:`.model.AVHubertModel`.
+
+fairseq names (``encoder.w2v_model.feature_extractor_video.resnet.trunk.layer1.0.conv1.weight``,
+``decoder.layers.0.encoder_attn.q_proj.weight`` ...) are rewritten by an ordered list of regex
+rules; the positional convolution's weight norm (``weight_g``/``weight_v``, norm over dims 0 and 1)
+is folded into a plain weight. Any missing, unexpected or shape-mismatched key is a
+:class:`~.checkpoint.CheckpointError` that names it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError
+
+# keys that only serve pretraining / training and have no role at inference
+_IGNORED = re.compile(
+    r"^(mask_emb|label_embs_concat|final_proj\..*|target_glu\..*|embed_positions\._float_tensor)$"
+)
+
+_ENCODER_RULES: list[tuple[str, str]] = [
+    (r"^feature_extractor_video\.resnet\.frontend3D\.0\.", "video_frontend.backbone.stem_conv."),
+    (r"^feature_extractor_video\.resnet\.frontend3D\.1\.", "video_frontend.backbone.stem_bn."),
+    (r"^feature_extractor_video\.resnet\.frontend3D\.2\.", "video_frontend.backbone.stem_act."),
+    (r"^feature_extractor_(audio|video)\.proj\.", r"\1_frontend.proj."),
+    (r"^feature_extractor_(audio|video)\.encoder\.", r"\1_frontend.transformer."),
+    (r"^layer_norm\.", "fusion_norm."),
+    (r"^encoder\.", "transformer."),
+]
+
+_DECODER_RULES: list[tuple[str, str]] = [
+    (r"^embed_out$", "output_projection"),
+    (r"^embed_positions\.weight$", "learned_pos.weight"),
+]
+
+_LAYER_RULES: list[tuple[str, str]] = [
+    (r"\.pos_conv\.0\.", ".pos_conv.conv."),
+    (r"\.self_attn_layer_norm\.", ".self_attention_norm."),
+    (r"\.self_attn\.", ".self_attention."),
+    (r"\.encoder_attn_layer_norm\.", ".cross_attention_norm."),
+    (r"\.encoder_attn\.", ".cross_attention."),
+    (r"\.fc([12])\.", r".feed_forward.fc\1."),
+    (r"\.final_layer_norm\.", ".ffn_norm."),
+]
+
+
+def _trunk_rule(key: str) -> str:
+    """``...resnet.trunk.layerN.`` -> ``...backbone.layers.{N-1}.``."""
+    return re.sub(
+        r"^feature_extractor_video\.resnet\.trunk\.layer(\d)\.",
+        lambda m: f"video_frontend.backbone.layers.{int(m[1]) - 1}.",
+        key,
+    )
+
+
+def _apply(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def rename_fairseq_state(state: dict[str, Tensor], seq2seq: bool) -> dict[str, Tensor]:
+    """fairseq state dict -> our names (weight norm folded, training-only keys dropped)."""
+    encoder_prefix = "encoder.w2v_model." if seq2seq else ""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(encoder_prefix) and not (seq2seq and key.startswith("decoder.")):
+            local, rules, target = key[len(encoder_prefix):], _ENCODER_RULES, "encoder."
+            local = _trunk_rule(local)
+        elif seq2seq and key.startswith("decoder."):
+            local, rules, target = key[len("decoder."):], _DECODER_RULES, "decoder."
+        else:
+            raise CheckpointError(f"unexpected key in checkpoint: {key}")
+        if _IGNORED.match(local):
+            continue
+        new = target + _apply(_apply(local, rules), _LAYER_RULES)
+        out[new] = value
+    return _fold_weight_norm(out)
+
+
+def _fold_weight_norm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``w = g * v / ||v||`` with the norm over dims 0 and 1 (``weight_norm(dim=2)``)."""
+    for g_key in [k for k in state if k.endswith(".weight_g")]:
+        base = g_key[: -len("_g")]
+        v_key = base + "_v"
+        if v_key not in state:
+            raise CheckpointError(f"checkpoint has {g_key} but lacks {v_key}")
+        g, v = state.pop(g_key).float(), state.pop(v_key).float()
+        norm = v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
+        state[base] = v * (g / norm)
+    return state
+
+
+def load_fairseq_weights(model: nn.Module, state: dict[str, Tensor], seq2seq: bool) -> None:
+    """Copy a fairseq state dict into ``model``; float16/bfloat16 tensors are upcast.
+
+    Raises :class:`CheckpointError` naming every missing, unexpected or mis-shaped parameter.
+    """
+    renamed = rename_fairseq_state(state, seq2seq)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(renamed))
+    unexpected = sorted(set(renamed) - set(expected))
+    problems = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected]
+    for key in sorted(set(expected) & set(renamed)):
+        if tuple(expected[key].shape) != tuple(renamed[key].shape):
+            problems.append(
+                f"shape mismatch for {key}: checkpoint {tuple(renamed[key].shape)}, "
+                f"model {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model config:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(renamed[key].to(target.dtype))
