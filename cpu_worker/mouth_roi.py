@@ -1,12 +1,52 @@
-"""Public entry points: talking-face frames → official AV-HuBERT mouth ROIs (uint8 [T,96,96])."""
+"""Public entry points: talking-face frames → official AV-HuBERT mouth ROIs (uint8 [T,96,96]).
+
+``extract_mouth_rois`` streams frames through detection/tracking (``landmarks``), official gap
+interpolation, 12-frame smoothing, similarity warp and crop (``align``).  Detection runs in blocks of
+``TrackerConfig.block`` frames anchored to absolute frame indices on a thread pool (dlib and OpenCV
+release the GIL), so the result does not depend on the number of workers, and a long clip can be cut
+into overlapping chunks (``start_frame``) processed anywhere and joined with ``stitch_results``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from cpu_worker.align import CROP_SIZE, iter_crops
+from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops, to_gray
+from cpu_worker.errors import NoFaceDetected, NoFrames
+from cpu_worker.landmarks import DetectionStats, TrackerConfig, track_block
+
+TARGET_FPS = 25.0
+
+
+@dataclass
+class MouthRoiResult:
+    """Mouth ROIs of a clip (or of a chunk starting at absolute frame ``start_frame``).
+
+    ``landmarks`` are the (interpolated) landmarks used for the crop; ``detected`` marks frames where a
+    face was actually found; ``breaks`` are half-open frame ranges (relative to this result) where the
+    face track is missing for longer than ``max_gap_s`` — split the clip there.
+    """
+
+    rois: np.ndarray  # uint8 [T,96,96]
+    landmarks: np.ndarray  # float32 [T,68,2]
+    detected: np.ndarray  # bool [T]
+    breaks: list[tuple[int, int]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    start_frame: int = 0
+    fps: float = TARGET_FPS
+
+    def __len__(self) -> int:
+        return int(self.rois.shape[0])
 
 
 def crop_mouth_rois(frames: np.ndarray | Iterable[np.ndarray], landmarks: np.ndarray) -> np.ndarray:
@@ -21,3 +61,258 @@ def crop_mouth_rois(frames: np.ndarray | Iterable[np.ndarray], landmarks: np.nda
     if not rois:
         return np.zeros((0, CROP_SIZE, CROP_SIZE), np.uint8)
     return np.stack(rois)
+
+
+def resample_frames(frames: Iterable[np.ndarray], src_fps: float, dst_fps: float = TARGET_FPS) -> Iterator:
+    """Constant-rate resampling: output frame k shows the source frame nearest in time to k/dst_fps."""
+    if abs(src_fps - dst_fps) < 1e-9:
+        yield from frames
+        return
+    k = 0
+    for i, frame in enumerate(frames):
+        end = (i + 0.5) / src_fps  # this source frame is the nearest until half-way to the next
+        while k / dst_fps < end - 1e-9:
+            yield frame
+            k += 1
+
+
+_Item = tuple[int, np.ndarray, np.ndarray]  # (frame index, grey frame, landmarks for the crop)
+
+
+class _GapFiller:
+    """Streaming ``landmarks_interpolate``: short gaps are interpolated linearly between detections
+    (leading/trailing gaps copy the nearest detection, as the official code); a gap that grows past
+    ``max_gap`` frames becomes a break and is filled by holding the last detection so that frames need
+    not be buffered."""
+
+    def __init__(self, max_gap: int, max_lead: int) -> None:
+        self.max_gap, self.max_lead = max_gap, max_lead
+        self.pending: list[tuple[int, np.ndarray]] = []  # (index, grey) of frames without landmarks yet
+        self.last: np.ndarray | None = None
+        self.last_idx = -1
+        self.gap_start: int | None = None
+        self.breaks: list[tuple[int, int]] = []
+        self.interpolated = 0
+        self.holding = False
+        self.held = 0
+        self.dropped_lead = 0
+
+    def _close_gap(self, end: int) -> None:
+        if self.gap_start is not None and end - self.gap_start > self.max_gap:
+            self.breaks.append((self.gap_start, end))
+        self.gap_start = None
+
+    def push(
+        self, idx: int, gray: np.ndarray, lm: np.ndarray | None
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        out: list[tuple[int, np.ndarray, np.ndarray]] = []
+        if lm is None:
+            if self.gap_start is None:
+                self.gap_start = idx
+            if self.last is not None and (self.holding or len(self.pending) >= self.max_gap):
+                # a long gap: emit what is pending and hold the last detection from now on
+                for j, g in self.pending:
+                    out.append((j, g, self.last))
+                self.held += len(self.pending) + 1
+                self.holding = True
+                self.pending.clear()
+                out.append((idx, gray, self.last))
+            else:
+                self.pending.append((idx, gray))
+                if self.last is None and len(self.pending) > self.max_lead:
+                    # a very long leading gap: drop the oldest frame (it will get an empty ROI)
+                    j, g = self.pending.pop(0)
+                    out.append((j, g, np.full((68, 2), np.nan)))
+                    self.dropped_lead += 1
+            return out
+        lm = lm.astype(np.float64)
+        self._close_gap(idx)
+        if self.pending:
+            n = idx - self.last_idx
+            for j, g in self.pending:
+                if self.last is None:
+                    fill = lm
+                else:
+                    fill = self.last + (j - self.last_idx) / float(n) * (lm - self.last)
+                out.append((j, g, fill))
+            self.interpolated += len(self.pending)
+            self.pending.clear()
+        self.holding = False
+        self.last, self.last_idx = lm, idx
+        out.append((idx, gray, lm))
+        return out
+
+    def flush(self, end: int) -> list[_Item]:
+        self._close_gap(end)
+        if self.last is None:
+            return []
+        out = [(j, g, self.last) for j, g in self.pending]
+        self.interpolated += len(self.pending)
+        self.pending.clear()
+        return out
+
+
+def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Group grey frames into runs that end at absolute multiples of ``block``."""
+    buf: list[np.ndarray] = []
+    first = start
+    for i, frame in enumerate(frames):
+        if frame.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8, got {frame.dtype}")
+        buf.append(np.ascontiguousarray(to_gray(frame)))
+        if (start + i + 1) % block == 0:
+            yield first, buf
+            first, buf = start + i + 1, []
+    if buf:
+        yield first, buf
+
+
+def extract_mouth_rois(
+    frames: np.ndarray | Iterable[np.ndarray],
+    fps: float = TARGET_FPS,
+    *,
+    start_frame: int = 0,
+    max_gap_s: float = 1.0,
+    workers: int | None = None,
+    config: TrackerConfig | None = None,
+    corrupt_skipped: int = 0,
+) -> MouthRoiResult:
+    """Detect, track, align and crop the speaker's mouth in BGR uint8 frames ([T,H,W,3] or an iterable).
+
+    Frames at another rate than 25 fps are resampled to 25 fps first.  ``start_frame`` is the absolute
+    index (at 25 fps) of the first frame when processing one chunk of a longer clip.  Raises
+    ``NoFrames`` for an empty input and ``NoFaceDetected`` when no frame has a face.
+    """
+    t0 = time.perf_counter()
+    cfg = config or TrackerConfig()
+    n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+    stream: Iterable[np.ndarray] = frames
+    if abs(fps - TARGET_FPS) > 1e-6:
+        stream = resample_frames(frames, fps, TARGET_FPS)
+    max_gap = max(1, round(max_gap_s * TARGET_FPS))
+    filler = _GapFiller(max_gap, max_lead=max(250, 10 * max_gap))
+    cropper = RoiCropper()
+    rois: list[np.ndarray] = []
+    lms: list[np.ndarray] = []
+    detected: list[bool] = []
+    det_stats = DetectionStats()
+    n = 0
+
+    def consume(items: list[_Item]) -> None:
+        for _, gray, lm in items:
+            lms.append(lm)
+            if np.isnan(lm).any():  # dropped from an overlong leading gap (nothing is in the cropper yet)
+                rois.append(np.zeros((CROP_SIZE, CROP_SIZE), np.uint8))
+                continue
+            rois.extend(cropper.push(gray, lm))
+
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        inflight: deque[tuple[int, list[np.ndarray], Future]] = deque()
+
+        def drain(limit: int) -> None:
+            while len(inflight) > limit:
+                first, grays, fut = inflight.popleft()
+                out, st = fut.result()
+                det_stats.merge(st)
+                for k, (gray, lm) in enumerate(zip(grays, out, strict=True)):
+                    detected.append(lm is not None)
+                    consume(filler.push(first + k - start_frame, gray, lm))
+
+        for first, grays in _blocks(stream, start_frame, cfg.block):
+            n += len(grays)
+            inflight.append((first, grays, pool.submit(track_block, grays, first, cfg)))
+            drain(n_workers)
+        drain(0)
+    if n == 0:
+        raise NoFrames()
+    if not any(detected):
+        raise NoFaceDetected()
+    consume(filler.flush(n))
+    rois.extend(cropper.flush())
+    elapsed = time.perf_counter() - t0
+    calls = det_stats.detector_calls
+    stats: dict[str, Any] = {
+        "frames_total": n,
+        "frames_detected": int(sum(detected)),
+        "frames_interpolated": filler.interpolated,
+        "frames_held": filler.held,
+        "frames_in_breaks": int(sum(e - s for s, e in filler.breaks)),
+        "detector_calls": int(sum(calls.values())),
+        "detector_calls_by_kind": dict(calls),
+        "corrupt_skipped": int(corrupt_skipped or getattr(frames, "corrupt_skipped", 0)),
+        "faces_seen": det_stats.faces_seen,
+        "crops_clamped": cropper.clamped,
+        "seconds": elapsed,
+        "fps": n / elapsed if elapsed > 0 else float("inf"),
+    }
+    return MouthRoiResult(
+        rois=np.stack(rois),
+        landmarks=np.stack(lms).astype(np.float32),
+        detected=np.array(detected, dtype=bool),
+        breaks=list(filler.breaks),
+        stats=stats,
+        start_frame=start_frame,
+    )
+
+
+def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) -> MouthRoiResult:
+    """Join chunk results (each from ``extract_mouth_rois(..., start_frame=s)``) into one clip result.
+
+    Consecutive chunks must overlap by at least ``block + 11`` frames; each boundary is placed at the
+    first tracker reset (multiple of ``block``) inside the later chunk, where both chunks agree with the
+    single-piece run.
+    """
+    if not results:
+        raise ValueError("nothing to stitch")
+    block = block or TrackerConfig().block
+    parts = sorted(results, key=lambda r: r.start_frame)
+    keep: list[tuple[MouthRoiResult, int, int]] = []  # (result, absolute keep start, absolute keep end)
+    begin = parts[0].start_frame
+    for a, b in itertools.pairwise(parts):
+        a_end = a.start_frame + len(a)
+        split = math.ceil(b.start_frame / block) * block
+        if split > a_end - (WINDOW - 1) or b.start_frame < begin:
+            raise ValueError(
+                f"chunks starting at {a.start_frame} and {b.start_frame} overlap too little "
+                f"(need at least {block + WINDOW - 1} frames)"
+            )
+        keep.append((a, begin, split))
+        begin = split
+    last = parts[-1]
+    keep.append((last, begin, last.start_frame + len(last)))
+    rois, lms, det, breaks = [], [], [], []
+    calls: dict[str, int] = {}
+    for r, s, e in keep:
+        lo, hi = s - r.start_frame, e - r.start_frame
+        rois.append(r.rois[lo:hi])
+        lms.append(r.landmarks[lo:hi])
+        det.append(r.detected[lo:hi])
+        for bs, be in r.breaks:
+            bs, be = max(bs, lo), min(be, hi)
+            if bs < be:
+                bs, be = bs + r.start_frame - parts[0].start_frame, be + r.start_frame - parts[0].start_frame
+                if breaks and breaks[-1][1] == bs:
+                    breaks[-1] = (breaks[-1][0], be)
+                else:
+                    breaks.append((bs, be))
+        for k, v in r.stats.get("detector_calls_by_kind", {}).items():
+            calls[k] = calls.get(k, 0) + v
+    detected = np.concatenate(det)
+    stats = {
+        "frames_total": int(detected.size),
+        "frames_detected": int(detected.sum()),
+        "frames_interpolated": int(detected.size - detected.sum()),
+        "detector_calls": int(sum(calls.values())),
+        "detector_calls_by_kind": calls,
+        "corrupt_skipped": int(sum(r.stats.get("corrupt_skipped", 0) for r in parts)),
+        "faces_seen": max(r.stats.get("faces_seen", 0) for r in parts),
+        "chunks": len(parts),
+    }
+    return MouthRoiResult(
+        rois=np.concatenate(rois),
+        landmarks=np.concatenate(lms),
+        detected=detected,
+        breaks=breaks,
+        stats=stats,
+        start_frame=parts[0].start_frame,
+    )
