@@ -1,0 +1,425 @@
+"""Long videos (issue #5): segment planning, parallel-preprocessing chunks and inference batches.
+
+AV-HuBERT was trained on sentence-length clips (at most 500 frames), so a long clip is cut into
+segments that are decoded one by one and stitched back with times.
+
+Segmentation algorithm (`plan_segments`), all in frames of the source clip, deterministic:
+
+1. Face runs. ``face_present`` gaps of at most ``min_gap_s`` between face frames are bridged and
+   face runs shorter than that are dropped as detector flicker. Frames without a face are never
+   inside a segment; every face run is segmented on its own.
+2. Pause cues. Each given cue gets an adaptive threshold from its own 5th/95th percentiles over
+   the face frames (lo = 2nd, hi = 95th): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
+   with lo raised to at least ``hi - 50 dB`` (ignored when ``hi - lo < 10 dB``: no contrast, e.g.
+   all speech or all silence); the mouth is *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame
+   moving average (ignored when ``hi - lo < 0.3 hi``). The pause level of a frame is the
+   fraction of the informative cues that are quiet (0, ½ or 1). Pauses shorter than ~2 % of the
+   face frames in total cannot move the 2nd percentile and are not found.
+3. Natural cuts. Inside a face run, the middle of every pause where *all* informative cues are
+   quiet for at least ``min_pause_s`` (not touching the run's ends) is a cut.
+4. Merge. Pieces shorter than ``min_segment_s`` are merged, shortest first, into their shorter
+   neighbour in the same face run (a face run shorter than that stays one short segment).
+5. Forced cuts. A piece longer than the limit (``max_segment_s``, never more than 500 frames)
+   is cut recursively at the best pause (any cue quiet, ≥ 3 frames; score = sum of pause
+   levels, ties to the piece's middle) whose middle, clipped to the window that keeps both
+   sides ≥ ``min_segment_s``, is the cut. Only when the window holds no pause is the cut hard:
+   at ``L / ceil(L / limit)`` (balanced), moved within ±0.5 s to the least active frame.
+
+`plan_chunks`/`stitch_chunks` split a clip into overlapping chunks for parallel preprocessing
+and put the per-frame results back together; `batch_segments` groups segments for batched
+decoding under a memory budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_MODEL_FRAMES = 500  # longest clip AV-HuBERT was trained on; the official loader drops longer ones
+
+_AUDIO_REL_THRESHOLD = 0.35
+_AUDIO_MIN_CONTRAST_DB = 10.0
+_AUDIO_MAX_RANGE_DB = 50.0  # noise floor taken >= speech level - 50 dB (digital silence is not the floor)
+_AUDIO_FLOOR_DB = -120.0
+_LO_PERCENTILE, _HI_PERCENTILE = 2.0, 95.0
+_MOUTH_REL_THRESHOLD = 0.3
+_MOUTH_MIN_CONTRAST = 0.3  # (hi - lo) / hi
+_MOUTH_SMOOTH_FRAMES = 5
+_FORCED_PAUSE_MIN_FRAMES = 3
+_HARD_CUT_SEARCH_S = 0.5
+_MOTION_BLOCK = 1024  # frames per block in mouth_motion (bounds float memory)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Frames ``[start_frame, end_frame)`` of the source clip, decoded as one utterance."""
+
+    id: int
+    start_frame: int
+    end_frame: int
+    fps: float = 25.0
+
+    @property
+    def num_frames(self) -> int:
+        return self.end_frame - self.start_frame
+
+    @property
+    def start_s(self) -> float:
+        return self.start_frame / self.fps
+
+    @property
+    def end_s(self) -> float:
+        return self.end_frame / self.fps
+
+    def to_dict(self, fps: float | None = None) -> dict:
+        """JSON-ready ``{id, start_frame, end_frame, start, end}`` (seconds at ``fps``, default own)."""
+        fps = self.fps if fps is None else fps
+        return {
+            "id": self.id,
+            "start_frame": self.start_frame,
+            "end_frame": self.end_frame,
+            "start": self.start_frame / fps,
+            "end": self.end_frame / fps,
+        }
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A worker processes frames ``[start, end)`` and owns the results for ``[core_start, core_end)``."""
+
+    index: int
+    start: int
+    end: int
+    core_start: int
+    core_end: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-frame signals
+# ---------------------------------------------------------------------------------------------
+
+
+def mouth_motion(rois: np.ndarray) -> np.ndarray:
+    """Per-frame mouth activity of mouth ROIs uint8 [T,H,W] (e.g. 96×96) → float32 [T].
+
+    Mean absolute difference to the previous frame over the central lower part of the ROI
+    (lips and jaw), each frame's region first normalised to zero mean and unit contrast, so
+    global brightness and contrast changes do not count as motion. Frame 0 gets frame 1's value.
+    """
+    rois = np.asarray(rois)
+    if rois.ndim != 3:
+        raise ValueError(f"rois must be [T,H,W], got {rois.shape}")
+    t, h, w = rois.shape
+    if t < 2:
+        return np.zeros(t, np.float32)
+    region = rois[:, h // 4 : h - h // 8, w // 6 : w - w // 6]
+    out = np.empty(t, np.float32)
+    prev = None
+    for start in range(0, t, _MOTION_BLOCK):
+        z = _normalised(region[start : start + _MOTION_BLOCK])
+        offset = start + 1 if prev is None else start  # frame index of the first difference
+        if prev is not None:
+            z = np.concatenate([prev, z])
+        diffs = np.abs(np.diff(z, axis=0)).mean(axis=(1, 2))
+        out[offset : offset + len(diffs)] = diffs
+        prev = z[-1:]
+    out[0] = out[1]
+    return out
+
+
+def _normalised(block: np.ndarray) -> np.ndarray:
+    """2×2-average-pooled frames, each scaled to zero mean and unit std (+ a small floor)."""
+    n, h, w = block.shape
+    x = block[:, : h // 2 * 2, : w // 2 * 2].astype(np.float32)
+    x = x.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    std = x.std(axis=(1, 2), keepdims=True)
+    return (x - mean) / (std + 2.0)
+
+
+def audio_frame_energy_db(
+    samples: np.ndarray, sample_rate: int, num_frames: int, fps: float = 25.0
+) -> np.ndarray:
+    """RMS level in dBFS of the audio under each video frame → float32 [num_frames].
+
+    ``samples`` are mono floats in [-1, 1] (or int16); frames past the end of the audio get the
+    floor level (-120 dB).
+    """
+    x = np.asarray(samples)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float64) / 32768.0
+    x = x.astype(np.float64).reshape(-1)
+    out = np.full(num_frames, _AUDIO_FLOOR_DB, np.float32)
+    for i in range(num_frames):
+        a, b = round(i * sample_rate / fps), round((i + 1) * sample_rate / fps)
+        win = x[a:b]
+        if win.size:
+            rms = math.sqrt(float(np.mean(win * win)))
+            out[i] = max(_AUDIO_FLOOR_DB, 20.0 * math.log10(rms + 1e-12))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment planning
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_segments(
+    num_frames: int,
+    fps: float = 25.0,
+    *,
+    face_present: np.ndarray | None = None,
+    mouth_motion: np.ndarray | None = None,
+    audio_energy_db: np.ndarray | None = None,
+    max_segment_s: float = 15.0,
+    min_segment_s: float = 1.0,
+    min_gap_s: float = 0.5,
+    min_pause_s: float = 0.3,
+) -> list[Segment]:
+    """Cut a clip of ``num_frames`` frames into segments to decode (algorithm: module docstring).
+
+    All per-frame arrays have ``num_frames`` entries. Segments are in time order, ids 0..n-1,
+    never overlap, never contain face-less frames and are at most ``min(max_segment_s·fps, 500)``
+    frames long.
+    """
+    if num_frames < 0 or fps <= 0:
+        raise ValueError("num_frames must be >= 0 and fps > 0")
+    max_frames = min(math.floor(max_segment_s * fps + 1e-9), MAX_MODEL_FRAMES)
+    min_frames = max(1, round(min_segment_s * fps))
+    if max_frames < 2 * min_frames:
+        raise ValueError(f"max segment ({max_frames} frames) must be >= 2 x min segment ({min_frames})")
+    face = _face_mask(num_frames, face_present, max(0, round(min_gap_s * fps)))
+    pause, activity = _pause_levels(num_frames, face, mouth_motion, audio_energy_db)
+    planner = _Planner(pause, activity, min_frames, max_frames, max(1, round(min_pause_s * fps)), fps)
+    spans = [span for run in _runs(face) for span in planner.plan_run(*run)]
+    return [Segment(i, s, e, float(fps)) for i, (s, e) in enumerate(spans)]
+
+
+def _check_len(name: str, arr: np.ndarray | None, n: int) -> np.ndarray | None:
+    if arr is None:
+        return None
+    arr = np.asarray(arr)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+    return arr
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs ``[start, end)`` of True."""
+    padded = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _face_mask(n: int, face_present: np.ndarray | None, gap: int) -> np.ndarray:
+    """Face frames with gaps ≤ ``gap`` bridged and runs shorter than ``max(gap, 1)`` dropped."""
+    face = _check_len("face_present", face_present, n)
+    mask = np.ones(n, bool) if face is None else face.astype(bool).copy()
+    for a, b in _runs(~mask):
+        if a > 0 and b < n and b - a <= gap:
+            mask[a:b] = True
+    for a, b in _runs(mask):
+        if b - a < max(gap, 1):
+            mask[a:b] = False
+    return mask
+
+
+def _moving_average(x: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or x.size == 0:
+        return x
+    padded = np.pad(x, (k // 2, k - 1 - k // 2), mode="edge")
+    return np.convolve(padded, np.ones(k) / k, mode="valid")
+
+
+def _cue(
+    x: np.ndarray, face: np.ndarray, rel: float, informative, max_range: float = math.inf
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(quiet mask, activity in [0,1]) of one cue from its face-frame percentiles, or None."""
+    vals = x[face]
+    if vals.size < 2:
+        return None
+    lo, hi = (float(v) for v in np.percentile(vals, [_LO_PERCENTILE, _HI_PERCENTILE]))
+    lo = max(lo, hi - max_range)
+    if not informative(lo, hi):
+        return None
+    return x < lo + rel * (hi - lo), np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _audio_informative(lo: float, hi: float) -> bool:
+    return hi - lo >= _AUDIO_MIN_CONTRAST_DB
+
+
+def _mouth_informative(lo: float, hi: float) -> bool:
+    return hi > 0 and hi - lo >= _MOUTH_MIN_CONTRAST * hi
+
+
+def _pause_levels(
+    n: int, face: np.ndarray, motion: np.ndarray | None, energy: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-frame pause level (fraction of informative cues quiet) and mean activity, or Nones."""
+    cues = []
+    energy = _check_len("audio_energy_db", energy, n)
+    if energy is not None:
+        e = np.nan_to_num(energy.astype(np.float64), nan=_AUDIO_FLOOR_DB, neginf=_AUDIO_FLOOR_DB)
+        e = np.maximum(e, _AUDIO_FLOOR_DB)
+        cues.append(_cue(e, face, _AUDIO_REL_THRESHOLD, _audio_informative, _AUDIO_MAX_RANGE_DB))
+    motion = _check_len("mouth_motion", motion, n)
+    if motion is not None:
+        m = _moving_average(np.nan_to_num(motion.astype(np.float64)), _MOUTH_SMOOTH_FRAMES)
+        cues.append(_cue(m, face, _MOUTH_REL_THRESHOLD, _mouth_informative))
+    cues = [c for c in cues if c is not None]
+    if not cues:
+        return None, None
+    pause = np.mean([q for q, _ in cues], axis=0)
+    activity = np.mean([a for _, a in cues], axis=0)
+    return pause, activity
+
+
+class _Planner:
+    """Steps 3–5 of the algorithm for one face run."""
+
+    def __init__(
+        self,
+        pause: np.ndarray | None,
+        activity: np.ndarray | None,
+        min_frames: int,
+        max_frames: int,
+        min_pause: int,
+        fps: float,
+    ) -> None:
+        self.pause, self.activity = pause, activity
+        self.min_frames, self.max_frames, self.min_pause = min_frames, max_frames, min_pause
+        self.search = max(1, round(_HARD_CUT_SEARCH_S * fps))
+
+    def plan_run(self, start: int, end: int) -> list[tuple[int, int]]:
+        cuts = [start, *self._natural_cuts(start, end), end]
+        pieces = self._merge(list(itertools.pairwise(cuts)))
+        return [span for piece in pieces for span in self._split(*piece)]
+
+    def _pause_runs(self, start: int, end: int, level: float, min_len: int) -> list[tuple[int, int]]:
+        if self.pause is None:
+            return []
+        runs = _runs(self.pause[start:end] >= level)
+        return [(start + a, start + b) for a, b in runs if b - a >= min_len]
+
+    def _natural_cuts(self, start: int, end: int) -> list[int]:
+        runs = self._pause_runs(start, end, 1.0, self.min_pause)
+        return [(a + b) // 2 for a, b in runs if a > start and b < end]
+
+    def _merge(self, pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        while len(pieces) > 1:
+            lengths = [b - a for a, b in pieces]
+            i = int(np.argmin(lengths))
+            if lengths[i] >= self.min_frames:
+                break
+            left = lengths[i - 1] if i > 0 else math.inf
+            right = lengths[i + 1] if i + 1 < len(pieces) else math.inf
+            j = i - 1 if left <= right else i + 1
+            a, b = min(i, j), max(i, j)
+            pieces[a : b + 1] = [(pieces[a][0], pieces[b][1])]
+        return pieces
+
+    def _split(self, start: int, end: int) -> list[tuple[int, int]]:
+        out, stack = [], [(start, end)]
+        while stack:
+            a, b = stack.pop()
+            if b - a <= self.max_frames:
+                out.append((a, b))
+                continue
+            c = self._best_cut(a, b)
+            stack += [(c, b), (a, c)]
+        return out
+
+    def _best_cut(self, start: int, end: int) -> int:
+        lo, hi = start + self.min_frames, end - self.min_frames  # allowed cut positions, inclusive
+        middle = (start + end) / 2
+        best: tuple[float, float, int] | None = None
+        for a, b in self._pause_runs(start, end, 0.5, _FORCED_PAUSE_MIN_FRAMES):
+            ca, cb = max(a, lo), min(b - 1, hi)
+            if ca > cb:
+                continue
+            cut = (ca + cb + 1) // 2
+            key = (float(self.pause[a:b].sum()), -abs(cut - middle), -cut)
+            if best is None or key > best:
+                best = key
+        if best is not None:
+            return -best[2]
+        return self._hard_cut(start, end, lo, hi)
+
+    def _hard_cut(self, start: int, end: int, lo: int, hi: int) -> int:
+        n = math.ceil((end - start) / self.max_frames)
+        target = min(max(start + round((end - start) / n), lo), hi)
+        if self.activity is None:
+            return target
+        a, b = max(lo, target - self.search), min(hi, target + self.search)
+        cands = np.arange(a, b + 1)
+        order = np.lexsort((np.abs(cands - target), self.activity[a : b + 1]))
+        return int(cands[order[0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel preprocessing chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_chunks(num_frames: int, chunk_frames: int = 750, overlap: int = 25) -> list[Chunk]:
+    """Split ``[0, num_frames)`` into ``ceil(num_frames / chunk_frames)`` balanced cores, each
+    processed with ``overlap`` extra frames on both sides (clipped to the clip)."""
+    if chunk_frames <= 0:
+        raise ValueError("chunk_frames must be > 0")
+    if not 0 <= overlap < chunk_frames:
+        raise ValueError("overlap must be >= 0 and < chunk_frames")
+    if num_frames < 0:
+        raise ValueError("num_frames must be >= 0")
+    n = math.ceil(num_frames / chunk_frames)
+    bounds = [i * num_frames // n for i in range(n + 1)] if n else []
+    return [
+        Chunk(i, max(0, a - overlap), min(num_frames, b + overlap), a, b)
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+def stitch_chunks(chunks: Sequence[Chunk], arrays_per_chunk: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate each chunk's core part of its per-frame array (first axis = frames)."""
+    if not chunks or len(chunks) != len(arrays_per_chunk):
+        raise ValueError("need one array per chunk and at least one chunk")
+    parts, expected = [], chunks[0].core_start
+    for chunk, arr in zip(chunks, arrays_per_chunk, strict=True):
+        arr = np.asarray(arr)
+        if chunk.core_start != expected:
+            raise ValueError(f"chunk {chunk.index} core starts at {chunk.core_start}, expected {expected}")
+        if arr.shape[0] != chunk.end - chunk.start:
+            n = chunk.end - chunk.start
+            raise ValueError(f"chunk {chunk.index}: {arr.shape[0]} frames, expected {n}")
+        parts.append(arr[chunk.core_start - chunk.start : chunk.core_end - chunk.start])
+        expected = chunk.core_end
+    return np.concatenate(parts, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference batches
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_segments(lengths: Sequence[int], max_batch_frames: int, max_batch_size: int) -> list[list[int]]:
+    """Group segment indices by similar length for padded batched decoding.
+
+    Indices are taken shortest first (ties by index) and added to the current batch while
+    ``batch size × longest length <= max_batch_frames`` and the size stays ``<= max_batch_size``.
+    Every index appears exactly once; a segment over the budget on its own gets its own batch.
+    """
+    if max_batch_frames <= 0 or max_batch_size <= 0:
+        raise ValueError("max_batch_frames and max_batch_size must be > 0")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        if batch and len(batch) < max_batch_size and (len(batch) + 1) * lengths[i] <= max_batch_frames:
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches

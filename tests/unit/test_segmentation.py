@@ -1,0 +1,303 @@
+"""Long-video building blocks: segment planning, chunks for parallel preprocessing, batches."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cpu_worker.segmentation import (  # noqa: E402
+    MAX_MODEL_FRAMES,
+    Chunk,
+    Segment,
+    audio_frame_energy_db,
+    batch_segments,
+    mouth_motion,
+    plan_chunks,
+    plan_segments,
+    stitch_chunks,
+)
+
+FPS = 25.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic per-frame signals
+# ---------------------------------------------------------------------------------------------
+
+
+def talk_schedule(seconds: float, seed: int, utt=(4.0, 10.0), pause=(0.5, 1.5)) -> list[tuple[int, int]]:
+    """Utterance intervals [start, end) in frames; pauses between them fall at random places."""
+    rng = np.random.default_rng(seed)
+    n, t, out = int(seconds * FPS), int(0.4 * FPS), []
+    while t < n:
+        end = min(n, t + int(rng.uniform(*utt) * FPS))
+        out.append((t, end))
+        t = end + int(rng.uniform(*pause) * FPS)
+    return out
+
+
+def signals(n: int, speech: list[tuple[int, int]], seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(audio energy dB, mouth motion): syllable-modulated speech, noisy near-silent pauses."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / FPS
+    is_speech = np.zeros(n, bool)
+    for a, b in speech:
+        is_speech[a:b] = True
+    energy = np.where(is_speech, -22 + 6 * np.sin(2 * np.pi * 4 * t), -60.0) + rng.normal(0, 2, n)
+    motion = np.where(is_speech, 0.6 * np.abs(np.sin(np.pi * 4 * t)), 0.05) + rng.normal(0, 0.03, n)
+    return energy.astype(np.float32), np.abs(motion).astype(np.float32)
+
+
+def pauses_of(speech: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(a_end, b_start) for (_, a_end), (b_start, _) in itertools.pairwise(speech)]
+
+
+def assert_valid(segs: list[Segment], n: int, max_frames: int) -> None:
+    assert [s.id for s in segs] == list(range(len(segs)))
+    for s in segs:
+        assert 0 <= s.start_frame < s.end_frame <= n
+        assert s.num_frames <= min(max_frames, MAX_MODEL_FRAMES)
+    for a, b in itertools.pairwise(segs):
+        assert a.end_frame <= b.start_frame
+
+
+def inner_cuts(segs: list[Segment]) -> list[int]:
+    return [a.end_frame for a, b in itertools.pairwise(segs) if a.end_frame == b.start_frame]
+
+
+# ---------------------------------------------------------------------------------------------
+# mouth_motion
+# ---------------------------------------------------------------------------------------------
+
+
+def mouth_rois(openings: np.ndarray, gains: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """96×96 textured 'faces' with a dark mouth ellipse of the given heights, then gain/offset."""
+    rng = np.random.default_rng(3)
+    texture = 100 + 20 * rng.random((96, 96))
+    yy, xx = np.mgrid[:96, :96]
+    frames = []
+    for h, g, o in zip(openings, gains, offsets, strict=True):
+        img = texture.copy()
+        img[((xx - 48) / 22) ** 2 + ((yy - 52) / max(h, 0.5)) ** 2 <= 1] = 40
+        frames.append(np.clip(img * g + o, 0, 255))
+    return np.stack(frames).astype(np.uint8)
+
+
+def test_mouth_motion_ignores_brightness_but_sees_the_mouth() -> None:
+    t = 50
+    ramp_g, ramp_o = np.linspace(0.7, 1.3, t), np.linspace(-20, 40, t)
+    still = mouth_motion(mouth_rois(np.full(t, 3.0), ramp_g, ramp_o))
+    talking = mouth_motion(mouth_rois(3 + 9 * np.abs(np.sin(np.arange(t) / 2)), np.ones(t), np.zeros(t)))
+    assert still.shape == talking.shape == (t,) and still.dtype == np.float32
+    assert still[0] == still[1] and talking[0] == talking[1]
+    assert still.max() < 0.1 * np.median(talking)
+
+
+def test_mouth_motion_blocks_match_one_piece() -> None:
+    rois = np.random.default_rng(0).integers(0, 256, (2100, 96, 96), dtype=np.uint8)
+    m = mouth_motion(rois)
+    assert m.shape == (2100,) and np.all(m > 0)
+    np.testing.assert_allclose(m[1020:1030], mouth_motion(rois[1019:1030])[1:], rtol=1e-5)
+    assert mouth_motion(rois[:1]).tolist() == [0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# plan_segments
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cues", ["audio", "mouth", "both"])
+def test_ten_minute_talk_is_cut_in_every_pause_and_only_there(cues: str) -> None:
+    n = int(600 * FPS)
+    speech = talk_schedule(600, seed=7)
+    energy, motion = signals(n, speech)
+    segs = plan_segments(
+        n,
+        FPS,
+        audio_energy_db=energy if cues != "mouth" else None,
+        mouth_motion=motion if cues != "audio" else None,
+    )
+    assert_valid(segs, n, 375)
+    assert segs[0].start_frame == 0 and segs[-1].end_frame == n  # the face is always there: tiling
+    cuts = inner_cuts(segs)
+    assert len(cuts) == len(segs) - 1
+    pauses = pauses_of(speech)
+    assert len(cuts) == len(pauses)  # every pause (≥ 0.5 s) cut once, nothing else
+    for cut, (a, b) in zip(cuts, pauses, strict=True):
+        assert a <= cut <= b
+        assert abs(cut - (a + b) / 2) <= 2  # the middle of the pause
+
+
+def test_long_utterances_get_forced_cuts_in_short_gaps() -> None:
+    # 60 s of speech with 0.2 s inter-word gaps every ~2.5 s: no natural pause, so every
+    # cut is forced, and each must land in a gap, never mid-word.
+    n = int(60 * FPS)
+    rng = np.random.default_rng(5)
+    gaps, t = [], 40
+    while t < n - 40:
+        gaps.append((t, t + 5))
+        t += int(rng.uniform(2.0, 3.0) * FPS)
+    speech = [(b, a) for (_, b), (a, _) in zip([(0, 0), *gaps], [*gaps, (n, n)], strict=True)]
+    energy, motion = signals(n, speech)
+    segs = plan_segments(n, FPS, audio_energy_db=energy, mouth_motion=motion, max_segment_s=10.0)
+    assert_valid(segs, n, 250)
+    assert len(segs) >= 6
+    for cut in inner_cuts(segs):
+        assert any(a <= cut <= b for a, b in gaps), cut
+
+
+def test_pause_free_run_gets_balanced_hard_cuts() -> None:
+    n = int(40 * FPS)
+    rng = np.random.default_rng(2)
+    energy = (-20 + rng.normal(0, 1, n)).astype(np.float32)  # no contrast: no silence anywhere
+    for kwargs in ({}, {"audio_energy_db": energy}):
+        segs = plan_segments(n, FPS, **kwargs)
+        assert_valid(segs, n, 375)
+        assert len(segs) == 3 and inner_cuts(segs) == [s.start_frame for s in segs[1:]]
+        assert max(s.num_frames for s in segs) - min(s.num_frames for s in segs) <= 2 * 13
+
+
+def test_never_more_than_500_frames_and_max_respected() -> None:
+    n = 5000
+    segs = plan_segments(n, FPS, max_segment_s=60.0)
+    assert_valid(segs, n, 500)
+    assert max(s.num_frames for s in segs) == 500
+    segs = plan_segments(n, 30.0, max_segment_s=7.3)
+    assert max(s.num_frames for s in segs) <= 219
+
+
+def test_face_gaps_split_short_gaps_bridged_flicker_dropped() -> None:
+    n = 1000
+    face = np.ones(n, bool)
+    face[300:400] = False  # real gap: excluded, splits
+    face[600:605] = False  # 0.2 s dropout: bridged
+    face[800:1000] = False
+    face[900:903] = True  # 3-frame false detection: dropped
+    segs = plan_segments(n, FPS, face_present=face, max_segment_s=20.0)
+    assert [(s.start_frame, s.end_frame) for s in segs] == [(0, 300), (400, 800)]
+    segs = plan_segments(n, FPS, face_present=face)  # 400 frames > 15 s: balanced hard cut
+    assert [(s.start_frame, s.end_frame) for s in segs] == [(0, 300), (400, 600), (600, 800)]
+
+
+def test_tiny_pieces_are_merged() -> None:
+    # speech 0–8 s, a 0.2 s word between two 0.5 s pauses, speech again: the piece around the
+    # word (< 1 s) must not become its own segment.
+    n = int(20 * FPS)
+    speech = [(0, 200), (212, 217), (229, n)]
+    energy, motion = signals(n, speech)
+    segs = plan_segments(n, FPS, audio_energy_db=energy, mouth_motion=motion)
+    assert_valid(segs, n, 375)
+    assert min(s.num_frames for s in segs) >= 25
+    assert len(segs) == 2
+    assert 200 <= segs[0].end_frame <= 229
+
+
+def test_timing_conversion_exact_and_to_dict() -> None:
+    seg = Segment(3, 93093, 93118, 25.0)
+    assert seg.start_s == 3723.72 and seg.end_s == 3724.72 and seg.num_frames == 25
+    want = {"id": 3, "start_frame": 93093, "end_frame": 93118, "start": 3723.72, "end": 3724.72}
+    assert seg.to_dict() == want
+    assert seg.to_dict(fps=50.0)["end"] == 93118 / 50
+    segs = plan_segments(100, 29.97)
+    assert segs[0].end_s == 100 / 29.97
+
+
+def test_deterministic_and_validated() -> None:
+    n = 3000
+    energy, motion = signals(n, talk_schedule(120, seed=1))
+    a = plan_segments(n, FPS, audio_energy_db=energy, mouth_motion=motion)
+    b = plan_segments(n, FPS, audio_energy_db=energy.copy(), mouth_motion=motion.copy())
+    assert a == b
+    assert plan_segments(0, FPS) == []
+    with pytest.raises(ValueError):
+        plan_segments(n, FPS, audio_energy_db=energy[:-1])
+    with pytest.raises(ValueError):
+        plan_segments(n, FPS, max_segment_s=1.5, min_segment_s=1.0)
+
+
+def test_audio_frame_energy_db() -> None:
+    sr = 16000
+    x = np.zeros(sr * 2)
+    x[sr:] = 0.5 * np.sin(2 * np.pi * 250 * np.arange(sr) / sr)
+    e = audio_frame_energy_db(x, sr, 60)
+    assert e.shape == (60,)
+    assert np.all(e[:25] == -120.0) and np.allclose(e[25:50], 20 * np.log10(0.5 / np.sqrt(2)), atol=1e-3)
+    assert np.all(e[50:] == -120.0)  # past the end of the audio
+
+
+# ---------------------------------------------------------------------------------------------
+# plan_chunks / stitch_chunks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 100, 749, 750, 751, 1500, 15000, 15001])
+def test_chunk_cores_tile_and_stitch_reproduces_ramps(n: int) -> None:
+    chunks = plan_chunks(n, 750, 25)
+    assert chunks[0].core_start == 0 and chunks[-1].core_end == n
+    for a, b in itertools.pairwise(chunks):
+        assert a.core_end == b.core_start
+    for c in chunks:
+        assert 0 <= c.start <= c.core_start < c.core_end <= c.end <= n
+        assert c.core_end - c.core_start <= 750
+        assert c.core_start - c.start == min(25, c.core_start)
+        assert c.end - c.core_end == min(25, n - c.core_end)
+    assert len(chunks) == -(-n // 750)
+    ramps = [np.arange(c.start, c.end) for c in chunks]
+    np.testing.assert_array_equal(stitch_chunks(chunks, ramps), np.arange(n))
+    ids = [(np.arange(c.start, c.end) % 256).astype(np.uint8) for c in chunks]
+    rois = [np.broadcast_to(i[:, None, None], (len(i), 96, 96)) for i in ids]
+    out = stitch_chunks(chunks, rois)
+    assert out.shape == (n, 96, 96) and np.array_equal(out[:, 5, 7], np.arange(n) % 256)
+    flags = [np.arange(c.start, c.end) % 3 == 0 for c in chunks]
+    assert stitch_chunks(chunks, flags).dtype == bool
+
+
+def test_chunk_edge_cases() -> None:
+    assert plan_chunks(0) == []
+    assert plan_chunks(100) == [Chunk(0, 0, 100, 0, 100)]
+    assert [(c.core_start, c.core_end) for c in plan_chunks(1500)] == [(0, 750), (750, 1500)]
+    assert [(c.start, c.end) for c in plan_chunks(1500)] == [(0, 775), (725, 1500)]
+    for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1)):
+        with pytest.raises(ValueError):
+            plan_chunks(*bad)
+    chunks = plan_chunks(1500)
+    with pytest.raises(ValueError):
+        stitch_chunks(chunks, [np.zeros(775), np.zeros(774)])
+    with pytest.raises(ValueError):
+        stitch_chunks(chunks[::-1], [np.zeros(775), np.zeros(775)])
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_segments
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batches_respect_budget_and_group_similar_lengths() -> None:
+    rng = np.random.default_rng(4)
+    lengths = [int(x) for x in rng.integers(25, 500, 200)]
+    batches = batch_segments(lengths, max_batch_frames=2000, max_batch_size=8)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(200))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    for b in batches:
+        assert len(b) <= 8 and len(b) * max(lengths[i] for i in b) <= 2000
+    # similar lengths: padding waste is small
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded <= 1.15 * sum(lengths)
+
+
+def test_batch_examples() -> None:
+    assert batch_segments([10, 500, 12, 490], 1000, 4) == [[0, 2], [3, 1]]
+    assert batch_segments([10, 12, 14], 1000, 2) == [[0, 1], [2]]
+    assert batch_segments([600, 50], 500, 4) == [[1], [0]]  # over budget alone
+    assert batch_segments([], 500, 4) == []
+    with pytest.raises(ValueError):
+        batch_segments([1], 0, 1)
