@@ -1,0 +1,300 @@
+"""Public inference object: :func:`load_model` -> :class:`AVHubert`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ModelConfig, config_from_checkpoint
+from .importer import load_fairseq_weights
+from .model import AVHubertModel
+from .search import GenerationConfig, RawHypothesis, beam_search, length_caps
+from .tokenizer import Tokenizer, TokenizerError, build_tokenizer
+
+ArrayLike = Tensor | np.ndarray
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Hypothesis:
+    """One decoded hypothesis.
+
+    ``tokens``: dictionary ids ending with ``</s>``; ``score``: official hypothesis score (sum of
+    ``token_logprobs`` / ``len(tokens) ** len_penalty``); ``token_logprobs``: natural-log
+    probability of each token given the prefix (``</s>`` included); ``confidence``:
+    ``exp(mean(token_logprobs))``, the geometric-mean token probability, in [0, 1]; ``text``: the
+    detokenised string as ``infer_s2s.py`` prints it.
+    """
+
+    tokens: list[int]
+    score: float
+    token_logprobs: list[float]
+    confidence: float
+    text: str
+
+
+class AVHubert:
+    """A loaded AV-HuBERT checkpoint (fine-tuned seq2seq or pretraining).
+
+    Inputs: ``video`` ``float32 [B, 1, T, 88, 88]`` normalised as the official dataset does,
+    ``audio`` ``float32 [B, T, F]`` (F = 104 stacked filterbanks, layer-normed per frame when
+    ``info['normalize']``), ``padding_mask`` ``bool [B, T]`` (True = padded frame). Either modality
+    may be omitted (replaced by zeros after its front end, as the official model does). See
+    :mod:`.inputs` for building them. All methods run under ``torch.inference_mode``.
+    """
+
+    def __init__(
+        self,
+        network: AVHubertModel,
+        config: ModelConfig,
+        tokenizer: Tokenizer | None,
+        tokenizer_error: TokenizerError | None,
+        checkpoint: Path,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.network = network
+        self.config = config
+        self.tokenizer = tokenizer
+        self._tokenizer_error = tokenizer_error
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = dtype
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model metadata for a service (sizes, device, dtype, input normalisation ...)."""
+        enc, dec, task = self.config.encoder, self.config.decoder, self.config.task
+        return {
+            "checkpoint": str(self.checkpoint),
+            "kind": self.config.kind,
+            "encoder_layers": enc.encoder_layers,
+            "encoder_embed_dim": enc.encoder_embed_dim,
+            "encoder_ffn_embed_dim": enc.encoder_ffn_embed_dim,
+            "encoder_attention_heads": enc.encoder_attention_heads,
+            "decoder_layers": dec.decoder_layers if dec else 0,
+            "decoder_embed_dim": dec.decoder_embed_dim if dec else None,
+            "vocab_size": self.network.decoder.embed_tokens.num_embeddings if self.network.decoder else None,
+            "modality_fuse": enc.modality_fuse,
+            "audio_feat_dim": enc.audio_feat_dim,
+            "num_parameters": sum(p.numel() for p in self.network.parameters()),
+            "device": str(self.device),
+            "dtype": "fp32" if self.dtype is None else {v: k for k, v in _DTYPES.items()}[self.dtype],
+            "has_tokenizer": self.tokenizer is not None,
+            "normalize": task.normalize,
+            "stack_order_audio": task.stack_order_audio,
+            "image_mean": task.image_mean,
+            "image_std": task.image_std,
+            "image_crop_size": task.image_crop_size,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)
+
+    def _prepare(
+        self, video: ArrayLike | None, audio: ArrayLike | None, padding_mask: ArrayLike | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        def to_device(x: ArrayLike | None, dtype: torch.dtype) -> Tensor | None:
+            if x is None:
+                return None
+            x = torch.from_numpy(np.asarray(x)) if not isinstance(x, Tensor) else x
+            return x.to(self.device, dtype)
+
+        video, audio = to_device(video, torch.float32), to_device(audio, torch.float32)
+        padding_mask = to_device(padding_mask, torch.bool)
+        if video is None and audio is None:
+            raise ValueError("give video and/or audio")
+        if video is not None and (video.dim() != 5 or video.size(1) != 1):
+            raise ValueError(f"video must be [B, 1, T, H, W], got {tuple(video.shape)}")
+        feat_dim = self.config.encoder.audio_feat_dim
+        if audio is not None and (audio.dim() != 3 or audio.size(-1) != feat_dim):
+            raise ValueError(f"audio must be [B, T, {feat_dim}], got {tuple(audio.shape)}")
+        if video is not None and audio is not None and (
+            video.size(0) != audio.size(0) or video.size(2) != audio.size(1)
+        ):
+            raise ValueError(f"video {tuple(video.shape)} and audio {tuple(audio.shape)} disagree on B or T")
+        bsz, frames = (video.size(0), video.size(2)) if video is not None else audio.shape[:2]
+        if padding_mask is not None and tuple(padding_mask.shape) != (bsz, frames):
+            raise ValueError(f"padding_mask must be [{bsz}, {frames}], got {tuple(padding_mask.shape)}")
+        return video, audio, padding_mask
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def encode(
+        self, video: ArrayLike | None = None, audio: ArrayLike | None = None, padding_mask: ArrayLike | None = None
+    ) -> Tensor:
+        """Encoder output ``float32 [B, T, D]``, what the decoder attends to (final encoder
+        LayerNorm applied for ``layer_norm_first`` models)."""
+        video, audio, padding_mask = self._prepare(video, audio, padding_mask)
+        with self._autocast():
+            out, _ = self.network.encoder(video, audio, padding_mask)
+        return out.float()
+
+    @torch.inference_mode()
+    def extract_features(
+        self,
+        video: ArrayLike | None = None,
+        audio: ArrayLike | None = None,
+        padding_mask: ArrayLike | None = None,
+        layer: int | None = None,
+        ret_conv: bool = False,
+    ) -> Tensor:
+        """Official ``extract_features`` / ``extract_finetune`` output ``float32 [B, T, D]``.
+
+        ``layer`` is 1-based like the official ``output_layer``: the output of that Transformer
+        layer, *without* the final encoder LayerNorm; None: all layers + final LayerNorm (for
+        ``layer_norm_first`` models). ``ret_conv=True`` returns the Transformer input instead
+        (fused front-end features -> LayerNorm -> ``post_extract_proj``; padded frames zeroed).
+        """
+        video, audio, padding_mask = self._prepare(video, audio, padding_mask)
+        encoder = self.network.encoder
+        with self._autocast():
+            if ret_conv:
+                x, mask = encoder.fused_features(video, audio, padding_mask)
+                out = x if mask is None else x.masked_fill(mask.unsqueeze(-1), 0.0)
+            else:
+                if layer is not None and not 1 <= layer <= len(encoder.transformer.layers):
+                    raise ValueError(f"layer must be in 1..{len(encoder.transformer.layers)}, got {layer}")
+                out, _ = encoder(video, audio, padding_mask, None if layer is None else layer - 1)
+        return out.float()
+
+    def _require_decoder(self) -> None:
+        if self.network.decoder is None:
+            raise RuntimeError(f"{self.checkpoint} is a pretraining checkpoint: it has no decoder")
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        d = self.tokenizer.dictionary if self.tokenizer is not None else None
+        return (d.eos_index, d.pad_index, d.unk_index) if d is not None else (2, 1, 3)
+
+    @torch.inference_mode()
+    def decoder_log_probs(
+        self,
+        prev_output_tokens: ArrayLike,
+        video: ArrayLike | None = None,
+        audio: ArrayLike | None = None,
+        padding_mask: ArrayLike | None = None,
+    ) -> Tensor:
+        """Teacher-forced ``log_softmax`` of the decoder, ``float32 [B, L, V]`` for
+        ``prev_output_tokens`` ``[B, L]`` (``</s>`` first, as the official collater builds them)."""
+        self._require_decoder()
+        video, audio, padding_mask = self._prepare(video, audio, padding_mask)
+        tokens = torch.as_tensor(np.asarray(prev_output_tokens), device=self.device, dtype=torch.long)
+        with self._autocast():
+            memory, mask = self.network.encoder(video, audio, padding_mask)
+            logits = self.network.decoder(tokens, memory, mask)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        video: ArrayLike | None = None,
+        audio: ArrayLike | None = None,
+        padding_mask: ArrayLike | None = None,
+        beam_size: int = 5,
+        **generation: Any,
+    ) -> list[list[Hypothesis]]:
+        """Beam search (``beam_size=1``: greedy) for each item; per item a list of hypotheses,
+        best first. ``generation`` takes the :class:`~.search.GenerationConfig` fields
+        (``max_len_a``, ``max_len_b``, ``min_len``, ``len_penalty``, ``normalize_scores``,
+        ``unk_penalty``, ``temperature``, ``max_len``, ``max_len_from`` = ``"padded"`` (official
+        default) | ``"item"`` | ``"frames"``, ``incremental``)."""
+        self._require_decoder()
+        if self.tokenizer is None:
+            raise self._tokenizer_error or TokenizerError("no tokenizer")
+        cfg = GenerationConfig(beam_size=beam_size, **generation)
+        video, audio, padding_mask = self._prepare(video, audio, padding_mask)
+        bsz, frames = (video.size(0), video.size(2)) if video is not None else audio.shape[:2]
+        valid = [frames] * bsz if padding_mask is None else (frames - padding_mask.sum(1)).tolist()
+        if cfg.max_len_from == "padded":
+            # official quirk: src_len is source['audio'].size(1) of the [B, F, T] batch = F
+            src_lens = [audio.size(-1) if audio is not None else frames] * bsz
+        elif cfg.max_len_from == "item":
+            src_lens = [audio.size(-1)] * bsz if audio is not None else valid
+        elif cfg.max_len_from == "frames":
+            src_lens = valid
+        else:
+            raise ValueError(f"max_len_from must be 'padded', 'item' or 'frames', got {cfg.max_len_from!r}")
+        caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
+        eos, pad, unk = self._special_ids()
+        with self._autocast():
+            memory, mask = self.network.encoder(video, audio, padding_mask)
+            raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk)
+        return [[self._hypothesis(h) for h in hyps] for hyps in raw]
+
+    def _hypothesis(self, raw: RawHypothesis) -> Hypothesis:
+        mean = sum(raw.positional_scores) / len(raw.positional_scores)
+        return Hypothesis(
+            tokens=raw.tokens,
+            score=raw.score,
+            token_logprobs=raw.positional_scores,
+            confidence=math.exp(mean) if math.isfinite(mean) else 0.0,
+            text=self.tokenizer.decode(raw.tokens),
+        )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    checkpoint: str | Path,
+    spm_path: str | Path | None = None,
+    dict_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: Literal["fp16", "bf16"] | None = None,
+) -> AVHubert:
+    """Load an official-format AV-HuBERT checkpoint (``*.pt``) without fairseq.
+
+    ``spm_path`` / ``dict_path`` override the sentencepiece model / target dictionary pickled in the
+    checkpoint; a path that does not exist is an error. Without any tokenizer the model still
+    loads (``encode``/``extract_features`` work) and ``generate`` raises a :class:`TokenizerError`
+    naming the missing file. ``device="auto"`` picks CUDA when available. ``dtype`` ``"fp16"`` or
+    ``"bf16"`` runs the network under CUDA autocast (weights stay fp32; CUDA only).
+    """
+    checkpoint = Path(checkpoint)
+    torch_device = _resolve_device(device)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be None, 'fp16' or 'bf16', got {dtype!r}")
+    if dtype is not None and torch_device.type != "cuda":
+        raise ValueError(f"dtype {dtype!r} (autocast) is only supported on CUDA, not {torch_device}")
+    state = load_checkpoint(checkpoint)
+    config = config_from_checkpoint(state)
+    tokenizer: Tokenizer | None = None
+    tokenizer_error: TokenizerError | None = None
+    vocab_size, padding_idx = 0, 1
+    if config.kind == "seq2seq":
+        try:
+            tokenizer = build_tokenizer(state.get("task_state"), spm_path, dict_path)
+        except TokenizerError as exc:
+            if spm_path is not None or dict_path is not None:
+                raise
+            tokenizer_error = exc
+        embed = state["model"].get("decoder.embed_tokens.weight")
+        if embed is None:
+            raise CheckpointError("missing key: decoder.embed_tokens.weight")
+        vocab_size = embed.shape[0]
+        if tokenizer is not None:
+            if len(tokenizer.dictionary) != vocab_size:
+                raise TokenizerError(
+                    f"dictionary has {len(tokenizer.dictionary)} symbols but the decoder {vocab_size}"
+                )
+            padding_idx = tokenizer.dictionary.pad_index
+    network = AVHubertModel(config.encoder, config.decoder, vocab_size, padding_idx)
+    load_fairseq_weights(network, state["model"], seq2seq=config.kind == "seq2seq")
+    network.eval().to(torch_device)
+    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, _DTYPES.get(dtype))
+
