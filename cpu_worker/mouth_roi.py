@@ -102,9 +102,7 @@ class _GapFiller:
             self.breaks.append((self.gap_start, end))
         self.gap_start = None
 
-    def push(
-        self, idx: int, gray: np.ndarray, lm: np.ndarray | None
-    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def push(self, idx: int, gray: np.ndarray, lm: np.ndarray | None) -> list[tuple[int, np.ndarray, np.ndarray]]:
         out: list[tuple[int, np.ndarray, np.ndarray]] = []
         if lm is None:
             if self.gap_start is None:
@@ -130,11 +128,9 @@ class _GapFiller:
         if self.pending:
             n = idx - self.last_idx
             for j, g in self.pending:
-                if self.last is None:
-                    fill = lm
-                else:
-                    fill = self.last + (j - self.last_idx) / float(n) * (lm - self.last)
-                out.append((j, g, fill))
+                # leading gap: copy the first detection; otherwise linear as the official code
+                w = (j - self.last_idx) / float(n)
+                out.append((j, g, lm if self.last is None else self.last + w * (lm - self.last)))
             self.interpolated += len(self.pending)
             self.pending.clear()
         self.holding = False

@@ -1,0 +1,93 @@
+"""Audio features exactly as the official AV-HuBERT dataset computes them, plus a silence helper.
+
+``audio_features``: 16 kHz mono int16 → ``python_speech_features.logfbank`` on the raw sample values
+(defaults: 25 ms window, 10 ms hop, 26 filters, nfft 512, pre-emphasis 0.97) computed in float64 and
+cast to float32, then stacked by 4 (zero rows appended to a multiple of 4; row t = frames 4t..4t+3),
+giving float32 [T,104] at 25 Hz — the *unnormalised* array of ``AVHubertDataset.load_feature``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from python_speech_features import logfbank
+from scipy.signal import resample_poly
+
+SAMPLE_RATE = 16000
+STACK_ORDER = 4
+FEATURE_DIM = 26 * STACK_ORDER
+
+
+def to_int16_16k(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono int16 at 16 kHz.  Float input is taken as [-1, 1]; [N,C] input is averaged over channels."""
+    x = np.asarray(wave)
+    if x.ndim == 2:
+        x = x.mean(axis=1) if x.shape[1] <= 8 else x.mean(axis=0)
+    if x.ndim != 1:
+        raise ValueError(f"expected a mono waveform, got shape {np.shape(wave)}")
+    if np.issubdtype(x.dtype, np.floating):
+        x = x * 32768.0
+    if sample_rate != SAMPLE_RATE:
+        g = math.gcd(int(sample_rate), SAMPLE_RATE)
+        x = resample_poly(x.astype(np.float64), SAMPLE_RATE // g, int(sample_rate) // g)
+    if x.dtype != np.int16:
+        x = np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+    return x
+
+
+def stack_features(feats: np.ndarray, stack_order: int = STACK_ORDER) -> np.ndarray:
+    """Official ``stacker``: pad with zero rows to a multiple of ``stack_order`` and concatenate."""
+    n, dim = feats.shape
+    if n % stack_order:
+        feats = np.concatenate([feats, np.zeros((stack_order - n % stack_order, dim), feats.dtype)])
+    return feats.reshape(-1, stack_order * dim)
+
+
+def log_filterbank(wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """26-band log filterbank at 100 Hz (float32 [N,26]), official recipe (float64 then cast)."""
+    wave = to_int16_16k(wave_int16, sample_rate)
+    if wave.size == 0:
+        return np.zeros((0, 26), np.float32)
+    return logfbank(wave, samplerate=SAMPLE_RATE).astype(np.float32)
+
+
+def audio_features(wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Stacked log filterbanks float32 [T,104] at 25 Hz (unnormalised, as the official dataset)."""
+    return stack_features(log_filterbank(wave_int16, sample_rate))
+
+
+def align_audio_to_video(feats: np.ndarray, num_video_frames: int) -> np.ndarray:
+    """Official audio/video length alignment: zero-pad or cut the audio rows to the video length."""
+    diff = len(feats) - num_video_frames
+    if diff < 0:
+        return np.concatenate([feats, np.zeros((-diff, feats.shape[1]), feats.dtype)])
+    if diff > 0:
+        return feats[:-diff]
+    return feats
+
+
+def layer_norm_frames(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Official ``normalize``: ``F.layer_norm(feats, feats.shape[1:])`` — per frame over the features."""
+    x = np.asarray(feats, dtype=np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    var = x.var(axis=1, keepdims=True)
+    return ((x - mean) / np.sqrt(var + eps)).astype(np.float32)
+
+
+def frame_energy_db(
+    wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE, fps: float = 25.0, floor_db: float = -100.0
+) -> np.ndarray:
+    """RMS energy per video frame (1/fps windows, last one partial) in dB full scale, float32 [T].
+
+    0 dB is a full-scale square wave; digital silence gives ``floor_db``.  For silence splitting.
+    """
+    x = to_int16_16k(wave_int16, sample_rate).astype(np.float64) / 32768.0
+    hop = SAMPLE_RATE / fps
+    n = math.ceil(x.size / hop - 1e-9) if x.size else 0
+    out = np.empty(n, np.float32)
+    for t in range(n):
+        seg = x[round(t * hop) : round((t + 1) * hop)]
+        rms = math.sqrt(float(np.mean(seg * seg))) if seg.size else 0.0
+        out[t] = max(floor_db, 20.0 * math.log10(rms)) if rms > 0 else floor_db
+    return out
