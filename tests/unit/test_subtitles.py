@@ -1,0 +1,115 @@
+"""Result rendering: SRT and WebVTT from segments, JSON passthrough."""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import srt
+import webvtt
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tasks.subtitles import (  # noqa: E402
+    LINE_CHARS,
+    render_result,
+    segments_to_srt,
+    segments_to_vtt,
+    wrap_lines,
+)
+
+LONG = (
+    "so the main point of this talk is that lip reading works surprisingly well once the model "
+    "has seen enough hours of video from many different speakers"
+)
+SEGMENTS = [
+    {"id": 0, "start": 0.0, "end": 2.5, "text": "hello everyone", "confidence": 0.93},
+    {"id": 1, "start": 2.5, "end": 3.0, "text": "   ", "confidence": 0.10},
+    {"id": 2, "start": 3723.456, "end": 3725.0, "text": "naïve café — 日本語 & <ok> -->", "confidence": 0.5},
+    {"id": 3, "start": 10.0, "end": 22.0, "text": LONG, "confidence": 0.7},
+]
+
+
+def parsed_srt(text: str) -> list[srt.Subtitle]:
+    return list(srt.parse(text))
+
+
+def test_srt_round_trip_times_and_text() -> None:
+    subs = parsed_srt(segments_to_srt(SEGMENTS))
+    assert [s.index for s in subs] == list(range(1, len(subs) + 1))
+    assert subs[0].start == timedelta(0) and subs[0].end == timedelta(seconds=2.5)
+    assert subs[0].content == "hello everyone"
+    last = subs[-1]
+    assert last.start == timedelta(hours=1, minutes=2, seconds=3, milliseconds=456)
+    assert last.content == "naïve café — 日本語 & <ok> -->"
+    assert "01:02:03,456 --> 01:02:05,000" in segments_to_srt(SEGMENTS)
+    assert all(s.content.strip() for s in subs)  # the blank segment is skipped
+
+
+def test_vtt_round_trip_times_and_text() -> None:
+    body = segments_to_vtt(SEGMENTS)
+    assert body.startswith("WEBVTT")
+    caps = list(webvtt.from_string(body, strict=True))
+    assert caps[0].identifier == "0" and caps[0].start == "00:00:00.000" and caps[0].end == "00:00:02.500"
+    assert caps[-1].start == "01:02:03.456" and caps[-1].end == "01:02:05.000"
+    assert html.unescape(caps[-1].text) == "naïve café — 日本語 & <ok> -->"
+    assert "<ok>" not in body and "-->" not in caps[-1].raw_text  # escaped, the cue is not broken
+    assert [c.identifier for c in caps] == ["0", "3.1", "3.2", "2"]
+
+
+def test_long_text_is_wrapped_and_split_over_cues_in_time() -> None:
+    subs = parsed_srt(segments_to_srt(SEGMENTS))
+    long_cues = [s for s in subs if timedelta(seconds=10) <= s.start < timedelta(seconds=22)]
+    assert len(long_cues) == 2
+    assert long_cues[0].start == timedelta(seconds=10) and long_cues[-1].end == timedelta(seconds=22)
+    assert long_cues[0].end == long_cues[1].start  # contiguous, time shared by characters
+    for cue in long_cues:
+        lines = cue.content.split("\n")
+        assert 1 <= len(lines) <= 2 and all(len(line) <= LINE_CHARS for line in lines)
+    assert " ".join(c.content.replace("\n", " ") for c in long_cues) == LONG
+
+
+def test_wrap_lines_balanced_and_unbreakable_words() -> None:
+    assert wrap_lines("short") == [["short"]]
+    assert wrap_lines("  \n ") == []
+    two = wrap_lines("the quick brown fox jumps over the lazy dog again")
+    assert len(two) == 1 and len(two[0]) == 2 and abs(len(two[0][0]) - len(two[0][1])) <= 8
+    huge = wrap_lines("x" * 100)
+    assert all(len(line) <= LINE_CHARS for group in huge for line in group)
+
+
+def test_timestamps_exact_at_millisecond_rounding() -> None:
+    segs = [{"id": 0, "start": 0.0405, "end": 59.9999, "text": "a", "confidence": 1.0}]
+    assert "00:00:00,041 --> 00:01:00,000" in segments_to_srt(segs)  # half up, not to even
+    assert "00:00:00.041 --> 00:01:00.000" in segments_to_vtt(segs)
+    frames = [{"id": 0, "start": 93093 / 25, "end": 93118 / 25, "text": "b", "confidence": 1.0}]
+    assert "01:02:03,720 --> 01:02:04,720" in segments_to_srt(frames)
+    assert "01:02:03.720 --> 01:02:04.720" in segments_to_vtt(frames)
+
+
+def test_empty_and_invalid() -> None:
+    assert segments_to_srt([]) == ""
+    assert list(webvtt.from_string(segments_to_vtt([]))) == []
+    with pytest.raises(ValueError):
+        segments_to_srt([{"id": 0, "start": 2.0, "end": 1.0, "text": "x", "confidence": 1}])
+    with pytest.raises(ValueError):
+        segments_to_vtt([{"id": 0, "start": float("nan"), "end": 1.0, "text": "x", "confidence": 1}])
+
+
+def test_render_result_formats() -> None:
+    result = {"job_id": "j1", "text": "hello everyone", "segments": SEGMENTS}
+    body, mime = render_result(result, "json")
+    assert mime == "application/json" and json.loads(body) == result and "日本語" in body
+    body, mime = render_result(result, "SRT")
+    assert mime.startswith("application/x-subrip") and body == segments_to_srt(SEGMENTS)
+    body, mime = render_result(result, "vtt")
+    assert mime.startswith("text/vtt") and body == segments_to_vtt(SEGMENTS)
+    assert render_result({"text": ""}, "srt") == ("", "application/x-subrip; charset=utf-8")
+    with pytest.raises(ValueError):
+        render_result(result, "txt")
