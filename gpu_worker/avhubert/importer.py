@@ -115,3 +115,53 @@ def load_fairseq_weights(model: nn.Module, state: dict[str, Tensor], seq2seq: bo
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(renamed[key].to(target.dtype))
+
+
+_INVERSE_ENCODER_RULES: list[tuple[str, str]] = [
+    (r"^video_frontend\.backbone\.stem_conv\.", "feature_extractor_video.resnet.frontend3D.0."),
+    (r"^video_frontend\.backbone\.stem_bn\.", "feature_extractor_video.resnet.frontend3D.1."),
+    (r"^video_frontend\.backbone\.stem_act\.", "feature_extractor_video.resnet.frontend3D.2."),
+    (r"^(audio|video)_frontend\.proj\.", r"feature_extractor_\1.proj."),
+    (r"^(audio|video)_frontend\.transformer\.", r"feature_extractor_\1.encoder."),
+    (r"^fusion_norm\.", "layer_norm."),
+    (r"^transformer\.", "encoder."),
+]
+
+_INVERSE_DECODER_RULES: list[tuple[str, str]] = [
+    (r"^output_projection$", "embed_out"),
+    (r"^learned_pos\.weight$", "embed_positions.weight"),
+]
+
+_INVERSE_LAYER_RULES: list[tuple[str, str]] = [
+    (r"\.pos_conv\.conv\.", ".pos_conv.0."),
+    (r"\.self_attention_norm\.", ".self_attn_layer_norm."),
+    (r"\.self_attention\.", ".self_attn."),
+    (r"\.cross_attention_norm\.", ".encoder_attn_layer_norm."),
+    (r"\.cross_attention\.", ".encoder_attn."),
+    (r"\.feed_forward\.fc([12])\.", r".fc\1."),
+    (r"\.ffn_norm\.", ".final_layer_norm."),
+]
+
+
+def to_fairseq_state(state: dict[str, Tensor], seq2seq: bool) -> dict[str, Tensor]:
+    """Inverse of :func:`rename_fairseq_state`: our state dict -> fairseq names, the positional
+    convolution split into ``weight_g``/``weight_v`` as ``weight_norm(dim=2)`` stores it."""
+    encoder_prefix = "encoder.w2v_model." if seq2seq else ""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("encoder."):
+            local = re.sub(
+                r"^video_frontend\.backbone\.layers\.(\d)\.",
+                lambda m: f"feature_extractor_video.resnet.trunk.layer{int(m[1]) + 1}.",
+                key[len("encoder."):],
+            )
+            name = encoder_prefix + _apply(_apply(local, _INVERSE_ENCODER_RULES), _INVERSE_LAYER_RULES)
+        else:
+            local = key[len("decoder."):]
+            name = "decoder." + _apply(_apply(local, _INVERSE_DECODER_RULES), _INVERSE_LAYER_RULES)
+        if name.endswith(".pos_conv.0.weight"):
+            out[name + "_g"] = value.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
+            out[name + "_v"] = value
+        else:
+            out[name] = value
+    return out

@@ -28,7 +28,7 @@ def video_from_rois(
     frames = np.asarray(frames)
     if frames.ndim != 3:
         raise ValueError(f"expected grey frames [T, H, W], got shape {frames.shape}")
-    t, h, w = frames.shape
+    h, w = frames.shape[1:]
     if h < crop_size or w < crop_size:
         raise ValueError(f"frames {h}x{w} are smaller than the {crop_size}x{crop_size} crop")
     x = (frames - 0.0) / 255.0

@@ -113,10 +113,8 @@ def _beam_step(step: int, lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tenso
     """fairseq ``BeamSearch.step``: ``lprobs`` ``[bsz, beam, V]``, cumulative ``scores``
     ``[bsz, beam, step]`` -> candidate (scores, token ids, beam ids), each ``[bsz, 2*beam]``."""
     bsz, beam, vocab = lprobs.shape
-    if step == 0:
-        lprobs = lprobs[:, ::beam, :].contiguous()  # all beams are identical at the start
-    else:
-        lprobs = lprobs + scores[:, :, step - 1].unsqueeze(-1)
+    # all beams are identical at step 0: only the first one is expanded
+    lprobs = lprobs[:, ::beam, :].contiguous() if step == 0 else lprobs + scores[:, :, step - 1].unsqueeze(-1)
     flat = lprobs.view(bsz, -1)
     top_scores, top_indices = torch.topk(flat, k=min(beam * 2, flat.size(1) - 1))
     return top_scores, top_indices.fmod(vocab), torch.div(top_indices, vocab, rounding_mode="trunc")
