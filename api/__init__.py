@@ -1,0 +1,26 @@
+"""The HTTP API: `create_app()` is the Flask application factory (gunicorn "api:create_app()")."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from tasks.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app with the job and operations blueprints."""
+    from api import jobs, ops
+    from api.errors import register_error_handlers
+    from tasks.logs import configure_logging
+
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = Flask(__name__)
+    app.config.update(AVSR_SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+    register_error_handlers(app)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(ops.bp)
+    if not settings.api_keys:
+        app.logger.warning("AVSR_API_KEYS is empty: the API accepts unauthenticated requests")
+    return app

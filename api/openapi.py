@@ -1,0 +1,116 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at `/openapi.json`."""
+
+from __future__ import annotations
+
+from api.validation import MAX_BEAM, MODALITIES
+from tasks.jobs import STAGES, STATUSES
+
+
+def _error(description: str) -> dict:
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_spec() -> dict:
+    job_ref = {"$ref": "#/components/schemas/Job"}
+    job_id = {"name": "job_id", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+    auth_errors = {"401": _error("Missing or invalid API key")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "avsr-pipeline", "version": "0.1.0",
+                 "description": "Lip reading (audio-visual speech recognition) with AV-HuBERT. Submit a clip "
+                                "in S3, poll the job by id, get text, confidence, timed segments, subtitles."},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {
+            "/v1/jobs": {"post": {
+                "summary": "Submit a job",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "schema": {"type": "string", "maxLength": 255}}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+                "responses": {
+                    "202": {"description": "Accepted", "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/JobAccepted"}}}},
+                    "200": {"description": "Same Idempotency-Key and body: the existing job",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
+                    "400": _error("Invalid request"), "403": _error("Bucket not allowed"),
+                    "409": _error("Idempotency-Key reused with another body"), "413": _error("Body too large"),
+                    **auth_errors}}},
+            "/v1/jobs/{job_id}": {
+                "get": {"summary": "Job status (and result once succeeded)", "parameters": [job_id],
+                        "responses": {"200": {"description": "The job", "content": {"application/json": {
+                            "schema": job_ref}}}, "404": _error("Unknown job"), **auth_errors}},
+                "delete": {"summary": "Cancel a job", "parameters": [job_id],
+                           "responses": {"202": {"description": "Cancelled", "content": {"application/json": {
+                               "schema": job_ref}}}, "404": _error("Unknown job"),
+                               "409": _error("Already finished"), **auth_errors}}},
+            "/v1/jobs/{job_id}/result": {"get": {
+                "summary": "The result as JSON, SRT or WebVTT",
+                "parameters": [job_id, {"name": "format", "in": "query", "schema": {
+                    "type": "string", "enum": ["json", "srt", "vtt"], "default": "json"}}],
+                "responses": {"200": {"description": "The result", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
+                    "application/x-subrip": {"schema": {"type": "string"}},
+                    "text/vtt": {"schema": {"type": "string"}}}},
+                    "400": _error("Unknown format"), "404": _error("Unknown job"),
+                    "409": _error("Not finished"), **auth_errors}}},
+            "/predict": {"post": {
+                "summary": "Legacy synchronous transcription of a frame sequence (waits, bounded)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["s3_bucket", "s3_prefix"],
+                    "properties": {"s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"},
+                                   "fps": {"type": "number"}, "beam_size": {"type": "integer"}}}}}},
+                "responses": {"200": {"description": "Transcript", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["text", "confidence", "num_frames"],
+                    "properties": {"text": {"type": "string"}, "confidence": {"type": "number"},
+                                   "num_frames": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
+                    "400": _error("Invalid request"), "404": _error("Input not found"),
+                    "422": _error("Input could not be processed"), "504": _error("Did not finish in time"),
+                    **auth_errors}}},
+            "/health": {"get": {"summary": "Model, device, broker and worker state", "security": [],
+                                "responses": {"200": {"description": "Broker reachable"},
+                                              "503": {"description": "Broker down"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
+                                 "responses": {"200": {"description": "Prometheus text format"}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "JobRequest": {"type": "object", "required": ["s3_bucket"], "additionalProperties": False,
+                               "properties": {
+                                   "s3_bucket": {"type": "string"},
+                                   "s3_prefix": {"type": "string", "description": "Frames (JPEG/PNG), natural order"},
+                                   "s3_key": {"type": "string", "description": "A video file (with its audio)"},
+                                   "fps": {"type": "number", "minimum": 1, "maximum": 120, "default": 25},
+                                   "modality": {"type": "string", "enum": list(MODALITIES), "default": "auto"},
+                                   "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM},
+                                   "output": {"type": "object", "properties": {
+                                       "s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"}}},
+                                   "callback_url": {"type": "string", "format": "uri"}}},
+                "JobAccepted": {"type": "object", "properties": {
+                    "job_id": {"type": "string"}, "status": {"type": "string"}, "links": {"type": "object"}}},
+                "Segment": {"type": "object", "properties": {
+                    "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
+                    "text": {"type": "string"}, "confidence": {"type": "number"}}},
+                "Result": {"type": "object", "properties": {
+                    "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                    "num_frames": {"type": "integer"}, "duration_s": {"type": "number"},
+                    "segments": {"type": "array", "items": {"$ref": "#/components/schemas/Segment"}},
+                    "model": {"type": "object"}, "timings": {"type": "object"}, "quality": {"type": "object"}}},
+                "Job": {"type": "object", "properties": {
+                    "job_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
+                    "stage": {"type": "string", "enum": [*STAGES, "cancelled"]},
+                    "progress": {"type": "number"}, "segments_done": {"type": "integer"},
+                    "segments_total": {"type": ["integer", "null"]},
+                    "created_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
+                    "finished_at": {"type": ["string", "null"]}, "updated_at": {"type": ["string", "null"]},
+                    "result": {"$ref": "#/components/schemas/Result"},
+                    "error": {"type": "object"}, "links": {"type": "object"}}},
+            },
+        },
+    }

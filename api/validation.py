@@ -1,0 +1,126 @@
+"""Turn a `POST /v1/jobs` body into the job request the pipeline runs, or a 4xx `ApiError`.
+
+The request stored with the job (and read by `tasks/stages.py`):
+    {"input": {"type": "frames", "bucket", "prefix", "fps"} | {"type": "video", "bucket", "key"},
+     "modality": "auto|video|audio|audiovisual", "beam_size": int,
+     "output": {"bucket", "prefix"} | None, "callback_url": str | None}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from api.errors import ApiError
+from tasks.settings import Settings
+
+MODALITIES = ("auto", "video", "audio", "audiovisual")
+JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url"}
+MAX_BEAM = 50
+_BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def bad(code: str, message: str, status: int = 400) -> ApiError:
+    return ApiError(status, code, message)
+
+
+def _string(body: dict, name: str, *, required: bool = False, max_len: int = 1024) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad("missing_field", f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise bad("invalid_field", f"'{name}' must be a string")
+    if len(value) > max_len or "\x00" in value:
+        raise bad("invalid_field", f"'{name}' is too long or holds a NUL character")
+    return value
+
+
+def _bucket(body: dict, name: str, settings: Settings) -> str:
+    bucket = _string(body, name, required=True, max_len=63)
+    if not _BUCKET.match(bucket):
+        raise bad("invalid_bucket", f"'{bucket}' is not a valid S3 bucket name")
+    if settings.allowed_buckets and bucket not in settings.allowed_buckets:
+        raise bad("bucket_not_allowed", f"bucket '{bucket}' is not on this service's allow-list", 403)
+    return bucket
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise bad("invalid_field", f"'{name}' must be {'an integer' if integer else 'a number'}")
+    if not low <= value <= high:
+        raise bad("invalid_field", f"'{name}' must be between {low:g} and {high:g}")
+    return value
+
+
+def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) -> dict:
+    """Validate a job submission (`legacy`: the `/predict` body, frames only)."""
+    if not isinstance(body, dict):
+        raise bad("invalid_json", "the body must be a JSON object")
+    unknown = sorted(set(body) - JOB_FIELDS)
+    if unknown:
+        raise bad("unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    bucket = _bucket(body, "s3_bucket", settings)
+    prefix, key = _string(body, "s3_prefix"), _string(body, "s3_key")
+    if (prefix is None) == (key is None) or (legacy and key is not None):
+        raise bad("invalid_input", "give exactly one of 's3_prefix' (frames) or 's3_key' (a video)"
+                  if not legacy else "'/predict' takes 's3_bucket' and 's3_prefix'")
+    if key is not None:
+        if not key or key.endswith("/"):
+            raise bad("invalid_input", "'s3_key' must name an object")
+        if "fps" in body:
+            raise bad("invalid_field", "'fps' applies to frame sequences; a video carries its own timing")
+        source = {"type": "video", "bucket": bucket, "key": key}
+    else:
+        source = {"type": "frames", "bucket": bucket, "prefix": prefix,
+                  "fps": float(_number(body, "fps", 25.0, 1.0, 120.0))}
+    modality = body.get("modality", "auto")
+    if modality not in MODALITIES:
+        raise bad("invalid_field", f"'modality' must be one of {', '.join(MODALITIES)}")
+    request = {
+        "input": source,
+        "modality": modality,
+        "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
+        "output": _output(body.get("output"), settings),
+        "callback_url": _callback(body.get("callback_url")),
+    }
+    return request
+
+
+def _output(value: Any, settings: Settings) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"s3_bucket", "s3_prefix"}:
+        raise bad("invalid_field", "'output' must be {\"s3_bucket\", \"s3_prefix\"}")
+    return {"bucket": _bucket(value, "s3_bucket", settings), "prefix": _string(value, "s3_prefix") or ""}
+
+
+def _callback(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 2048:
+        raise bad("invalid_field", "'callback_url' must be a URL string")
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise bad("invalid_field", "'callback_url' must be an http(s) URL")
+    return value
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id):
+        raise ApiError(404, "job_not_found", f"no job '{job_id}'")
+    return job_id
+
+
+def idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 255:
+        raise bad("invalid_header", "Idempotency-Key must be 1 to 255 characters")
+    return value

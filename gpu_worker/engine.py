@@ -1,0 +1,125 @@
+"""The inference engine a GPU worker process holds: one loaded model, segments decoded in batches.
+
+    engine = Engine("large_vox_433h.pt", device="auto")
+    engine.warm_up()
+    engine.transcribe(rois=rois, audio=features, segments=[{"id": 0, "start_frame": 0, "end_frame": 75}],
+                      modality="audiovisual", beam_size=5)
+    # -> [{"id": 0, "text": "...", "confidence": 0.83, "score": -0.19, "num_tokens": 12}]
+
+Segments of similar length share a forward pass, bounded by a frame budget (batch size × longest
+segment), and are decoded with per-item length caps (`max_len_from="item"`) so a batch gives
+exactly what each segment would give alone — the official single-utterance result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_worker.avhubert import audio_from_features, collate, load_model, video_from_rois
+
+MODALITIES = ("video", "audio", "audiovisual")
+
+
+def plan_batches(lengths: Sequence[int], max_batch_frames: int, max_batch_size: int) -> list[list[int]]:
+    """Group item indices by similar length so `len(batch) * longest <= max_batch_frames`.
+
+    Items are taken shortest first; every index appears exactly once; an item longer than the
+    budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (len(current) + 1 > max_batch_size or (len(current) + 1) * longest > max_batch_frames):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Engine:
+    """An AV-HuBERT model loaded once, with the batching policy of the service."""
+
+    def __init__(self, checkpoint: str | Path, *, spm_path: str | None = None, dict_path: str | None = None,
+                 device: str = "auto", precision: str = "fp32", max_batch_frames: int = 3000,
+                 max_batch_size: int = 16) -> None:
+        dtype = None if precision == "fp32" else precision
+        self.model = load_model(checkpoint, spm_path=spm_path, dict_path=dict_path, device=device, dtype=dtype)
+        self.checkpoint = Path(checkpoint)
+        self.max_batch_frames = max_batch_frames
+        self.max_batch_size = max_batch_size
+
+    def warm_up(self, frames: int = 25) -> float:
+        """One short decode so the first request does not pay for lazy initialisation; seconds taken."""
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        rois = rng.integers(0, 256, size=(frames, 96, 96), dtype=np.uint8)
+        self.transcribe(rois=rois, audio=None, segments=[{"id": 0, "start_frame": 0, "end_frame": frames}],
+                        modality="video", beam_size=1)
+        return time.perf_counter() - started
+
+    def transcribe(self, *, rois: np.ndarray | None, audio: np.ndarray | None, segments: list[dict],
+                   modality: str, beam_size: int = 5,
+                   on_progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """Decode each segment (`start_frame`/`end_frame` into `rois` uint8[T,96,96] and `audio`
+        float32[T,104] stacked filterbanks); returns, in segment order, the best hypothesis of each."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        use_video, use_audio = modality != "audio", modality != "video"
+        if (use_video and rois is None) or (use_audio and audio is None):
+            raise ValueError(f"modality {modality} needs {'video' if use_video else 'audio'} input")
+        info = self.model.info
+        lengths = [s["end_frame"] - s["start_frame"] for s in segments]
+        results: list[dict[str, Any] | None] = [None] * len(segments)
+        done = 0
+        for batch in plan_batches(lengths, self.max_batch_frames, self.max_batch_size):
+            videos = audios = None
+            if use_video:
+                videos = [video_from_rois(rois[segments[i]["start_frame"]:segments[i]["end_frame"]],
+                                          info["image_crop_size"], info["image_mean"], info["image_std"])
+                          for i in batch]
+            if use_audio:
+                audios = [audio_from_features(audio[segments[i]["start_frame"]:segments[i]["end_frame"]],
+                                              num_frames=lengths[i], normalize=info["normalize"]) for i in batch]
+            inputs = collate(videos, audios)
+            hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
+                                       beam_size=beam_size, max_len_from="item")
+            for i, item_hyps in zip(batch, hyps, strict=True):
+                best = item_hyps[0]
+                results[i] = {"id": segments[i]["id"], "text": best.text, "confidence": float(best.confidence),
+                              "score": float(best.score), "num_tokens": len(best.tokens)}
+            done += len(batch)
+            if on_progress is not None:
+                on_progress(done)
+        return results  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """What `/health` and job results report about the model."""
+        info = self.model.info
+        device = self.model.device
+        return {
+            "checkpoint": self.checkpoint.name,
+            "kind": info["kind"],
+            "device": str(device),
+            "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "dtype": info["dtype"],
+            "encoder_layers": info["encoder_layers"],
+            "encoder_embed_dim": info["encoder_embed_dim"],
+        }
+
+    def memory(self) -> dict[str, int | None]:
+        """GPU memory in use (bytes), None on CPU."""
+        device = self.model.device
+        if device.type != "cuda":
+            return {"gpu_memory_allocated": None, "gpu_memory_reserved": None}
+        return {"gpu_memory_allocated": torch.cuda.memory_allocated(device),
+                "gpu_memory_reserved": torch.cuda.memory_reserved(device)}

@@ -1,0 +1,158 @@
+"""Job records in Redis: one JSON document per job, updated atomically.
+
+A job moves `queued → running → succeeded | failed | cancelled`. Once terminal it never
+changes again (`update` refuses), which makes re-delivered tasks harmless: a late
+`running` update or a second `finalize` cannot undo a cancellation or rewrite a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from tasks.settings import get_settings
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STAGES = ("queued", "downloading", "preprocessing", "inference", "finalizing", "done")
+
+_JOB_KEY = "avsr:job:{}"
+_IDEMPOTENCY_KEY = "avsr:idempotency:{}"
+STATS_KEY = "avsr:stats"  # hash: jobs_<status> counters, stage_<name>_seconds_sum/_count
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=30)
+
+
+def connection() -> redis.Redis:
+    """The shared Redis client for job records (same server as the broker)."""
+    return _redis(get_settings().redis_url)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def create(request: dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
+    """Store a new `queued` job for a validated request and return it."""
+    now = time.time()
+    job = {
+        "job_id": job_id or new_job_id(),
+        "status": QUEUED,
+        "stage": "queued",
+        "progress": 0.0,
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "request": request,
+        "timings": {},
+        "segments_done": 0,
+        "segments_total": None,
+    }
+    r = connection()
+    pipe = r.pipeline()
+    pipe.set(_JOB_KEY.format(job["job_id"]), json.dumps(job), ex=get_settings().job_ttl_s)
+    pipe.hincrby(STATS_KEY, "jobs_queued", 1)
+    pipe.execute()
+    return job
+
+
+def get(job_id: str) -> dict[str, Any] | None:
+    raw = connection().get(_JOB_KEY.format(job_id))
+    return json.loads(raw) if raw else None
+
+
+def update(job_id: str, merge: Callable[[dict], dict] | None = None, **patch: Any) -> dict[str, Any] | None:
+    """Merge `patch` (and `merge(job)`'s patch) into a non-terminal job; returns the job as stored
+    afterwards, or None if unknown. A terminal job is returned unchanged.
+
+    Optimistic transaction (WATCH/MULTI): concurrent updates retry instead of overwriting.
+    """
+    key = _JOB_KEY.format(job_id)
+    with connection().pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                raw = pipe.get(key)
+                if raw is None:
+                    return None
+                job = json.loads(raw)
+                if job["status"] in TERMINAL:
+                    return job
+                previous = job["status"]
+                job.update(patch)
+                if merge is not None:
+                    job.update(merge(job))
+                job["updated_at"] = time.time()
+                pipe.multi()
+                pipe.set(key, json.dumps(job), ex=get_settings().job_ttl_s)
+                if job["status"] != previous:
+                    pipe.hincrby(STATS_KEY, f"jobs_{job['status']}", 1)
+                pipe.execute()
+                return job
+            except redis.WatchError:
+                continue
+
+
+def is_terminal(job: dict[str, Any] | None) -> bool:
+    return job is None or job["status"] in TERMINAL
+
+
+def record_stage_time(stage: str, seconds: float) -> None:
+    """Add one observation to the stage-duration totals `/metrics` exports."""
+    pipe = connection().pipeline()
+    pipe.hincrbyfloat(STATS_KEY, f"stage_{stage}_seconds_sum", seconds)
+    pipe.hincrby(STATS_KEY, f"stage_{stage}_seconds_count", 1)
+    pipe.execute()
+
+
+def add_timing(job_id: str, stage: str, seconds: float) -> None:
+    """Add `seconds` to the job's own `timings[stage]` (chunks of one stage add up)."""
+    def merge(job: dict) -> dict:
+        timings = dict(job.get("timings") or {})
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 4)
+        return {"timings": timings}
+
+    update(job_id, merge=merge)
+
+
+def increment(job_id: str, counter: str) -> int:
+    """Atomically count an event of this job (e.g. chunks done); returns the new count."""
+    key = f"avsr:job:{job_id}:{counter}"
+    pipe = connection().pipeline()
+    pipe.incr(key)
+    pipe.expire(key, get_settings().job_ttl_s)
+    return int(pipe.execute()[0])
+
+
+def stats() -> dict[str, float]:
+    return {k: float(v) for k, v in connection().hgetall(STATS_KEY).items()}
+
+
+def claim_idempotency_key(key: str, request: dict[str, Any], job_id: str) -> tuple[str, bool]:
+    """Bind `key` to `job_id` unless already bound. Returns (job id, request matches)."""
+    fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    redis_key = _IDEMPOTENCY_KEY.format(hashlib.sha256(key.encode()).hexdigest())
+    value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+    r = connection()
+    if r.set(redis_key, value, nx=True, ex=get_settings().job_ttl_s):
+        return job_id, True
+    existing = json.loads(r.get(redis_key) or value)
+    return existing["job_id"], existing["fingerprint"] == fingerprint
+
+
+def once(job_id: str, what: str) -> bool:
+    """True the first time it is called for (job, what): guards side effects such as webhooks."""
+    return bool(connection().set(f"avsr:once:{job_id}:{what}", 1, nx=True, ex=get_settings().job_ttl_s))

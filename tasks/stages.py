@@ -1,0 +1,327 @@
+"""The work of each pipeline stage, as plain functions of the job record (Celery-free).
+
+Keys under the job's work prefix (`s3://<work bucket>/<work prefix><job id>/`):
+    plan.json            what `prepare` found (input, chunks)
+    audio.npz            `features` float32[T_audio, 104], stacked log filterbanks (video inputs with sound)
+    chunks/NNNN.npz      `rois` uint8[n, 96, 96], `landmarks` float32[n, 68, 2], `detected` bool[n]
+    features.npz         the stitched clip: `rois` uint8[T, 96, 96] (+ `audio` float32[T, 104])
+    result.json/.srt/.vtt   unless the request named its own output location
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from cpu_worker import audio as audio_lib
+from cpu_worker import frames as frames_lib
+from cpu_worker import segmentation
+from cpu_worker.errors import PreprocessingError
+from cpu_worker.mouth_roi import extract_mouth_rois
+from tasks import jobs, storage
+from tasks.errors import JobError, input_not_found, input_too_large
+from tasks.settings import get_settings
+from tasks.subtitles import segments_to_srt, segments_to_vtt
+
+log = logging.getLogger(__name__)
+
+FPS = 25.0  # AV-HuBERT's frame rate: everything downstream of `prepare` is at 25 fps
+CHUNK_FRAMES = 750  # 30 s of video per preprocessing task
+CHUNK_OVERLAP = 25  # frames each side so tracking and smoothing do not seam
+
+
+def work_key(job_id: str, name: str) -> str:
+    return f"{get_settings().work_prefix}{job_id}/{name}"
+
+
+def _work_bucket() -> str:
+    return get_settings().work_bucket
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+def prepare(job: dict) -> dict:
+    """Validate the input in S3, plan the preprocessing chunks, extract audio features."""
+    request = job["request"]
+    frames = request["input"]["type"] == "frames"
+    plan = _prepare_frames(request) if frames else _prepare_video(job["job_id"], request)
+    plan["chunks"] = [c.to_dict() for c in segmentation.plan_chunks(
+        plan["num_frames"], chunk_frames=CHUNK_FRAMES, overlap=CHUNK_OVERLAP)]
+    storage.put_json(_work_bucket(), work_key(job["job_id"], "plan.json"), plan)
+    jobs.update(job["job_id"], chunks_total=len(plan["chunks"]), num_frames=plan["num_frames"],
+                modality=plan["modality"], progress=0.05)
+    return plan
+
+
+def resample_indices(num_source: int, source_fps: float, target_fps: float = FPS) -> list[int]:
+    """Source frame index for each output frame at `target_fps` (nearest earlier source frame)."""
+    if num_source == 0:
+        return []
+    count = max(1, int(np.floor(num_source * target_fps / source_fps + 1e-6)))
+    return [min(num_source - 1, int(np.floor(i * source_fps / target_fps + 1e-6))) for i in range(count)]
+
+
+def _prepare_frames(request: dict) -> dict:
+    source = request["input"]
+    settings = get_settings()
+    objects = storage.list_frames(source["bucket"], source["prefix"])
+    if not objects:
+        raise input_not_found(f"s3://{source['bucket']}/{source['prefix']} (no .jpg/.png frames)")
+    total = sum(o.size for o in objects)
+    if total > settings.max_input_bytes:
+        raise input_too_large(f"frames add up to {total} bytes, limit {settings.max_input_bytes}")
+    keys = [objects[i].key for i in resample_indices(len(objects), float(source.get("fps") or FPS))]
+    if len(keys) > settings.max_frames:
+        raise input_too_large(f"{len(keys)} frames at 25 fps, limit {settings.max_frames}")
+    modality = request["modality"]
+    if modality == "audio":
+        raise JobError("no_audio", "an image sequence has no audio; use modality video", http_status=400)
+    return {"type": "frames", "bucket": source["bucket"], "keys": keys, "num_frames": len(keys),
+            "source_frames": len(objects), "modality": "video", "has_audio": False}
+
+
+def _prepare_video(job_id: str, request: dict) -> dict:
+    source = request["input"]
+    settings = get_settings()
+    obj = storage.head(source["bucket"], source["key"])
+    if obj.size > settings.max_input_bytes:
+        raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
+    with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
+        path = storage.download_file(source["bucket"], source["key"], Path(tmp) / "input")
+        info = frames_lib.probe_video(path)
+        num_frames = round(info.duration_s * FPS)
+        if num_frames <= 0:
+            raise PreprocessingError("no_frames", "the video has no frames")
+        if num_frames > settings.max_frames:
+            raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
+        has_audio = info.has_audio
+        if has_audio:
+            wave, rate = frames_lib.read_audio(path)
+            features = audio_lib.audio_features(wave, rate)
+            storage.put_arrays(_work_bucket(), work_key(job_id, "audio.npz"), features=features)
+    modality = request["modality"]
+    if modality == "auto":
+        modality = "audiovisual" if has_audio else "video"
+    if modality in ("audio", "audiovisual") and not has_audio:
+        raise JobError("no_audio", f"modality {modality} needs sound and the video has none", http_status=400)
+    return {"type": "video", "bucket": source["bucket"], "key": source["key"], "num_frames": num_frames,
+            "modality": modality, "has_audio": has_audio}
+
+
+# --- preprocess ----------------------------------------------------------------------------
+
+def _chunk_frames(plan: dict, chunk: dict, tmp: Path):
+    if plan["type"] == "frames":
+        keys = plan["keys"][chunk["start"]:chunk["end"]]
+        return frames_lib.decode_images(storage.get_many(plan["bucket"], keys))
+    path = storage.download_file(plan["bucket"], plan["key"], tmp / "input")
+    return frames_lib.iter_video_frames(path, fps=FPS, start_frame=chunk["start"], end_frame=chunk["end"])
+
+
+def preprocess_chunk(job: dict, chunk: dict) -> dict:
+    """Download one chunk's frames and extract its mouth ROIs → `chunks/NNNN.npz`."""
+    job_id = job["job_id"]
+    plan = storage.get_json(_work_bucket(), work_key(job_id, "plan.json"))
+    with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
+        frames = _chunk_frames(plan, chunk, Path(tmp))
+        try:
+            roi = extract_mouth_rois(frames, fps=FPS, start_frame=chunk["start"])
+            rois, landmarks, detected, stats = roi.rois, roi.landmarks, roi.detected, roi.stats
+        except PreprocessingError as exc:
+            if exc.code != "no_face_detected":
+                raise
+            count = getattr(exc, "num_frames", 0)  # no face in this chunk: the clip may still have one
+            rois = np.zeros((count, 96, 96), np.uint8)
+            landmarks = np.zeros((count, 68, 2), np.float32)
+            detected = np.zeros(count, bool)
+            stats = {"frames": count, "frames_with_face": 0}
+    storage.put_arrays(_work_bucket(), work_key(job_id, f"chunks/{chunk['index']:04d}.npz"),
+                       rois=rois, landmarks=landmarks, detected=detected)
+    return {"index": chunk["index"], "frames": len(rois), "stats": _jsonable(stats)}
+
+
+def chunk_progress(job_id: str) -> float:
+    """Progress after one more chunk is done: preprocessing spans 0.05 → 0.6."""
+    job = jobs.get(job_id) or {}
+    done = jobs.increment(job_id, "chunks_done")
+    total = max(1, job.get("chunks_total") or 1)
+    return round(0.05 + 0.55 * min(1.0, done / total), 3)
+
+
+# --- assemble ------------------------------------------------------------------------------
+
+def assemble(job: dict, summaries: list[dict]) -> dict:
+    """Stitch the chunks into one clip, align the audio, plan the segments → `features.npz`."""
+    job_id = job["job_id"]
+    plan = storage.get_json(_work_bucket(), work_key(job_id, "plan.json"))
+    chunks = [segmentation.Chunk(**c) for c in plan["chunks"]]
+    parts = [storage.get_arrays(_work_bucket(), work_key(job_id, f"chunks/{c.index:04d}.npz")) for c in chunks]
+    chunks = _fit_last_chunk(chunks, parts)
+    rois = segmentation.stitch_chunks(chunks, [p["rois"] for p in parts])
+    detected = segmentation.stitch_chunks(chunks, [p["detected"] for p in parts])
+    if len(rois) == 0:
+        raise PreprocessingError("no_frames", "no decodable frames in the input")
+    if not detected.any():
+        raise PreprocessingError("no_face_detected", "no face was found in any frame")
+    arrays = {"rois": rois}
+    energy = None
+    if plan["has_audio"]:
+        features = storage.get_arrays(_work_bucket(), work_key(job_id, "audio.npz"))["features"]
+        arrays["audio"] = audio_lib.align_audio_to_video(features, len(rois))
+        energy = audio_lib.frame_energy_db(arrays["audio"])
+    segments = segmentation.plan_segments(
+        len(rois), FPS, face_present=detected, mouth_motion=segmentation.mouth_motion(rois),
+        audio_energy_db=energy, max_segment_s=get_settings().max_segment_s)
+    storage.put_arrays(_work_bucket(), work_key(job_id, "features.npz"), **arrays)
+    quality = {
+        "frames": len(rois),
+        "frames_with_face": int(detected.sum()),
+        "face_ratio": round(float(detected.mean()), 4),
+        "corrupt_frames_skipped": sum(int(s["stats"].get("corrupt_frames", 0)) for s in summaries),
+    }
+    jobs.update(job_id, segments_total=len(segments), quality=quality, num_frames=len(rois), progress=0.6)
+    return {"num_frames": len(rois), "modality": plan["modality"], "quality": quality,
+            "segments": [{"id": s.id, "start_frame": s.start_frame, "end_frame": s.end_frame} for s in segments]}
+
+
+def _fit_last_chunk(chunks: list, parts: list[dict]) -> list:
+    """Video lengths are estimated from the container; trust the frames actually decoded."""
+    last, part = chunks[-1], parts[-1]
+    actual_end = last.start + len(part["rois"])
+    if actual_end == last.end:
+        return chunks
+    fixed = segmentation.Chunk(index=last.index, start=last.start, end=actual_end,
+                               core_start=min(last.core_start, actual_end), core_end=actual_end)
+    return [*chunks[:-1], fixed]
+
+
+# --- infer ---------------------------------------------------------------------------------
+
+def infer(job: dict, plan: dict) -> dict:
+    """Decode every segment with the process's AV-HuBERT engine (GPU worker)."""
+    from tasks import worker_runtime
+
+    job_id = job["job_id"]
+    arrays = storage.get_arrays(_work_bucket(), work_key(job_id, "features.npz"))
+    engine = worker_runtime.engine()
+    total = len(plan["segments"])
+
+    def progress(done: int) -> None:
+        if jobs.is_terminal(jobs.get(job_id)):
+            raise JobCancelled()
+        jobs.update(job_id, segments_done=done, progress=round(0.6 + 0.35 * done / max(1, total), 3))
+
+    try:
+        decoded = engine.transcribe(
+            rois=arrays["rois"], audio=arrays.get("audio"), segments=plan["segments"],
+            modality=plan["modality"], beam_size=job["request"]["beam_size"], on_progress=progress)
+    except JobCancelled:
+        return {"cancelled": True}
+    return {**plan, "decoded": decoded, "model": engine.describe()}
+
+
+class JobCancelled(Exception):
+    """Raised inside a long stage when the job was cancelled meanwhile."""
+
+
+# --- finalize ------------------------------------------------------------------------------
+
+def build_result(decoded: dict, timings: dict) -> dict:
+    """The public result: text, confidence, timed segments, model and timings."""
+    segments = []
+    for seg, hyp in zip(decoded["segments"], decoded["decoded"], strict=True):
+        segments.append({
+            "id": seg["id"],
+            "start": round(seg["start_frame"] / FPS, 3),
+            "end": round(seg["end_frame"] / FPS, 3),
+            "text": hyp["text"],
+            "confidence": round(hyp["confidence"], 4),
+        })
+    spoken = [s for s in segments if s["text"]]
+    weights = [s["end"] - s["start"] for s in spoken]
+    confidence = (sum(w * s["confidence"] for w, s in zip(weights, spoken, strict=True)) / sum(weights)
+                  if spoken and sum(weights) > 0 else 0.0)
+    return {
+        "text": " ".join(s["text"] for s in spoken),
+        "confidence": round(confidence, 4),
+        "num_frames": decoded["num_frames"],
+        "duration_s": round(decoded["num_frames"] / FPS, 3),
+        "modality": decoded["modality"],
+        "segments": segments,
+        "quality": decoded.get("quality", {}),
+        "model": decoded["model"],
+        "timings": timings,
+    }
+
+
+def result_location(job: dict) -> tuple[str, str]:
+    """(bucket, key prefix) where result.json/.srt/.vtt go."""
+    output = job["request"].get("output")
+    if output:
+        return output["bucket"], f"{output['prefix'].rstrip('/')}/{job['job_id']}/" if output["prefix"] \
+            else f"{job['job_id']}/"
+    return _work_bucket(), work_key(job["job_id"], "")
+
+
+def finalize(job: dict, decoded: dict) -> dict:
+    """Write the result files, mark the job succeeded (once) and call its webhook (once)."""
+    if decoded.get("cancelled"):
+        return {"cancelled": True}
+    job_id = job["job_id"]
+    current = jobs.get(job_id) or job
+    result = build_result(decoded, dict(current.get("timings") or {}))
+    bucket, prefix = result_location(job)
+    storage.put_json(bucket, prefix + "result.json", result)
+    storage.put_bytes(bucket, prefix + "result.srt", segments_to_srt(result["segments"]).encode(),
+                      "application/x-subrip")
+    storage.put_bytes(bucket, prefix + "result.vtt", segments_to_vtt(result["segments"]).encode(), "text/vtt")
+    location = {"bucket": bucket, "json": prefix + "result.json", "srt": prefix + "result.srt",
+                "vtt": prefix + "result.vtt"}
+    done = jobs.update(job_id, status=jobs.SUCCEEDED, stage="done", progress=1.0, result=result,
+                       result_location=location, finished_at=time.time())
+    if done and done["status"] == jobs.SUCCEEDED:
+        notify(done)
+    return {"job_id": job_id, "status": done and done["status"]}
+
+
+# --- webhook -------------------------------------------------------------------------------
+
+def sign(body: bytes, timestamp: str, secret: str) -> str:
+    """`sha256=<hex>` HMAC of `<timestamp>.<body>` (what receivers verify)."""
+    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def notify(job: dict) -> None:
+    """POST the finished job to its `callback_url`, HMAC-signed, once per job; never raises."""
+    url = job["request"].get("callback_url")
+    if not url or not jobs.once(job["job_id"], "webhook"):
+        return
+    payload = {k: job.get(k) for k in ("job_id", "status", "result", "error", "created_at", "finished_at")}
+    body = json.dumps(payload).encode()
+    timestamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "X-AVSR-Timestamp": timestamp, "X-AVSR-Job-Id": job["job_id"]}
+    secret = get_settings().callback_secret
+    if secret:
+        headers["X-AVSR-Signature"] = sign(body, timestamp, secret)
+    for attempt in range(3):
+        try:
+            response = requests.post(url, data=body, headers=headers, timeout=10)
+            if response.status_code < 500:
+                return
+        except requests.RequestException as exc:
+            log.warning("webhook attempt %d failed: %s", attempt + 1, exc)
+        time.sleep(2 ** attempt)
+    log.error("webhook %s gave up after 3 attempts", url)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

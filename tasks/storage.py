@@ -1,0 +1,177 @@
+"""S3 access: inputs (frames or a video), intermediate arrays by reference, results.
+
+Every boto3 error is turned into a `JobError`: permanent ones (missing key, access denied)
+are not retried, transient ones (network, throttling, 5xx) are marked `retryable`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import boto3
+import numpy as np
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tasks.errors import JobError, access_denied, input_not_found, transient
+from tasks.settings import Settings, get_settings
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders `frame_2` before `frame_10`."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+@lru_cache(maxsize=4)
+def _client(endpoint: str, region: str, key_id: str, secret: str, max_pool: int):
+    config = Config(
+        retries={"max_attempts": 4, "mode": "standard"},
+        max_pool_connections=max(10, max_pool),
+        connect_timeout=5,
+        read_timeout=60,
+        s3={"addressing_style": "path"},
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        region_name=region,
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        config=config,
+    )
+
+
+def s3_client(settings: Settings | None = None):
+    """A shared, thread-safe boto3 S3 client for the configured endpoint."""
+    s = settings or get_settings()
+    return _client(s.s3_endpoint_url, s.s3_region, s.s3_access_key_id, s.s3_secret_access_key,
+                   s.s3_max_concurrency)
+
+
+def classify(error: Exception, what: str) -> JobError:
+    """Map a boto3/botocore error onto a permanent or retryable `JobError`."""
+    if isinstance(error, JobError):
+        return error
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _NOT_FOUND or status == 404:
+            return input_not_found(what)
+        if code in _DENIED or status == 403:
+            return access_denied(what)
+        if status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling", "InternalError"}:
+            return transient(f"S3 {code or status} on {what}")
+        return JobError("s3_error", f"S3 {code or status} on {what}")
+    if isinstance(error, BotoCoreError | ConnectionError | TimeoutError):
+        return transient(f"S3 unreachable for {what}: {error}")
+    raise error
+
+
+def list_objects(bucket: str, prefix: str) -> list[S3Object]:
+    """Every object under `prefix`, in natural key order."""
+    client = s3_client()
+    found: list[S3Object] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found.extend(S3Object(o["Key"], int(o["Size"])) for o in page.get("Contents", []))
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{prefix}") from exc
+    return sorted(found, key=lambda o: natural_key(o.key))
+
+
+def list_frames(bucket: str, prefix: str) -> list[S3Object]:
+    """The image objects under `prefix` (frames of a clip), `frame_2` before `frame_10`."""
+    return [o for o in list_objects(bucket, prefix) if o.key.lower().endswith(IMAGE_SUFFIXES)]
+
+
+def head(bucket: str, key: str) -> S3Object:
+    try:
+        meta = s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
+    return S3Object(key, int(meta["ContentLength"]))
+
+
+def get_bytes(bucket: str, key: str) -> bytes:
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
+
+
+def get_many(bucket: str, keys: list[str], max_workers: int | None = None) -> Iterator[bytes]:
+    """Fetch `keys` concurrently, yielding bodies in the order of `keys` (a bounded window in flight)."""
+    workers = max_workers or get_settings().s3_max_concurrency
+    window = 4 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") as pool:
+        pending = [pool.submit(get_bytes, bucket, k) for k in keys[:window]]
+        for i in range(len(keys)):
+            body = pending[i].result()
+            pending[i] = None  # let finished bodies be collected
+            if i + window < len(keys):
+                pending.append(pool.submit(get_bytes, bucket, keys[i + window]))
+            yield body
+
+
+def download_file(bucket: str, key: str, path: Path) -> Path:
+    try:
+        s3_client().download_file(bucket, key, str(path))
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
+    return path
+
+
+def put_bytes(bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
+
+
+def put_arrays(bucket: str, key: str, **arrays: np.ndarray) -> None:
+    """Store named arrays as one compressed `.npz` object."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    put_bytes(bucket, key, buf.getvalue())
+
+
+def get_arrays(bucket: str, key: str) -> dict[str, np.ndarray]:
+    """Load the arrays stored by `put_arrays` (no pickled objects allowed)."""
+    with np.load(io.BytesIO(get_bytes(bucket, key)), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def put_json(bucket: str, key: str, value: object) -> None:
+    put_bytes(bucket, key, json.dumps(value, indent=2).encode(), "application/json")
+
+
+def get_json(bucket: str, key: str) -> object:
+    return json.loads(get_bytes(bucket, key))
+
+
+def ensure_bucket(bucket: str) -> None:
+    """Create `bucket` if it does not exist (the local stack's work bucket)."""
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError:
+        client.create_bucket(Bucket=bucket)

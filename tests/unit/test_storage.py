@@ -1,0 +1,42 @@
+"""S3 helpers that need no server: natural order, error classification."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from tasks.storage import classify, natural_key
+
+
+def test_natural_order_puts_frame_2_before_frame_10():
+    keys = ["clip/frame_10.jpg", "clip/frame_2.jpg", "clip/frame_1.jpg", "clip/Frame_11.jpg", "clip/frame_100.jpg"]
+    assert sorted(keys, key=natural_key) == [
+        "clip/frame_1.jpg", "clip/frame_2.jpg", "clip/frame_10.jpg", "clip/Frame_11.jpg", "clip/frame_100.jpg"]
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+@pytest.mark.parametrize(("code", "status", "expected", "retryable"), [
+    ("NoSuchKey", 404, "input_not_found", False),
+    ("NoSuchBucket", 404, "input_not_found", False),
+    ("AccessDenied", 403, "access_denied", False),
+    ("SlowDown", 503, "transient_error", True),
+    ("InternalError", 500, "transient_error", True),
+    ("InvalidRange", 416, "s3_error", False),
+])
+def test_s3_errors_are_classified(code, status, expected, retryable):
+    error = classify(_client_error(code, status), "s3://b/k")
+    assert (error.code, error.retryable) == (expected, retryable)
+
+
+def test_network_errors_are_retryable():
+    error = classify(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), "s3://b/k")
+    assert error.retryable and error.code == "transient_error"
+
+
+def test_unknown_errors_propagate():
+    with pytest.raises(ZeroDivisionError):
+        classify(ZeroDivisionError("boom"), "s3://b/k")
