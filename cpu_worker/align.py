@@ -83,9 +83,7 @@ def interpolate_landmarks(landmarks: np.ndarray, detected: np.ndarray) -> np.nda
     return lm
 
 
-def crop_from_transform(
-    gray: np.ndarray, transform: np.ndarray, landmarks: np.ndarray
-) -> tuple[np.ndarray, bool]:
+def crop_from_transform(gray: np.ndarray, transform: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, bool]:
     """Warp only the 96×96 mouth crop of ``gray`` under ``transform``; returns (roi, clamped).
 
     ``clamped`` tells whether the crop centre had to be moved to stay inside the 256×256 frame.

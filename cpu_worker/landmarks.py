@@ -48,9 +48,7 @@ class TrackerConfig:
 class DetectionStats:
     """Counters of one tracking run (summed over blocks)."""
 
-    detector_calls: dict[str, int] = field(
-        default_factory=lambda: {"roi": 0, "full": 0, "finer": 0, "cnn": 0}
-    )
+    detector_calls: dict[str, int] = field(default_factory=lambda: {"roi": 0, "full": 0, "finer": 0, "cnn": 0})
     faces_seen: int = 0
 
     def merge(self, other: DetectionStats) -> None:
@@ -93,9 +91,7 @@ def checkout_models() -> Iterator[DlibModels]:
 
 @lru_cache(maxsize=1)
 def _cnn() -> tuple[dlib.cnn_face_detection_model_v1, threading.Lock]:
-    return dlib.cnn_face_detection_model_v1(
-        str(_models_dir() / "mmod_human_face_detector.dat")
-    ), threading.Lock()
+    return dlib.cnn_face_detection_model_v1(str(_models_dir() / "mmod_human_face_detector.dat")), threading.Lock()
 
 
 def cnn_detect(gray: np.ndarray, upsample: int = 0) -> list[dlib.rectangle]:
@@ -145,9 +141,7 @@ def _centre(box: Box) -> tuple[float, float]:
 class FaceTracker:
     """Per-block tracker: feed grey frames in order with their absolute index; get landmarks or None."""
 
-    def __init__(
-        self, shape: tuple[int, int], models: DlibModels, config: TrackerConfig | None = None
-    ) -> None:
+    def __init__(self, shape: tuple[int, int], models: DlibModels, config: TrackerConfig | None = None) -> None:
         self.cfg = config or TrackerConfig()
         self.models = models
         self.height, self.width = shape

@@ -23,6 +23,7 @@ import numpy as np
 
 from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops, to_gray
 from cpu_worker.errors import NoFaceDetected, NoFrames
+from cpu_worker.frames import resample_timed
 from cpu_worker.landmarks import DetectionStats, TrackerConfig, track_block
 
 TARGET_FPS = 25.0
@@ -61,19 +62,6 @@ def crop_mouth_rois(frames: np.ndarray | Iterable[np.ndarray], landmarks: np.nda
     if not rois:
         return np.zeros((0, CROP_SIZE, CROP_SIZE), np.uint8)
     return np.stack(rois)
-
-
-def resample_frames(frames: Iterable[np.ndarray], src_fps: float, dst_fps: float = TARGET_FPS) -> Iterator:
-    """Constant-rate resampling: output frame k shows the source frame nearest in time to k/dst_fps."""
-    if abs(src_fps - dst_fps) < 1e-9:
-        yield from frames
-        return
-    k = 0
-    for i, frame in enumerate(frames):
-        end = (i + 0.5) / src_fps  # this source frame is the nearest until half-way to the next
-        while k / dst_fps < end - 1e-9:
-            yield frame
-            k += 1
 
 
 _Item = tuple[int, np.ndarray, np.ndarray]  # (frame index, grey frame, landmarks for the crop)
@@ -184,7 +172,7 @@ def extract_mouth_rois(
     n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
     stream: Iterable[np.ndarray] = frames
     if abs(fps - TARGET_FPS) > 1e-6:
-        stream = resample_frames(frames, fps, TARGET_FPS)
+        stream = resample_timed(((i / fps, f) for i, f in enumerate(frames)), TARGET_FPS)
     max_gap = max(1, round(max_gap_s * TARGET_FPS))
     filler = _GapFiller(max_gap, max_lead=max(250, 10 * max_gap))
     cropper = RoiCropper()

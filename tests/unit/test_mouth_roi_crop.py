@@ -35,9 +35,7 @@ def test_frames_decode_exactly(frames: np.ndarray, ref: dict[str, np.ndarray]) -
     import hashlib
 
     assert frames.shape == (50, 480, 640, 3)
-    assert all(
-        hashlib.sha256(f.tobytes()).hexdigest() == h for f, h in zip(frames, ref["frame_sha256"], strict=True)
-    )
+    assert all(hashlib.sha256(f.tobytes()).hexdigest() == h for f, h in zip(frames, ref["frame_sha256"], strict=True))
 
 
 def test_mean_face_shipped_in_package(ref: dict[str, np.ndarray]) -> None:
@@ -60,9 +58,7 @@ def test_similarity_transform_matches_skimage() -> None:
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
 
 
-def test_crop_from_official_landmarks_matches_official_roi(
-    frames: np.ndarray, ref: dict[str, np.ndarray]
-) -> None:
+def test_crop_from_official_landmarks_matches_official_roi(frames: np.ndarray, ref: dict[str, np.ndarray]) -> None:
     rois = crop_mouth_rois(frames, ref["landmarks_interpolated"])
     assert rois.shape == (50, 96, 96) and rois.dtype == np.uint8
     mae = np.abs(rois.astype(np.int16) - ref["roi_gray"]).mean()
@@ -84,9 +80,7 @@ def test_short_clip_uses_whole_window(frames: np.ndarray, ref: dict[str, np.ndar
 
 def test_crop_clamps_at_frame_border(frames: np.ndarray, ref: dict[str, np.ndarray]) -> None:
     lm = ref["landmarks_interpolated"][10].copy()
-    t = align.similarity_transform(
-        lm[list(align.STABLE_POINTS)], align.mean_face()[list(align.STABLE_POINTS)]
-    )
+    t = align.similarity_transform(lm[list(align.STABLE_POINTS)], align.mean_face()[list(align.STABLE_POINTS)])
     moved = lm.copy()
     moved[48:68] += 200.0  # mouth far outside the 256 frame after the warp
     roi, clamped = align.crop_from_transform(align.to_gray(frames[10]), t, moved)

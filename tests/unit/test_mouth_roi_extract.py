@@ -77,9 +77,7 @@ def test_rois_close_to_official(result: MouthRoiResult, ref: dict[str, np.ndarra
     assert mae < 3.0, mae  # measured ~1.8 grey levels with our own landmarks
 
 
-def test_iterable_input_and_worker_count_give_identical_result(
-    frames: np.ndarray, result: MouthRoiResult
-) -> None:
+def test_iterable_input_and_worker_count_give_identical_result(frames: np.ndarray, result: MouthRoiResult) -> None:
     other = extract_mouth_rois(iter(list(frames)), workers=1)
     np.testing.assert_array_equal(other.rois, result.rois)
     np.testing.assert_array_equal(other.landmarks, result.landmarks)

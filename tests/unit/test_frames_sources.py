@@ -1,0 +1,149 @@
+"""Frame sources: videos via PyAV and encoded image sequences, resampled to 25 fps."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cpu_worker.errors import BadMedia, PreprocessingError  # noqa: E402
+from cpu_worker.frames import ImageSequence, VideoFile, decode_image, resample_timed  # noqa: E402
+
+PRE = ROOT / "tests/fixtures/avhubert_reference/preprocess"
+
+
+def _write_video(path: Path, codec: str, pix_fmt: str, fps: int, n: int, audio: bool) -> None:
+    """Flat frames whose green value is 5 × the source index; optional 44.1 kHz stereo tone."""
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream(codec, rate=fps)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, pix_fmt
+        if audio:
+            aus = c.add_stream("aac", rate=44100)
+            aus.layout = "stereo"
+        for i in range(n):
+            img = np.full((48, 64, 3), 5 * i % 256, np.uint8)
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        if audio:
+            t = np.arange(int(44100 * n / fps)) / 44100.0
+            tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+            frame.sample_rate = 44100
+            for p in aus.encode(frame):
+                c.mux(p)
+            for p in aus.encode():
+                c.mux(p)
+
+
+@pytest.mark.parametrize(
+    ("ext", "codec", "pix_fmt", "audio"),
+    [
+        ("mp4", "libx264", "yuv420p", True),
+        ("mov", "mpeg4", "yuv420p", True),
+        ("webm", "libvpx-vp9", "yuv420p", False),
+        ("avi", "mpeg4", "yuv420p", False),
+        ("mkv", "ffv1", "bgr0", True),
+    ],
+)
+def test_video_containers_resampled_to_25fps(tmp_path: Path, ext: str, codec: str, pix_fmt: str, audio: bool) -> None:
+    path = tmp_path / f"clip.{ext}"
+    _write_video(path, codec, pix_fmt, fps=30, n=45, audio=audio)
+    src = VideoFile(path)
+    assert src.source_fps == pytest.approx(30.0)
+    frames = list(src)
+    assert len(frames) == 38  # 1.5 s at 25 fps (45 frames at 30 fps, last one lasting 1/30 s)
+    assert frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
+    src_index = np.rint(np.array([f[:, :, 1].mean() for f in frames]) / 5.0)
+    expected = np.floor(np.arange(38) * 1.2 + 0.5)  # nearest source frame in time
+    assert np.abs(src_index - expected).max() <= (0 if codec == "ffv1" else 1)
+    assert src.frames_decoded == 45 and src.corrupt_skipped == 0
+    wav = src.audio()
+    if audio:
+        assert wav is not None and wav.dtype == np.int16 and wav.ndim == 1
+        assert abs(wav.size - 24000) < 1200  # 1.5 s at 16 kHz, give or take codec priming
+        assert 0.2 * 32768 < np.abs(wav).max() < 0.4 * 32768
+    else:
+        assert wav is None
+
+
+def test_reference_clip_decodes_exactly_from_bytes() -> None:
+    data = (PRE / "face_clip_640x480_ffv1.mkv").read_bytes()
+    ref = np.load(PRE / "preprocess_reference.npz")
+    frames = list(VideoFile(data))
+    assert len(frames) == 50
+    np.testing.assert_array_equal(frames[0], ref["frame0_bgr"])
+
+
+def test_bad_media_raises_with_code(tmp_path: Path) -> None:
+    with pytest.raises(BadMedia) as info:
+        VideoFile(b"this is not a video at all" * 100)
+    assert info.value.code == "bad_media" and isinstance(info.value, PreprocessingError)
+    wav_only = tmp_path / "a.wav"
+    with av.open(str(wav_only), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1600), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for p in s.encode(frame):
+            c.mux(p)
+    with pytest.raises(BadMedia, match="no video stream"):
+        VideoFile(wav_only)
+
+
+def test_resample_timed_variable_rate() -> None:
+    # timestamps with jitter and a duplicate: every 25 fps slot gets the nearest frame
+    ts = [0.0, 0.03, 0.09, 0.09, 0.12, 0.2]
+    out = list(resample_timed(((t, np.array([i])) for i, t in enumerate(ts)), 25.0))
+    # slots 0, .04, .08, .12, .16 (tie → the later frame), .2, .24 (the last frame lasts 0.08 s)
+    assert [int(o[0]) for o in out] == [0, 1, 2, 4, 5, 5, 5]
+    assert list(resample_timed([], 25.0)) == []
+
+
+def _png(img: np.ndarray) -> bytes:
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _jpeg_with_orientation(img: np.ndarray, orientation: int) -> bytes:
+    jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    entry = struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff = b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:]
+
+
+def test_image_formats_and_exif_orientation() -> None:
+    base = np.zeros((40, 60, 3), np.uint8)
+    base[:10, :20] = (0, 0, 255)  # red block top-left
+    assert decode_image(_png(base)).shape == (40, 60, 3)
+    grey = decode_image(_png(base[:, :, 2]))
+    assert grey.shape == (40, 60, 3) and grey.dtype == np.uint8
+    rgba = decode_image(_png(np.dstack([base, np.full((40, 60), 128, np.uint8)])))
+    assert rgba.shape == (40, 60, 3)
+    deep = decode_image(_png(base.astype(np.uint16) * 257))
+    assert deep.dtype == np.uint8 and deep[0, 0, 2] == 255
+    rotated = decode_image(_jpeg_with_orientation(base, 6))  # 6 = rotate 90° clockwise to display
+    assert rotated.shape == (60, 40, 3)
+    assert rotated[:20, -10:, 2].mean() > 200  # the red block ends up top-right
+    assert decode_image(b"\xff\xd8garbage") is None and decode_image(b"") is None
+
+
+def test_image_sequence_skips_corrupt_and_resamples() -> None:
+    imgs = [_png(np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(10)]
+    imgs[3] = b"\x89PNG broken"
+    seq = ImageSequence(imgs, fps=25.0)
+    frames = list(seq)
+    assert seq.corrupt_skipped == 1 and seq.frames_decoded == 9
+    assert len(frames) == 10  # the slot of the corrupt image is filled by its nearest neighbour (tie → later)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 20, 40, 40, 50, 60, 70, 80, 90]
+    slow = list(ImageSequence(imgs[:5] + imgs[4:5], fps=12.5))
+    assert len(slow) == 12
