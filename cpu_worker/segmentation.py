@@ -366,17 +366,24 @@ class _Planner:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_chunks(num_frames: int, chunk_frames: int = 750, overlap: int = 25) -> list[Chunk]:
-    """Split ``[0, num_frames)`` into ``ceil(num_frames / chunk_frames)`` balanced cores, each
-    processed with ``overlap`` extra frames on both sides (clipped to the clip)."""
+def plan_chunks(num_frames: int, chunk_frames: int = 750, overlap: int = 25, align: int = 1) -> list[Chunk]:
+    """Split ``[0, num_frames)`` into balanced cores of at most ``chunk_frames`` frames, each
+    processed with ``overlap`` extra frames on both sides (clipped to the clip).
+
+    Core boundaries are multiples of ``align`` (e.g. the tracker's reset period, so that chunk
+    boundaries sit where a chunked run agrees with a one-piece run).
+    """
     if chunk_frames <= 0:
         raise ValueError("chunk_frames must be > 0")
     if not 0 <= overlap < chunk_frames:
         raise ValueError("overlap must be >= 0 and < chunk_frames")
+    if not 1 <= align <= chunk_frames:
+        raise ValueError("align must be >= 1 and <= chunk_frames")
     if num_frames < 0:
         raise ValueError("num_frames must be >= 0")
-    n = math.ceil(num_frames / chunk_frames)
-    bounds = [i * num_frames // n for i in range(n + 1)] if n else []
+    units = math.ceil(num_frames / align)
+    n = math.ceil(units / (chunk_frames // align))
+    bounds = [min(num_frames, i * units // n * align) for i in range(n + 1)] if n else []
     return [
         Chunk(i, max(0, a - overlap), min(num_frames, b + overlap), a, b)
         for i, (a, b) in enumerate(itertools.pairwise(bounds))

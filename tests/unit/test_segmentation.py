@@ -260,12 +260,24 @@ def test_chunk_cores_tile_and_stitch_reproduces_ramps(n: int) -> None:
     assert stitch_chunks(chunks, flags).dtype == bool
 
 
+@pytest.mark.parametrize(("n", "chunk", "align"), [(15000, 750, 24), (1000, 100, 24), (50, 750, 24), (7, 5, 2)])
+def test_chunk_cores_aligned(n: int, chunk: int, align: int) -> None:
+    chunks = plan_chunks(n, chunk, 25 if chunk > 25 else 1, align=align)
+    assert chunks[0].core_start == 0 and chunks[-1].core_end == n
+    for a, b in itertools.pairwise(chunks):
+        assert a.core_end == b.core_start and a.core_end % align == 0
+    assert all(c.core_end - c.core_start <= chunk for c in chunks)
+    assert len(chunks) == -(-n // (chunk // align * align))
+    ramps = [np.arange(c.start, c.end) for c in chunks]
+    np.testing.assert_array_equal(stitch_chunks(chunks, ramps), np.arange(n))
+
+
 def test_chunk_edge_cases() -> None:
     assert plan_chunks(0) == []
     assert plan_chunks(100) == [Chunk(0, 0, 100, 0, 100)]
     assert [(c.core_start, c.core_end) for c in plan_chunks(1500)] == [(0, 750), (750, 1500)]
     assert [(c.start, c.end) for c in plan_chunks(1500)] == [(0, 775), (725, 1500)]
-    for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1)):
+    for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1), (100, 10, 2, 11), (100, 10, 2, 0)):
         with pytest.raises(ValueError):
             plan_chunks(*bad)
     chunks = plan_chunks(1500)
