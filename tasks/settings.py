@@ -80,13 +80,15 @@ class Settings:
     beam_size: int = setting("AVSR_BEAM_SIZE", 5, kind=int, doc="default beam size")
     max_segment_s: float = setting("AVSR_MAX_SEGMENT_S", 15.0, kind=float,
                                    doc="longest segment decoded at once, seconds")
+    max_batch_frames: int = setting("AVSR_MAX_BATCH_FRAMES", 3000, kind=int,
+                                    doc="inference memory budget: segments per batch × longest segment, in frames")
     # Workers.
     task_soft_time_limit_s: int = setting("AVSR_TASK_SOFT_TIME_LIMIT_S", 1800, kind=int,
                                           doc="soft time limit of one task")
     task_time_limit_s: int = setting("AVSR_TASK_TIME_LIMIT_S", 2100, kind=int,
                                      doc="hard time limit of one task")
     heartbeat_interval_s: float = setting("AVSR_HEARTBEAT_INTERVAL_S", 10.0, kind=float,
-                                          doc="GPU worker heartbeat period")
+                                          doc="worker heartbeat period (health, metrics)")
     cpu_threads: int = setting("AVSR_CPU_THREADS", 0, kind=int,
                                doc="threads for preprocessing in one CPU worker; 0 means all cores")
     # Logging.

@@ -2,7 +2,8 @@
 
 Keys under the job's work prefix (`s3://<work bucket>/<work prefix><job id>/`):
     plan.json            what `prepare` found (input, chunks)
-    audio.npz            `features` float32[T_audio, 104], stacked log filterbanks (video inputs with sound)
+    audio.npz            `features` float32[T_audio, 104] stacked log filterbanks, `energy_db` float32[T_audio]
+                         (video inputs with sound)
     chunks/NNNN.npz      `rois` uint8[n, 96, 96], `landmarks` float32[n, 68, 2], `detected` bool[n]
     features.npz         the stitched clip: `rois` uint8[T, 96, 96] (+ `audio` float32[T, 104])
     result.json/.srt/.vtt   unless the request named its own output location
@@ -26,7 +27,7 @@ from cpu_worker import audio as audio_lib
 from cpu_worker import frames as frames_lib
 from cpu_worker import segmentation
 from cpu_worker.errors import PreprocessingError
-from cpu_worker.mouth_roi import extract_mouth_rois
+from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
 from tasks import jobs, storage
 from tasks.errors import JobError, input_not_found, input_too_large
 from tasks.settings import get_settings
@@ -97,17 +98,18 @@ def _prepare_video(job_id: str, request: dict) -> dict:
         raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
     with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
         path = storage.download_file(source["bucket"], source["key"], Path(tmp) / "input")
-        info = frames_lib.probe_video(path)
-        num_frames = round(info.duration_s * FPS)
+        video = frames_lib.VideoFile(path)
+        num_frames = video.num_frames()
         if num_frames <= 0:
-            raise PreprocessingError("no_frames", "the video has no frames")
+            raise PreprocessingError("no_frames", "the video has no decodable frames")
         if num_frames > settings.max_frames:
             raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
-        has_audio = info.has_audio
+        has_audio = video.has_audio
         if has_audio:
-            wave, rate = frames_lib.read_audio(path)
-            features = audio_lib.audio_features(wave, rate)
-            storage.put_arrays(_work_bucket(), work_key(job_id, "audio.npz"), features=features)
+            wave = video.audio()
+            storage.put_arrays(_work_bucket(), work_key(job_id, "audio.npz"),
+                               features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),
+                               energy_db=audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS))
     modality = request["modality"]
     if modality == "auto":
         modality = "audiovisual" if has_audio else "video"
@@ -119,12 +121,13 @@ def _prepare_video(job_id: str, request: dict) -> dict:
 
 # --- preprocess ----------------------------------------------------------------------------
 
-def _chunk_frames(plan: dict, chunk: dict, tmp: Path):
+def _chunk_source(plan: dict, chunk: dict, tmp: Path):
+    """The chunk's frames at 25 fps, streamed (frames: concurrent GETs; video: one GET)."""
     if plan["type"] == "frames":
         keys = plan["keys"][chunk["start"]:chunk["end"]]
-        return frames_lib.decode_images(storage.get_many(plan["bucket"], keys))
+        return frames_lib.ImageSequence(storage.get_many(plan["bucket"], keys), fps=FPS)
     path = storage.download_file(plan["bucket"], plan["key"], tmp / "input")
-    return frames_lib.iter_video_frames(path, fps=FPS, start_frame=chunk["start"], end_frame=chunk["end"])
+    return frames_lib.VideoFile(path).window(chunk["start"], chunk["end"])
 
 
 def preprocess_chunk(job: dict, chunk: dict) -> dict:
@@ -132,21 +135,12 @@ def preprocess_chunk(job: dict, chunk: dict) -> dict:
     job_id = job["job_id"]
     plan = storage.get_json(_work_bucket(), work_key(job_id, "plan.json"))
     with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
-        frames = _chunk_frames(plan, chunk, Path(tmp))
-        try:
-            roi = extract_mouth_rois(frames, fps=FPS, start_frame=chunk["start"])
-            rois, landmarks, detected, stats = roi.rois, roi.landmarks, roi.detected, roi.stats
-        except PreprocessingError as exc:
-            if exc.code != "no_face_detected":
-                raise
-            count = getattr(exc, "num_frames", 0)  # no face in this chunk: the clip may still have one
-            rois = np.zeros((count, 96, 96), np.uint8)
-            landmarks = np.zeros((count, 68, 2), np.float32)
-            detected = np.zeros(count, bool)
-            stats = {"frames": count, "frames_with_face": 0}
-    storage.put_arrays(_work_bucket(), work_key(job_id, f"chunks/{chunk['index']:04d}.npz"),
-                       rois=rois, landmarks=landmarks, detected=detected)
-    return {"index": chunk["index"], "frames": len(rois), "stats": _jsonable(stats)}
+        source = _chunk_source(plan, chunk, Path(tmp))
+        # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
+        roi = extract_mouth_rois(source, fps=FPS, start_frame=chunk["start"], require_face=False,
+                                 workers=get_settings().cpu_threads or None)
+    storage.put_arrays(_work_bucket(), work_key(job_id, f"chunks/{chunk['index']:04d}.npz"), **roi.to_arrays())
+    return {"index": chunk["index"], "frames": len(roi), "stats": _jsonable(roi.stats)}
 
 
 def chunk_progress(job_id: str) -> float:
@@ -163,45 +157,34 @@ def assemble(job: dict, summaries: list[dict]) -> dict:
     """Stitch the chunks into one clip, align the audio, plan the segments → `features.npz`."""
     job_id = job["job_id"]
     plan = storage.get_json(_work_bucket(), work_key(job_id, "plan.json"))
-    chunks = [segmentation.Chunk(**c) for c in plan["chunks"]]
-    parts = [storage.get_arrays(_work_bucket(), work_key(job_id, f"chunks/{c.index:04d}.npz")) for c in chunks]
-    chunks = _fit_last_chunk(chunks, parts)
-    rois = segmentation.stitch_chunks(chunks, [p["rois"] for p in parts])
-    detected = segmentation.stitch_chunks(chunks, [p["detected"] for p in parts])
-    if len(rois) == 0:
+    parts = [MouthRoiResult.from_arrays(storage.get_arrays(_work_bucket(), work_key(job_id, f"chunks/{i:04d}.npz")))
+             for i in range(len(plan["chunks"]))]
+    clip = stitch_results(parts)
+    if len(clip) == 0:
         raise PreprocessingError("no_frames", "no decodable frames in the input")
-    if not detected.any():
+    if not clip.detected.any():
         raise PreprocessingError("no_face_detected", "no face was found in any frame")
-    arrays = {"rois": rois}
+    arrays = {"rois": clip.rois}
     energy = None
     if plan["has_audio"]:
-        features = storage.get_arrays(_work_bucket(), work_key(job_id, "audio.npz"))["features"]
-        arrays["audio"] = audio_lib.align_audio_to_video(features, len(rois))
-        energy = audio_lib.frame_energy_db(arrays["audio"])
+        sound = storage.get_arrays(_work_bucket(), work_key(job_id, "audio.npz"))
+        arrays["audio"] = audio_lib.align_audio_to_video(sound["features"], len(clip))
+        energy = np.full(len(clip), sound["energy_db"].min(initial=-100.0), np.float32)
+        energy[:min(len(clip), len(sound["energy_db"]))] = sound["energy_db"][:len(clip)]
     segments = segmentation.plan_segments(
-        len(rois), FPS, face_present=detected, mouth_motion=segmentation.mouth_motion(rois),
+        len(clip), FPS, face_present=clip.detected, mouth_motion=segmentation.mouth_motion(clip.rois),
         audio_energy_db=energy, max_segment_s=get_settings().max_segment_s)
     storage.put_arrays(_work_bucket(), work_key(job_id, "features.npz"), **arrays)
     quality = {
-        "frames": len(rois),
-        "frames_with_face": int(detected.sum()),
-        "face_ratio": round(float(detected.mean()), 4),
-        "corrupt_frames_skipped": sum(int(s["stats"].get("corrupt_frames", 0)) for s in summaries),
+        "frames": len(clip),
+        "frames_with_face": int(clip.detected.sum()),
+        "face_ratio": round(float(clip.detected.mean()), 4),
+        "face_breaks": [list(b) for b in clip.breaks],
+        "corrupt_frames_skipped": sum(int(s["stats"].get("corrupt_skipped", 0)) for s in summaries),
     }
-    jobs.update(job_id, segments_total=len(segments), quality=quality, num_frames=len(rois), progress=0.6)
-    return {"num_frames": len(rois), "modality": plan["modality"], "quality": quality,
+    jobs.update(job_id, segments_total=len(segments), quality=quality, num_frames=len(clip), progress=0.6)
+    return {"num_frames": len(clip), "modality": plan["modality"], "quality": quality,
             "segments": [{"id": s.id, "start_frame": s.start_frame, "end_frame": s.end_frame} for s in segments]}
-
-
-def _fit_last_chunk(chunks: list, parts: list[dict]) -> list:
-    """Video lengths are estimated from the container; trust the frames actually decoded."""
-    last, part = chunks[-1], parts[-1]
-    actual_end = last.start + len(part["rois"])
-    if actual_end == last.end:
-        return chunks
-    fixed = segmentation.Chunk(index=last.index, start=last.start, end=actual_end,
-                               core_start=min(last.core_start, actual_end), core_end=actual_end)
-    return [*chunks[:-1], fixed]
 
 
 # --- infer ---------------------------------------------------------------------------------

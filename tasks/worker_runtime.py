@@ -46,7 +46,7 @@ def load_engine() -> None:
                 raise FileNotFoundError("AVHUBERT_MODEL_PATH is not set")
             engine = Engine(settings.model_path, spm_path=settings.spm_path or None,
                             dict_path=settings.dict_path or None, device=settings.device,
-                            precision=settings.precision)
+                            precision=settings.precision, max_batch_frames=settings.max_batch_frames)
             loaded = time.time()
             engine.warm_up()
         except Exception as exc:  # reported by /health and by every inference task

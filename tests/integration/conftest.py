@@ -7,11 +7,14 @@ CI=true a service that cannot start fails the run; elsewhere the tests are skipp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from pathlib import Path
 
+import av
+import cv2
+import numpy as np
 import pytest
 import redis
 import requests
@@ -37,10 +40,8 @@ def stack():
     """The running stack (config in `stack.config`); stopped at the end of the session."""
     state_dir = ROOT / "var" / "test-stack"
     shutil.rmtree(state_dir, ignore_errors=True)
-    try:
+    with contextlib.suppress(redis.RedisError):  # Stack starts a private redis-server if none answers
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError:
-        pass  # Stack starts a private redis-server if none answers
     config = StackConfig(
         state_dir=state_dir, redis_url=REDIS_URL, s3_port=18333, weed_base_port=19333, api_port=18000,
         flower_port=15555, api_key=API_KEY, flower_auth="flower:flower-pass",
@@ -104,6 +105,31 @@ def upload_frames(s3, prefix: str, encoded: list[bytes], ext: str = "jpg") -> st
     return prefix
 
 
+def fixture_frames() -> list[np.ndarray]:
+    """The 50 frames of the reference face clip (640x480; frames 0, 20, 21 show no face)."""
+    with av.open(str(FIXTURES / "preprocess" / "face_clip_640x480_ffv1.mkv")) as container:
+        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+
+
 @pytest.fixture(scope="session")
-def fixture_path() -> Path:
-    return FIXTURES
+def jpeg_frames() -> list[bytes]:
+    return [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes() for f in fixture_frames()]
+
+
+@pytest.fixture(scope="session")
+def jpeg_frames_small(jpeg_frames) -> list[bytes]:
+    return jpeg_frames[1:16]
+
+
+@pytest.fixture(scope="session")
+def frames_job(api, s3, jpeg_frames) -> dict:
+    """A finished job over the reference clip uploaded as 50 JPEG frames (beam 3)."""
+    upload_frames(s3, "clips/face50/", jpeg_frames)
+    job_id = api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": "clips/face50/", "beam_size": 3})
+    return api.wait(job_id)
+
+
+@pytest.fixture(scope="session")
+def frames_job_done(frames_job) -> dict:
+    assert frames_job["status"] == "succeeded", frames_job
+    return frames_job
