@@ -4,7 +4,7 @@ Two kinds of event:
 
 * Direct invocation: ``{"s3_bucket": ..., "s3_key": ...}`` (a video) or
   ``{"s3_bucket": ..., "s3_prefix": ...}`` (image frames), plus optional ``modality``,
-  ``beam_size``, ``callback_url``, ``fps`` and ``idempotency_key``.
+  ``beam_size``, ``callback_url``, ``fps`` (frames only), ``output`` and ``idempotency_key``.
 * S3 ``ObjectCreated`` notifications (``Records[].s3``). Keys arrive URL-encoded (``+`` for a
   space) and are decoded with ``urllib.parse.unquote_plus``.
   - a key ending in a video extension (``AVSR_VIDEO_EXTENSIONS``) becomes one ``s3_key`` job;
@@ -13,7 +13,8 @@ Two kinds of event:
     ``.../clip/``, then an empty ``.../clip/_DONE``. Frames themselves trigger nothing (an event
     per frame would start a job before the clip is complete);
   - anything else is skipped.
-  Job options come from ``AVSR_JOB_*`` variables.
+  Job options come from ``AVSR_JOB_*`` variables (``AVSR_JOB_FPS`` for frame folders only: the
+  API rejects ``fps`` for a video, which carries its own timing).
 
 Every submission carries an ``Idempotency-Key`` derived from the event (bucket, key and the
 object's version id, sequencer or ETag; for direct calls the Lambda request id and the payload),
@@ -62,7 +63,8 @@ ENVIRONMENT = {
     "AVSR_LOG_LEVEL": "log level",
 }
 DEFAULT_VIDEO_EXTENSIONS = ".mp4,.mov,.webm,.avi,.mkv,.m4v"
-JOB_FIELDS = ("s3_bucket", "s3_key", "s3_prefix", "modality", "beam_size", "callback_url", "fps")
+# Forwarded from a direct invocation (the API's request fields; anything else is dropped).
+JOB_FIELDS = ("s3_bucket", "s3_key", "s3_prefix", "modality", "beam_size", "callback_url", "fps", "output")
 
 
 class SubmitError(RuntimeError):
@@ -159,7 +161,8 @@ def jobs_from_s3_records(records: list[dict]) -> tuple[list[tuple[dict, str]], l
         if idempotency in seen:  # the same record twice in one event
             continue
         seen.add(idempotency)
-        jobs.append(({**body, **defaults}, idempotency))
+        options = {k: v for k, v in defaults.items() if k != "fps" or "s3_prefix" in body}
+        jobs.append(({**body, **options}, idempotency))
     return jobs, skipped
 
 

@@ -237,10 +237,10 @@ def test_s3_several_records_videos_marker_frames_and_removals(api, handler, monk
     }
     result = handler.lambda_handler(event, Context())
     bodies = [r["body"] for r in api.posts]
-    options = {"modality": "video", "fps": 25.0, "callback_url": "https://hooks.example.com/avsr"}
-    assert bodies == [
+    options = {"modality": "video", "callback_url": "https://hooks.example.com/avsr"}
+    assert bodies == [  # fps only for frames: the API refuses it for a video
         {"s3_bucket": "avsr-input", "s3_key": "incoming/a.MOV", **options},
-        {"s3_bucket": "avsr-input", "s3_prefix": "incoming/clip 7/", **options},
+        {"s3_bucket": "avsr-input", "s3_prefix": "incoming/clip 7/", **options, "fps": 25.0},
     ]
     assert len(result["job_ids"]) == 2 and result["errors"] == []
     assert [s["s3_key"] for s in result["skipped"]] == [
@@ -366,6 +366,14 @@ def test_default_video_extensions_are_the_pipelines(handler):
     from tasks.storage import VIDEO_SUFFIXES
 
     assert set(handler.DEFAULT_VIDEO_EXTENSIONS.split(",")) == set(VIDEO_SUFFIXES)
+
+
+def test_forwarded_fields_are_fields_the_api_accepts(handler):
+    # Depends on api/validation.py (JOB_FIELDS) being in the tree.
+    sys.path.insert(0, str(ROOT))
+    from api.validation import JOB_FIELDS
+
+    assert set(handler.JOB_FIELDS) <= set(JOB_FIELDS), set(handler.JOB_FIELDS) - set(JOB_FIELDS)
 
 
 def test_handler_uses_the_standard_library_only():
