@@ -1,0 +1,168 @@
+"""deploy/ec2/: systemd units, avsr.env.example and install.sh against the code and the process contract."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tasks.settings import Settings  # noqa: E402
+from tests.unit.test_deploy_compose import (  # noqa: E402
+    API_COMMAND,
+    CPU_COMMAND,
+    EXTRA_VARIABLES,
+    FLOWER_COMMAND,
+    GPU_COMMAND,
+    parse_env_file,
+)
+
+EC2 = ROOT / "deploy" / "ec2"
+VENV_BIN = "/opt/avsr/venv/bin/"
+UNITS = ["avsr-api.service", "avsr-cpu-worker@.service", "avsr-gpu-worker@.service", "avsr-flower.service"]
+WORKER_UNITS = ["avsr-cpu-worker@.service", "avsr-gpu-worker@.service"]
+# Where the units must differ from the compose commands, and why.
+EXPECTED_EXEC = {
+    "avsr-api.service": API_COMMAND,
+    # Several instances per host: each its own Celery node name (cpu1@host, cpu2@host, ...).
+    "avsr-cpu-worker@.service": [a.replace("cpu@%h", "cpu%i@%%h") for a in CPU_COMMAND],
+    "avsr-gpu-worker@.service": [a.replace("gpu@%h", "gpu%i@%%h") for a in GPU_COMMAND],
+    # Flower listens on loopback only: reached through an SSH tunnel.
+    "avsr-flower.service": [*FLOWER_COMMAND, "--address=127.0.0.1"],
+}
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """systemd unit → {section: {key: [values...]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def service(name: str) -> dict[str, list[str]]:
+    return parse_unit(EC2 / name)["Service"]
+
+
+def environment(name: str) -> dict[str, str]:
+    pairs = [p for line in service(name).get("Environment", []) for p in shlex.split(line)]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def test_every_unit_file_is_known_and_present():
+    assert sorted(p.name for p in EC2.glob("*.service")) == sorted(UNITS)
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_run_as_avsr_with_the_env_file_and_restart_on_failure(unit):
+    sections = parse_unit(EC2 / unit)
+    svc = sections["Service"]
+    assert svc["User"] == ["avsr"] and svc["Group"] == ["avsr"]
+    assert svc["EnvironmentFile"] == ["/etc/avsr/avsr.env"]
+    assert svc["WorkingDirectory"] == ["/opt/avsr/app"]
+    assert svc["Restart"] == ["on-failure"]
+    assert svc["KillSignal"] == ["SIGTERM"]
+    # Only the main process gets SIGTERM: Celery's prefork children reset SIGTERM to its default and
+    # would die with the task in hand under the default KillMode=control-group.
+    assert svc["KillMode"] == ["mixed"]
+    assert svc["NoNewPrivileges"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
+    assert sections["Install"]["WantedBy"] == ["avsr.target"]
+    assert sections["Unit"]["PartOf"] == ["avsr.target"]
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_exec_start_is_the_process_contract(unit):
+    (exec_start,) = service(unit)["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[0] == VENV_BIN + EXPECTED_EXEC[unit][0]
+    assert argv[1:] == EXPECTED_EXEC[unit][1:]
+
+
+@pytest.mark.parametrize("unit", WORKER_UNITS)
+def test_workers_may_finish_the_task_in_hand_before_sigkill(unit):
+    assert int(service(unit)["TimeoutStopSec"][0]) >= Settings().task_time_limit_s
+    assert "%i" in parse_unit(EC2 / unit)["Unit"]["Description"][0]
+
+
+def test_gpu_worker_instance_is_the_gpu_index():
+    assert environment("avsr-gpu-worker@.service")["CUDA_VISIBLE_DEVICES"] == "%i"
+    argv = shlex.split(service("avsr-gpu-worker@.service")["ExecStart"][0])
+    assert argv[argv.index("--pool") + 1] == "solo"
+
+
+def test_env_example_covers_the_settings_and_parses(monkeypatch):
+    values = parse_env_file(EC2 / "avsr.env.example")
+    settings = set(Settings.environment_variables())
+    assert not settings - set(values), f"missing from deploy/ec2/avsr.env.example: {settings - set(values)}"
+    unknown = set(values) - settings - set(EXTRA_VARIABLES)
+    assert not unknown, f"deploy/ec2/avsr.env.example sets variables nothing reads: {unknown}"
+    # EnvironmentFile= overrides Environment=: the per-GPU setting must not be in the file.
+    assert "CUDA_VISIBLE_DEVICES" not in values
+    redis = urlparse(values["AVSR_REDIS_URL"])
+    assert (redis.hostname, redis.port) == ("127.0.0.1", 6379)
+    assert values["AVSR_S3_ENDPOINT_URL"] == "" and values["AWS_ACCESS_KEY_ID"] == "", "AWS S3, instance role"
+    for name, value in values.items():
+        monkeypatch.setenv(name, value.replace("__GENERATED__", "x"))
+    parsed = Settings.from_env()  # every value parses
+    for f in fields(Settings):
+        if f.metadata["kind"] in (int, float, bool):
+            assert getattr(parsed, f.name) == getattr(Settings(), f.name), f.metadata["env"]
+
+
+def test_install_sh_syntax_shellcheck_and_what_it_does():
+    script = EC2 / "install.sh"
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+    assert "nvidia-smi" in text
+    assert "python3.11 -m venv" in text
+    assert "grep -E '^torch==' \"${REPO}/requirements.txt\"" in text, "torch version comes from requirements.txt"
+    assert text.index("${TORCH_PIN}") < text.index('-r "${APP_DIR}/requirements.txt"'), "torch first"
+    assert "set_conf appendonly yes" in text
+    assert '"${HERE}"/*.service' in text, "every unit file is installed"
+    assert '"${HERE}/avsr.env.example"' in text
+    for package in ("api", "tasks", "cpu_worker", "gpu_worker"):
+        assert package in text.split("for package in ")[1].split(";")[0]
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    """`systemd-analyze verify` in a scratch root holding the units and stand-in binaries."""
+    analyze = shutil.which("systemd-analyze")
+    system_units = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                         if (p / "sysinit.target").exists()), None)
+    if analyze is None or system_units is None:
+        pytest.skip("systemd-analyze or the system's units are not installed")
+    root = tmp_path / "root"
+    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for unit in [*UNITS, "avsr.target"]:
+        shutil.copy(EC2 / unit, root / "etc/systemd/system" / unit)
+    (root / VENV_BIN.lstrip("/")).mkdir(parents=True)
+    for binary in ("celery", "gunicorn"):
+        stub = root / VENV_BIN.lstrip("/") / binary
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    names = ["avsr-api.service", "avsr-cpu-worker@1.service", "avsr-gpu-worker@0.service",
+             "avsr-flower.service", "avsr.target"]
+    result = subprocess.run([analyze, "verify", f"--root={root}", *names], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
