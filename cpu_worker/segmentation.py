@@ -106,9 +106,10 @@ class Chunk:
 def mouth_motion(rois: np.ndarray) -> np.ndarray:
     """Per-frame mouth activity of mouth ROIs uint8 [T,H,W] (e.g. 96×96) → float32 [T].
 
-    Mean absolute difference to the previous frame over the central lower part of the ROI
-    (lips and jaw), each frame's region first normalised to zero mean and unit contrast, so
-    global brightness and contrast changes do not count as motion. Frame 0 gets frame 1's value.
+    Mean absolute difference to the previous frame over rows ¼–⅞ and columns ⅙–⅚ of the ROI
+    (the official ROI is centred on the mouth: lips and jaw, little nose), 2×2-pooled, each
+    frame's region first normalised to zero mean and unit contrast, so global brightness and
+    contrast changes do not count as motion. Frame 0 gets frame 1's value.
     """
     rois = np.asarray(rois)
     if rois.ndim != 3:
@@ -141,28 +142,6 @@ def _normalised(block: np.ndarray) -> np.ndarray:
     return (x - mean) / (std + 2.0)
 
 
-def audio_frame_energy_db(
-    samples: np.ndarray, sample_rate: int, num_frames: int, fps: float = 25.0
-) -> np.ndarray:
-    """RMS level in dBFS of the audio under each video frame → float32 [num_frames].
-
-    ``samples`` are mono floats in [-1, 1] (or int16); frames past the end of the audio get the
-    floor level (-120 dB).
-    """
-    x = np.asarray(samples)
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float64) / 32768.0
-    x = x.astype(np.float64).reshape(-1)
-    out = np.full(num_frames, _AUDIO_FLOOR_DB, np.float32)
-    for i in range(num_frames):
-        a, b = round(i * sample_rate / fps), round((i + 1) * sample_rate / fps)
-        win = x[a:b]
-        if win.size:
-            rms = math.sqrt(float(np.mean(win * win)))
-            out[i] = max(_AUDIO_FLOOR_DB, 20.0 * math.log10(rms + 1e-12))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Segment planning
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +161,10 @@ def plan_segments(
 ) -> list[Segment]:
     """Cut a clip of ``num_frames`` frames into segments to decode (algorithm: module docstring).
 
-    All per-frame arrays have ``num_frames`` entries. Segments are in time order, ids 0..n-1,
+    ``face_present`` and ``mouth_motion`` have ``num_frames`` entries. ``audio_energy_db`` is the
+    level per video frame (e.g. ``cpu_worker.audio.frame_energy_db``); audio a little shorter
+    or longer than the video is fine: it is cut, or extended with its last value. Segments are
+    in time order, ids 0..n-1,
     never overlap, never contain face-less frames and are at most ``min(max_segment_s·fps, 500)``
     frames long.
     """
@@ -206,6 +188,14 @@ def _check_len(name: str, arr: np.ndarray | None, n: int) -> np.ndarray | None:
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
     return arr
+
+
+def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` cut to ``n`` entries or extended with its last value (NaN when empty)."""
+    if x.size >= n:
+        return x[:n]
+    fill = x[-1] if x.size else np.nan
+    return np.concatenate([x, np.full(n - x.size, fill)])
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -262,8 +252,8 @@ def _pause_levels(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per-frame pause level (fraction of informative cues quiet) and mean activity, or Nones."""
     cues = []
-    energy = _check_len("audio_energy_db", energy, n)
     if energy is not None:
+        energy = _fit_length(np.asarray(energy, np.float64).reshape(-1), n)
         e = np.nan_to_num(energy.astype(np.float64), nan=_AUDIO_FLOOR_DB, neginf=_AUDIO_FLOOR_DB)
         e = np.maximum(e, _AUDIO_FLOOR_DB)
         cues.append(_cue(e, face, _AUDIO_REL_THRESHOLD, _audio_informative, _AUDIO_MAX_RANGE_DB))

@@ -17,7 +17,6 @@ from cpu_worker.segmentation import (  # noqa: E402
     MAX_MODEL_FRAMES,
     Chunk,
     Segment,
-    audio_frame_energy_db,
     batch_segments,
     mouth_motion,
     plan_chunks,
@@ -218,19 +217,15 @@ def test_deterministic_and_validated() -> None:
     assert a == b
     assert plan_segments(0, FPS) == []
     with pytest.raises(ValueError):
-        plan_segments(n, FPS, audio_energy_db=energy[:-1])
+        plan_segments(n, FPS, mouth_motion=motion[:-1])
+    with pytest.raises(ValueError):
+        plan_segments(n, FPS, face_present=np.ones(n + 1, bool))
+    # audio a few frames short or long of the video is cut / extended
+    assert plan_segments(n, FPS, audio_energy_db=energy[:-3]) == plan_segments(n, FPS, audio_energy_db=energy)
+    longer = np.concatenate([energy, np.zeros(5, np.float32)])
+    assert plan_segments(n, FPS, audio_energy_db=longer) == plan_segments(n, FPS, audio_energy_db=energy)
     with pytest.raises(ValueError):
         plan_segments(n, FPS, max_segment_s=1.5, min_segment_s=1.0)
-
-
-def test_audio_frame_energy_db() -> None:
-    sr = 16000
-    x = np.zeros(sr * 2)
-    x[sr:] = 0.5 * np.sin(2 * np.pi * 250 * np.arange(sr) / sr)
-    e = audio_frame_energy_db(x, sr, 60)
-    assert e.shape == (60,)
-    assert np.all(e[:25] == -120.0) and np.allclose(e[25:50], 20 * np.log10(0.5 / np.sqrt(2)), atol=1e-3)
-    assert np.all(e[50:] == -120.0)  # past the end of the audio
 
 
 # ---------------------------------------------------------------------------------------------
