@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_make_face_frames_deterministic() -> None:
     b = list(make_face_frames(3, size=(320, 240), seed=5))
     assert all(x.dtype == np.uint8 and x.shape == (240, 320, 3) for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_segmentation_cuts_a_synthetic_talk_in_its_pauses(tmp_path: Path) -> None:
+    from cpu_worker.audio import frame_energy_db
+    from cpu_worker.segmentation import plan_segments
+
+    path = tmp_path / "talk.mkv"
+    utterances = write_face_video(path, 40.0, size=(160, 120), seed=4)
+    frames, audio, _ = decode(path)
+    segs = plan_segments(len(frames), 25.0, audio_energy_db=frame_energy_db(audio, SAMPLE_RATE))
+    pauses = [(a[1], b[0]) for a, b in itertools.pairwise(utterances)]
+    cuts = [s.end_s for s in segs[:-1]]
+    assert len(cuts) == len(pauses) >= 4
+    assert all(a <= c <= b for c, (a, b) in zip(cuts, pauses, strict=True))
