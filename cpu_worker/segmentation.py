@@ -8,13 +8,13 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
 1. Face runs. ``face_present`` gaps of at most ``min_gap_s`` between face frames are bridged and
    face runs shorter than that are dropped as detector flicker. Frames without a face are never
    inside a segment; every face run is segmented on its own.
-2. Pause cues. Each given cue gets an adaptive threshold from its own 5th/95th percentiles over
-   the face frames (lo = 2nd, hi = 95th): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
+2. Pause cues. Each given cue gets an adaptive threshold from its own percentiles over the
+   face frames (lo = 2nd, hi = 95th): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
    with lo raised to at least ``hi - 50 dB`` (ignored when ``hi - lo < 10 dB``: no contrast, e.g.
    all speech or all silence); the mouth is *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame
    moving average (ignored when ``hi - lo < 0.3 hi``). The pause level of a frame is the
    fraction of the informative cues that are quiet (0, ½ or 1). Pauses shorter than ~2 % of the
-   face frames in total cannot move the 2nd percentile and are not found.
+   face frames in total do not pull the 2nd percentile down and are not found.
 3. Natural cuts. Inside a face run, the middle of every pause where *all* informative cues are
    quiet for at least ``min_pause_s`` (not touching the run's ends) is a cut.
 4. Merge. Pieces shorter than ``min_segment_s`` are merged, shortest first, into their shorter
@@ -164,9 +164,8 @@ def plan_segments(
     ``face_present`` and ``mouth_motion`` have ``num_frames`` entries. ``audio_energy_db`` is the
     level per video frame (e.g. ``cpu_worker.audio.frame_energy_db``); audio a little shorter
     or longer than the video is fine: it is cut, or extended with its last value. Segments are
-    in time order, ids 0..n-1,
-    never overlap, never contain face-less frames and are at most ``min(max_segment_s·fps, 500)``
-    frames long.
+    in time order, ids 0..n-1, never overlap, never contain face-less frames and are at most
+    ``min(max_segment_s·fps, 500)`` frames long.
     """
     if num_frames < 0 or fps <= 0:
         raise ValueError("num_frames must be >= 0 and fps > 0")
