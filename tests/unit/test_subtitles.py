@@ -113,3 +113,12 @@ def test_render_result_formats() -> None:
     assert render_result({"text": ""}, "srt") == ("", "application/x-subrip; charset=utf-8")
     with pytest.raises(ValueError):
         render_result(result, "txt")
+
+
+def test_files_read_back_with_webvtt(tmp_path: Path) -> None:
+    (tmp_path / "r.vtt").write_text(segments_to_vtt(SEGMENTS), encoding="utf-8")
+    (tmp_path / "r.srt").write_text(segments_to_srt(SEGMENTS), encoding="utf-8")
+    from_vtt = webvtt.read(str(tmp_path / "r.vtt"))
+    from_srt = webvtt.from_srt(str(tmp_path / "r.srt"))
+    assert [(c.start, c.end) for c in from_vtt] == [(c.start, c.end) for c in from_srt]
+    assert [html.unescape(c.text) for c in from_vtt] == [c.raw_text for c in from_srt]  # SRT has no escapes
