@@ -32,6 +32,7 @@ decoding under a memory budget.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -96,6 +97,10 @@ class Chunk:
     end: int
     core_start: int
     core_end: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready ``{index, start, end, core_start, core_end}``."""
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,7 +255,9 @@ def test_chunk_cores_tile_and_stitch_reproduces_ramps(n: int) -> None:
     assert stitch_chunks(chunks, flags).dtype == bool
 
 
-@pytest.mark.parametrize(("n", "chunk", "align"), [(15000, 750, 24), (1000, 100, 24), (50, 750, 24), (7, 5, 2)])
+@pytest.mark.parametrize(
+    ("n", "chunk", "align"), [(15000, 750, 24), (1000, 100, 24), (50, 750, 24), (7, 5, 2)]
+)
 def test_chunk_cores_aligned(n: int, chunk: int, align: int) -> None:
     chunks = plan_chunks(n, chunk, 25 if chunk > 25 else 1, align=align)
     assert chunks[0].core_start == 0 and chunks[-1].core_end == n
@@ -270,6 +272,8 @@ def test_chunk_cores_aligned(n: int, chunk: int, align: int) -> None:
 def test_chunk_edge_cases() -> None:
     assert plan_chunks(0) == []
     assert plan_chunks(100) == [Chunk(0, 0, 100, 0, 100)]
+    want = {"index": 0, "start": 0, "end": 100, "core_start": 0, "core_end": 100}
+    assert plan_chunks(100)[0].to_dict() == want
     assert [(c.core_start, c.core_end) for c in plan_chunks(1500)] == [(0, 750), (750, 1500)]
     assert [(c.start, c.end) for c in plan_chunks(1500)] == [(0, 775), (725, 1500)]
     for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1), (100, 10, 2, 11), (100, 10, 2, 0)):
