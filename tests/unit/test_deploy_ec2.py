@@ -166,3 +166,76 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     result = subprocess.run([analyze, "verify", f"--root={root}", *names], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+STUBS = {
+    "apt-get": "",
+    "add-apt-repository": "",
+    "systemctl": "",
+    "redis-cli": "",
+    "apt-cache": 'echo "  Candidate: 3.11.0-1"',
+    "nvidia-smi": 'case "$*" in -L) echo "GPU 0: NVIDIA A10G (UUID: GPU-a)"; echo "GPU 1: NVIDIA A10G (UUID: GPU-b)";;'
+                  ' *query*) echo "550.54.15";; esac',
+}
+
+
+def test_install_sh_runs_twice_in_a_scratch_mount_namespace(tmp_path):
+    """install.sh for real, twice, with apt/systemd/GPU/pip stubbed and /etc, /opt private copies.
+
+    Needs root and `unshare -m` (CI runs as root); /etc is a bind-mounted copy, so the user, the
+    env file and the units it creates vanish with the namespace.
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+        pytest.skip("needs root and unshare")
+    if subprocess.run([unshare, "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("mount namespaces are not permitted here")
+    log = tmp_path / "calls.log"
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, body in STUBS.items():
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n{body}\n')
+        (stubs / name).chmod(0o755)
+    etc = tmp_path / "etc"
+    shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    (etc / "redis").mkdir(exist_ok=True)
+    (etc / "redis" / "redis.conf").write_text("bind 127.0.0.1 -::1\nappendonly no\n# appendfsync always\n")
+    script = f"""
+set -euo pipefail
+mount --make-rprivate /
+mount --bind {etc} /etc
+mount -t tmpfs tmpfs /opt
+[ -f /etc/redis/redis.conf ] && grep -q '^appendonly no' /etc/redis/redis.conf  # the copy is in place
+mkdir -p /opt/avsr/venv/bin
+for tool in pip python; do printf '#!/bin/sh\\necho "venv-%s $*" >> {log}\\n' $tool > /opt/avsr/venv/bin/$tool; done
+chmod +x /opt/avsr/venv/bin/*
+for run in 1 2; do
+  PATH={stubs}:$PATH AVSR_WORK_BUCKET=my-work AVSR_CPU_WORKERS=3 bash {EC2 / 'install.sh'} >/dev/null
+done
+id -u avsr
+stat -c '%U:%G %a' /etc/avsr/avsr.env
+cat /etc/avsr/avsr.env
+ls /etc/systemd/system /opt/avsr/app
+grep -E '^append' /etc/redis/redis.conf
+"""
+    result = subprocess.run([unshare, "-m", "bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "root:avsr 640" in out
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith(("AVSR_", "FLOWER_")))
+    assert len(env["AVSR_API_KEYS"]) == 64 and not any("__GENERATED__" in v for v in env.values())
+    assert env["AVSR_WORK_BUCKET"] == "my-work"
+    for unit in [*UNITS, "avsr.target"]:
+        assert unit in out.split()
+    for package in ("api", "tasks", "cpu_worker", "gpu_worker", "requirements.txt"):
+        assert package in out.split()
+    assert "appendonly yes" in out and "appendfsync everysec" in out
+    calls = log.read_text().splitlines()
+    pips = [c for c in calls if c.startswith("venv-pip install")]
+    assert "torch==" in pips[1] and "download.pytorch.org/whl/cu128" in pips[1] and "-r " in pips[2]
+    enabled = [c for c in calls if c.startswith("systemctl enable")]
+    assert enabled.count("systemctl enable --now avsr-api.service avsr-flower.service "
+                         "avsr-cpu-worker@1.service avsr-cpu-worker@2.service avsr-cpu-worker@3.service") == 2
+    # No checkpoint: both GPU workers are enabled, not started.
+    assert "systemctl enable avsr-gpu-worker@0.service avsr-gpu-worker@1.service" in calls
+    assert not Path("/etc/avsr").exists(), "the namespace leaked into the host"
