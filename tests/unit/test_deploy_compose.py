@@ -279,7 +279,8 @@ def test_dockerfiles_install_torch_first_copy_the_packages_and_drop_root(dockerf
     for package in packages():
         assert package in copied, f"{dockerfile} does not COPY {package}/"
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
-    assert users and users[-1] not in ("root", "0"), f"{dockerfile} runs as root"
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile} runs as root"
+    assert f"--uid {users[-1].split(':')[0]}" in text, "USER is the uid of the user the image creates"
     if dockerfile == "Dockerfile.cpu":
         assert re.search(r"^FROM python:3\.11-slim", text, re.M)
     else:
