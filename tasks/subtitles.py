@@ -26,10 +26,12 @@ import webvtt
 LINE_CHARS = 42
 MAX_LINES = 2
 
+# Bare mimetypes (bodies are UTF-8): Flask/Werkzeug's ``Response(mimetype=...)`` adds
+# ``; charset=utf-8`` to text/* itself, and would repeat one given here.
 MIMETYPES = {
     "json": "application/json",
-    "srt": "application/x-subrip; charset=utf-8",
-    "vtt": "text/vtt; charset=utf-8",
+    "srt": "application/x-subrip",
+    "vtt": "text/vtt",
 }
 
 

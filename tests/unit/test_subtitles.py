@@ -107,10 +107,10 @@ def test_render_result_formats() -> None:
     body, mime = render_result(result, "json")
     assert mime == "application/json" and json.loads(body) == result and "日本語" in body
     body, mime = render_result(result, "SRT")
-    assert mime.startswith("application/x-subrip") and body == segments_to_srt(SEGMENTS)
+    assert mime == "application/x-subrip" and body == segments_to_srt(SEGMENTS)
     body, mime = render_result(result, "vtt")
-    assert mime.startswith("text/vtt") and body == segments_to_vtt(SEGMENTS)
-    assert render_result({"text": ""}, "srt") == ("", "application/x-subrip; charset=utf-8")
+    assert mime == "text/vtt" and body == segments_to_vtt(SEGMENTS)
+    assert render_result({"text": ""}, "srt") == ("", "application/x-subrip")
     with pytest.raises(ValueError):
         render_result(result, "txt")
 
@@ -122,3 +122,11 @@ def test_files_read_back_with_webvtt(tmp_path: Path) -> None:
     from_srt = webvtt.from_srt(str(tmp_path / "r.srt"))
     assert [(c.start, c.end) for c in from_vtt] == [(c.start, c.end) for c in from_srt]
     assert [html.unescape(c.text) for c in from_vtt] == [c.raw_text for c in from_srt]  # SRT has no escapes
+
+
+def test_mimetypes_make_single_charset_flask_headers() -> None:
+    flask = pytest.importorskip("flask")
+    for fmt in ("json", "srt", "vtt"):
+        _, mime = render_result({"segments": SEGMENTS}, fmt)
+        header = flask.Response("x", mimetype=mime).headers["Content-Type"]
+        assert header.count("charset") <= 1, header
