@@ -104,8 +104,21 @@ def crop_from_transform(gray: np.ndarray, transform: np.ndarray, landmarks: np.n
     m = transform.copy()
     m[0, 2] -= x0
     m[1, 2] -= y0
+    # only the source pixels the crop can sample are converted and warped
+    inv = cv2.invertAffineTransform(m)
+    corners = np.array([[0, 0, 1], [CROP_SIZE, 0, 1], [0, CROP_SIZE, 1], [CROP_SIZE, CROP_SIZE, 1]], np.float64)
+    src_pts = corners @ inv.T
+    h, w = gray.shape[:2]
+    sx0 = int(np.clip(np.floor(src_pts[:, 0].min()) - 2, 0, w))
+    sy0 = int(np.clip(np.floor(src_pts[:, 1].min()) - 2, 0, h))
+    sx1 = int(np.clip(np.ceil(src_pts[:, 0].max()) + 3, 0, w))
+    sy1 = int(np.clip(np.ceil(src_pts[:, 1].max()) + 3, 0, h))
+    if sx1 - sx0 < 2 or sy1 - sy0 < 2:  # the crop lies entirely outside the frame
+        return np.zeros((CROP_SIZE, CROP_SIZE), np.uint8), clamped
+    m[0, 2] += m[0, 0] * sx0 + m[0, 1] * sy0
+    m[1, 2] += m[1, 0] * sx0 + m[1, 1] * sy0
+    src = gray[sy0:sy1, sx0:sx1].astype(np.float32)
     # float warp + floor reproduces skimage's float result cast with astype(uint8) (truncation).
-    src = gray if gray.dtype == np.float32 else gray.astype(np.float32)
     out = cv2.warpAffine(
         src, m, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )

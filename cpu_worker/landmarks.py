@@ -4,8 +4,11 @@ The official preparation runs dlib's HOG frontal detector with one upsampling on
 the CNN/mmod detector when HOG finds nothing), then the 68-point shape predictor on the last rectangle.
 Here each frame is still given a real HOG detection (so "face present" means the same thing), but:
 
-* while a face is tracked, HOG runs only on a small window around the previous frame's landmarks,
-  rescaled so the face is about ``roi_face_px`` pixels (cheap; tiny faces get upsampled);
+* while a face is tracked, HOG runs only on a small window around the previous landmarks, rescaled
+  so the face is about ``roi_face_px`` pixels (cheap; tiny faces get upsampled), and only on every
+  ``hog_every``-th frame: a frame between two detected ones gets the predictor on the box interpolated
+  between theirs (as accurate as its own HOG box on smooth motion), a frame next to a miss gets its
+  own HOG check, so faces appearing or vanishing are still seen frame-exactly;
 * without a track, HOG runs on the whole frame downscaled to ``detect_max_side``; only when that keeps
   failing does it escalate (full resolution, then one upsampling, then the CNN detector), on a
   schedule anchored to absolute frame indices;
@@ -16,6 +19,7 @@ Here each frame is still given a real HOG detection (so "face present" means the
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -28,12 +32,15 @@ import cv2
 import dlib
 import numpy as np
 
+from cpu_worker.align import to_gray
+
 
 @dataclass(frozen=True)
 class TrackerConfig:
     """Detection / tracking knobs (defaults tuned on 640×480 talking faces)."""
 
     block: int = 24  # tracker reset period (frames, absolute index multiples)
+    hog_every: int = 2  # HOG on frames idx % hog_every == 0; in between, the box is interpolated
     detect_max_side: int = 320  # full-frame HOG image size (longest side)
     roi_face_px: float = 90.0  # face size in the tracking window's detection image
     roi_margin: float = 0.35  # tracking window half-size, in face sizes
@@ -48,7 +55,9 @@ class TrackerConfig:
 class DetectionStats:
     """Counters of one tracking run (summed over blocks)."""
 
-    detector_calls: dict[str, int] = field(default_factory=lambda: {"roi": 0, "full": 0, "finer": 0, "cnn": 0})
+    detector_calls: dict[str, int] = field(
+        default_factory=lambda: {"roi": 0, "full": 0, "finer": 0, "cnn": 0, "between": 0}
+    )
     faces_seen: int = 0
 
     def merge(self, other: DetectionStats) -> None:
@@ -86,6 +95,18 @@ def checkout_models() -> Iterator[DlibModels]:
     try:
         yield models
     finally:
+        _free_models.put(models)
+
+
+def preload_models(count: int) -> None:
+    """Load ``count`` model sets up front (one per worker thread) so the first clip is not slowed down."""
+    loaded = []
+    for _ in range(count):
+        try:
+            loaded.append(_free_models.get_nowait())
+        except queue.Empty:
+            loaded.append(DlibModels())
+    for models in loaded:
         _free_models.put(models)
 
 
@@ -146,8 +167,6 @@ class FaceTracker:
         self.models = models
         self.height, self.width = shape
         self.full_scale = min(1.0, self.cfg.detect_max_side / max(self.height, self.width))
-        # smallest face (box side, frame pixels) the downscaled full-frame pass can see
-        self.min_full_face = 80.0 / self.full_scale
         self.escalation_scales: list[float] = []
         scale = self.full_scale * 2.0
         while scale <= 2.0 and scale * scale * self.height * self.width <= self.cfg.max_detect_pixels:
@@ -157,10 +176,11 @@ class FaceTracker:
         self.last_box: Box | None = None  # last face box seen (for choosing among several faces)
         self.last_size: float | None = None
         self.miss = 0
+        self.last_miss_idx: int | None = None  # previous key frame, when it had no face
         self.stats = DetectionStats()
 
     def reset(self) -> None:
-        self.prev = self.last_box = self.last_size = None
+        self.prev = self.last_box = self.last_size = self.last_miss_idx = None
         self.miss = 0
 
     # -- detectors -----------------------------------------------------------------------------------
@@ -190,7 +210,8 @@ class FaceTracker:
         if boxes:
             return boxes
         escalate = self.miss >= cfg.escalate_every and idx % cfg.escalate_every == 0
-        small_face_possible = self.last_size is None or self.last_size < 1.3 * self.min_full_face
+        # a face this block has not seen yet, or one too small for the fast pass, may need finer scales
+        small_face_possible = self.last_size is None or self.last_size * self.full_scale < 70.0
         for level, scale in enumerate(self.escalation_scales):
             if not (escalate or (level == 0 and small_face_possible and self.miss == 0)):
                 break
@@ -222,6 +243,9 @@ class FaceTracker:
     # -- main step -----------------------------------------------------------------------------------
     def step(self, gray: np.ndarray, idx: int) -> np.ndarray | None:
         """Landmarks int32 [68,2] for frame ``idx`` (absolute index), or None if no face is found."""
+        if self.last_miss_idx is not None:  # frames since the last miss (and the ones skipped after it)
+            self.miss += idx - self.last_miss_idx
+            self.last_miss_idx = None
         boxes: list[Box] = []
         if self.prev is not None:
             boxes = self._detect_roi(gray, self.prev)
@@ -230,7 +254,7 @@ class FaceTracker:
             self.stats.faces_seen = max(self.stats.faces_seen, len(boxes))
         if not boxes:
             self.prev = None
-            self.miss += 1
+            self.last_miss_idx = idx
             return None
         box = self._choose(boxes)
         lm = predict_landmarks(self.models.predictor, gray, _to_rect(box))
@@ -238,25 +262,66 @@ class FaceTracker:
         self.last_size = max(box[2] - box[0], box[3] - box[1])
         return lm
 
+    def detect_near(self, gray: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | None, Box | None]:
+        """Stateless check of one frame next to a tracked one: HOG around ``hint`` landmarks, then the
+        fast whole-frame pass; the face nearest to the hint is kept."""
+        boxes = self._detect_roi(gray, hint)
+        if not boxes:
+            boxes = _to_boxes(self._hog(_resize(gray, self.full_scale), 0, "full"), self.full_scale)
+        if not boxes:
+            return None, None
+        hx, hy = (hint.min(axis=0) + hint.max(axis=0)) / 2.0
+        box = min(boxes, key=lambda b: (_centre(b)[0] - hx) ** 2 + (_centre(b)[1] - hy) ** 2)
+        return predict_landmarks(self.models.predictor, gray, _to_rect(box)), box
+
+    def predict_between(self, gray: np.ndarray, box_a: Box, box_b: Box, w: float) -> np.ndarray:
+        """Landmarks from the detector box interpolated between two detected neighbours (no HOG)."""
+        self.stats.detector_calls["between"] += 1
+        box = tuple(a + w * (b - a) for a, b in zip(box_a, box_b, strict=True))
+        return predict_landmarks(self.models.predictor, gray, _to_rect(box))  # type: ignore[arg-type]
+
+
+def _track_period(tracker: FaceTracker, grays: list[np.ndarray], start: int) -> list[np.ndarray | None]:
+    """One reset period: HOG-tracked key frames (every ``hog_every``-th absolute index and the last
+    frame), then the frames in between from the interpolated box of their two detected neighbours, or
+    their own HOG check when a neighbour has no face (so faces appearing / vanishing are not missed)."""
+    n, k = len(grays), max(1, tracker.cfg.hog_every)
+    keys = [i for i in range(n) if (start + i) % k == 0 or i == n - 1]
+    out: list[np.ndarray | None] = [None] * n
+    boxes: list[Box | None] = [None] * n
+    for i in keys:
+        out[i] = tracker.step(grays[i], start + i)
+        boxes[i] = tracker.last_box if out[i] is not None else None
+    for p, q in itertools.pairwise(keys):
+        for i in range(p + 1, q):
+            a, b = out[p], out[q]
+            if a is not None and b is not None:
+                box_a, box_b = boxes[p], boxes[q]
+                assert box_a is not None and box_b is not None
+                out[i] = tracker.predict_between(grays[i], box_a, box_b, (i - p) / (q - p))
+            elif a is not None or b is not None:
+                out[i], _ = tracker.detect_near(grays[i], a if a is not None else b)  # type: ignore[arg-type]
+    return out
+
 
 def track_block(
-    grays: list[np.ndarray], start: int, config: TrackerConfig | None = None
-) -> tuple[list[np.ndarray | None], DetectionStats]:
-    """Landmarks of consecutive grey frames starting at absolute index ``start`` (one fresh tracker,
-    reset at every multiple of ``config.block``)."""
-    if not grays:
-        return [], DetectionStats()
+    frames: list[np.ndarray], start: int, config: TrackerConfig | None = None
+) -> tuple[list[np.ndarray | None], list[np.ndarray], DetectionStats]:
+    """Landmarks of consecutive frames (BGR or grey) starting at absolute index ``start``; the tracker
+    is reset at every multiple of ``config.block`` (and when the frame size changes).  Also returns the
+    grey frames."""
     cfg = config or TrackerConfig()
+    grays = [np.ascontiguousarray(to_gray(f)) for f in frames]
+    stats = DetectionStats()
+    out: list[np.ndarray | None] = []
     with checkout_models() as models:
-        tracker = FaceTracker(grays[0].shape[:2], models, cfg)
-        stats = tracker.stats
-        out: list[np.ndarray | None] = []
-        for i, gray in enumerate(grays):
-            idx = start + i
-            if gray.shape[:2] != (tracker.height, tracker.width):
-                tracker = FaceTracker(gray.shape[:2], models, cfg)  # frame size changed: new geometry
-                tracker.stats = stats
-            elif i and idx % cfg.block == 0:
-                tracker.reset()
-            out.append(tracker.step(gray, idx))
-    return out, stats
+        i = 0
+        while i < len(grays):
+            j = i + 1
+            while j < len(grays) and (start + j) % cfg.block != 0 and grays[j].shape[:2] == grays[i].shape[:2]:
+                j += 1
+            tracker = FaceTracker(grays[i].shape[:2], models, cfg)
+            tracker.stats = stats
+            out.extend(_track_period(tracker, grays[i:j], start + i))
+            i = j
+    return out, grays, stats

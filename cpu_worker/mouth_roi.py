@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops, to_gray
+from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
 from cpu_worker.landmarks import DetectionStats, TrackerConfig, track_block
@@ -137,13 +137,13 @@ class _GapFiller:
 
 
 def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """Group grey frames into runs that end at absolute multiples of ``block``."""
+    """Group frames into runs that end at absolute multiples of ``block``."""
     buf: list[np.ndarray] = []
     first = start
     for i, frame in enumerate(frames):
         if frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frame.dtype}")
-        buf.append(np.ascontiguousarray(to_gray(frame)))
+        buf.append(frame)
         if (start + i + 1) % block == 0:
             yield first, buf
             first, buf = start + i + 1, []
@@ -191,20 +191,20 @@ def extract_mouth_rois(
             rois.extend(cropper.push(gray, lm))
 
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        inflight: deque[tuple[int, list[np.ndarray], Future]] = deque()
+        inflight: deque[tuple[int, Future]] = deque()
 
         def drain(limit: int) -> None:
             while len(inflight) > limit:
-                first, grays, fut = inflight.popleft()
-                out, st = fut.result()
+                first, fut = inflight.popleft()
+                out, grays, st = fut.result()
                 det_stats.merge(st)
                 for k, (gray, lm) in enumerate(zip(grays, out, strict=True)):
                     detected.append(lm is not None)
                     consume(filler.push(first + k - start_frame, gray, lm))
 
-        for first, grays in _blocks(stream, start_frame, cfg.block):
-            n += len(grays)
-            inflight.append((first, grays, pool.submit(track_block, grays, first, cfg)))
+        for first, block in _blocks(stream, start_frame, cfg.block):
+            n += len(block)
+            inflight.append((first, pool.submit(track_block, block, first, cfg)))
             drain(n_workers)
         drain(0)
     if n == 0:
