@@ -93,12 +93,14 @@ class VideoResNet(nn.Module):
                 nn.Sequential(BasicBlock(inplanes, p, stride, relu_type), BasicBlock(p, p, 1, relu_type))
             )
             inplanes = p
+        self.layers.to(memory_format=torch.channels_last)  # faster 2-D convs; copy_ keeps the layout
 
     def forward(self, video: Tensor) -> Tensor:
         b = video.size(0)
         x = self.stem_pool(self.stem_act(self.stem_bn(self.stem_conv(video))))
         t = x.size(2)
         x = x.transpose(1, 2).reshape(b * t, x.size(1), x.size(3), x.size(4))
+        x = x.contiguous(memory_format=torch.channels_last)
         for layer in self.layers:
             x = layer(x)
         x = x.mean(dim=(2, 3))
