@@ -25,9 +25,8 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
    sides ≥ ``min_segment_s``, is the cut. Only when the window holds no pause is the cut hard:
    at ``L / ceil(L / limit)`` (balanced), moved within ±0.5 s to the least active frame.
 
-`plan_chunks`/`stitch_chunks` split a clip into overlapping chunks for parallel preprocessing
-and put the per-frame results back together; `batch_segments` groups segments for batched
-decoding under a memory budget.
+`plan_chunks` splits a clip into overlapping chunks for parallel preprocessing (joined again by
+`cpu_worker.mouth_roi.stitch_results`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -382,45 +380,3 @@ def plan_chunks(num_frames: int, chunk_frames: int = 750, overlap: int = 25, ali
         Chunk(i, max(0, a - overlap), min(num_frames, b + overlap), a, b)
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
-
-
-def stitch_chunks(chunks: Sequence[Chunk], arrays_per_chunk: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate each chunk's core part of its per-frame array (first axis = frames)."""
-    if not chunks or len(chunks) != len(arrays_per_chunk):
-        raise ValueError("need one array per chunk and at least one chunk")
-    parts, expected = [], chunks[0].core_start
-    for chunk, arr in zip(chunks, arrays_per_chunk, strict=True):
-        arr = np.asarray(arr)
-        if chunk.core_start != expected:
-            raise ValueError(f"chunk {chunk.index} core starts at {chunk.core_start}, expected {expected}")
-        if arr.shape[0] != chunk.end - chunk.start:
-            n = chunk.end - chunk.start
-            raise ValueError(f"chunk {chunk.index}: {arr.shape[0]} frames, expected {n}")
-        parts.append(arr[chunk.core_start - chunk.start : chunk.core_end - chunk.start])
-        expected = chunk.core_end
-    return np.concatenate(parts, axis=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference batches
-# ---------------------------------------------------------------------------------------------
-
-
-def batch_segments(lengths: Sequence[int], max_batch_frames: int, max_batch_size: int) -> list[list[int]]:
-    """Group segment indices by similar length for padded batched decoding.
-
-    Indices are taken shortest first (ties by index) and added to the current batch while
-    ``batch size × longest length <= max_batch_frames`` and the size stays ``<= max_batch_size``.
-    Every index appears exactly once; a segment over the budget on its own gets its own batch.
-    """
-    if max_batch_frames <= 0 or max_batch_size <= 0:
-        raise ValueError("max_batch_frames and max_batch_size must be > 0")
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        batch = batches[-1] if batches else None
-        if batch and len(batch) < max_batch_size and (len(batch) + 1) * lengths[i] <= max_batch_frames:
-            batch.append(i)
-        else:
-            batches.append([i])
-    return batches

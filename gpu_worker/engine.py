@@ -14,7 +14,7 @@ exactly what each segment would give alone — the official single-utterance res
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +22,9 @@ import numpy as np
 import torch
 
 from gpu_worker.avhubert import audio_from_features, collate, load_model, video_from_rois
+from gpu_worker.batching import batch_segments
 
 MODALITIES = ("video", "audio", "audiovisual")
-
-
-def plan_batches(lengths: Sequence[int], max_batch_frames: int, max_batch_size: int) -> list[list[int]]:
-    """Group item indices by similar length so `len(batch) * longest <= max_batch_frames`.
-
-    Items are taken shortest first; every index appears exactly once; an item longer than the
-    budget gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = max([lengths[j] for j in current] + [lengths[i]])
-        if current and (len(current) + 1 > max_batch_size or (len(current) + 1) * longest > max_batch_frames):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 class Engine:
@@ -81,7 +62,7 @@ class Engine:
         lengths = [s["end_frame"] - s["start_frame"] for s in segments]
         results: list[dict[str, Any] | None] = [None] * len(segments)
         done = 0
-        for batch in plan_batches(lengths, self.max_batch_frames, self.max_batch_size):
+        for batch in batch_segments(lengths, self.max_batch_frames, self.max_batch_size):
             videos = audios = None
             if use_video:
                 videos = [video_from_rois(rois[segments[i]["start_frame"]:segments[i]["end_frame"]],

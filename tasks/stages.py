@@ -171,8 +171,11 @@ def assemble(job: dict, summaries: list[dict]) -> dict:
         arrays["audio"] = audio_lib.align_audio_to_video(sound["features"], len(clip))
         energy = np.full(len(clip), sound["energy_db"].min(initial=-100.0), np.float32)
         energy[:min(len(clip), len(sound["energy_db"]))] = sound["energy_db"][:len(clip)]
+    face_track = np.ones(len(clip), bool)  # short gaps were interpolated; only breaks lack a face
+    for start, end in clip.breaks:
+        face_track[start:end] = False
     segments = segmentation.plan_segments(
-        len(clip), FPS, face_present=clip.detected, mouth_motion=segmentation.mouth_motion(clip.rois),
+        len(clip), FPS, face_present=face_track, mouth_motion=segmentation.mouth_motion(clip.rois),
         audio_energy_db=energy, max_segment_s=get_settings().max_segment_s)
     storage.put_arrays(_work_bucket(), work_key(job_id, "features.npz"), **arrays)
     quality = {

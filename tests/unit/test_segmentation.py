@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cpu_worker.segmentation import (  # noqa: E402
+from cpu_worker.segmentation import (
     MAX_MODEL_FRAMES,
     Chunk,
     Segment,
-    batch_segments,
     mouth_motion,
     plan_chunks,
     plan_segments,
-    stitch_chunks,
 )
 
 FPS = 25.0
@@ -229,12 +221,12 @@ def test_deterministic_and_validated() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# plan_chunks / stitch_chunks
+# plan_chunks
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [1, 100, 749, 750, 751, 1500, 15000, 15001])
-def test_chunk_cores_tile_and_stitch_reproduces_ramps(n: int) -> None:
+def test_chunk_cores_tile(n: int) -> None:
     chunks = plan_chunks(n, 750, 25)
     assert chunks[0].core_start == 0 and chunks[-1].core_end == n
     for a, b in itertools.pairwise(chunks):
@@ -245,14 +237,8 @@ def test_chunk_cores_tile_and_stitch_reproduces_ramps(n: int) -> None:
         assert c.core_start - c.start == min(25, c.core_start)
         assert c.end - c.core_end == min(25, n - c.core_end)
     assert len(chunks) == -(-n // 750)
-    ramps = [np.arange(c.start, c.end) for c in chunks]
-    np.testing.assert_array_equal(stitch_chunks(chunks, ramps), np.arange(n))
-    ids = [(np.arange(c.start, c.end) % 256).astype(np.uint8) for c in chunks]
-    rois = [np.broadcast_to(i[:, None, None], (len(i), 96, 96)) for i in ids]
-    out = stitch_chunks(chunks, rois)
-    assert out.shape == (n, 96, 96) and np.array_equal(out[:, 5, 7], np.arange(n) % 256)
-    flags = [np.arange(c.start, c.end) % 3 == 0 for c in chunks]
-    assert stitch_chunks(chunks, flags).dtype == bool
+    cores = np.concatenate([np.arange(c.core_start, c.core_end) for c in chunks])
+    np.testing.assert_array_equal(cores, np.arange(n))
 
 
 @pytest.mark.parametrize(
@@ -265,8 +251,8 @@ def test_chunk_cores_aligned(n: int, chunk: int, align: int) -> None:
         assert a.core_end == b.core_start and a.core_end % align == 0
     assert all(c.core_end - c.core_start <= chunk for c in chunks)
     assert len(chunks) == -(-n // (chunk // align * align))
-    ramps = [np.arange(c.start, c.end) for c in chunks]
-    np.testing.assert_array_equal(stitch_chunks(chunks, ramps), np.arange(n))
+    cores = np.concatenate([np.arange(c.core_start, c.core_end) for c in chunks])
+    np.testing.assert_array_equal(cores, np.arange(n))
 
 
 def test_chunk_edge_cases() -> None:
@@ -279,36 +265,3 @@ def test_chunk_edge_cases() -> None:
     for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1), (100, 10, 2, 11), (100, 10, 2, 0)):
         with pytest.raises(ValueError):
             plan_chunks(*bad)
-    chunks = plan_chunks(1500)
-    with pytest.raises(ValueError):
-        stitch_chunks(chunks, [np.zeros(775), np.zeros(774)])
-    with pytest.raises(ValueError):
-        stitch_chunks(chunks[::-1], [np.zeros(775), np.zeros(775)])
-
-
-# ---------------------------------------------------------------------------------------------
-# batch_segments
-# ---------------------------------------------------------------------------------------------
-
-
-def test_batches_respect_budget_and_group_similar_lengths() -> None:
-    rng = np.random.default_rng(4)
-    lengths = [int(x) for x in rng.integers(25, 500, 200)]
-    batches = batch_segments(lengths, max_batch_frames=2000, max_batch_size=8)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(200))
-    assert [lengths[i] for i in flat] == sorted(lengths)
-    for b in batches:
-        assert len(b) <= 8 and len(b) * max(lengths[i] for i in b) <= 2000
-    # similar lengths: padding waste is small
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    assert padded <= 1.15 * sum(lengths)
-
-
-def test_batch_examples() -> None:
-    assert batch_segments([10, 500, 12, 490], 1000, 4) == [[0, 2], [3, 1]]
-    assert batch_segments([10, 12, 14], 1000, 2) == [[0, 1], [2]]
-    assert batch_segments([600, 50], 500, 4) == [[1], [0]]  # over budget alone
-    assert batch_segments([], 500, 4) == []
-    with pytest.raises(ValueError):
-        batch_segments([1], 0, 1)

@@ -1,4 +1,4 @@
-"""Synthetic long talking-face videos for benchmarks and tests (issue #5).
+"""Synthetic talking-face videos for the demo, the tests and the benchmarks.
 
 The face is scikit-image's astronaut (``skimage.data.astronaut()``, a real face that dlib's
 frontal detector finds), drifting smoothly over a soft background. Speech comes in
@@ -10,7 +10,7 @@ syllables; in pauses the mouth is closed and the audio is faint noise (≈ -60 d
 Frames are rendered and encoded one at a time (constant memory). Video is H.264 (libx264,
 falling back to MPEG-4 Part 2); audio is 16 kHz mono AAC in .mp4/.mov, 16-bit PCM in .mkv.
 
-    python -m bench.synth_video talk.mp4 --seconds 600      # prints the time it took
+    python -m deploy.local.sample_media talk.mp4 --seconds 600      # prints the time it took
 """
 
 from __future__ import annotations

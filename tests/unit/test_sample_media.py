@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-av = pytest.importorskip("av")
-pytest.importorskip("skimage")
-
-from bench.synth_video import (  # noqa: E402
+from deploy.local.sample_media import (
     SAMPLE_RATE,
     FaceRenderer,
     Schedule,
