@@ -4,6 +4,7 @@ Workers:
     celery --app tasks.celery_app worker --queues cpu --pool prefork --concurrency 2 \
         --prefetch-multiplier 1 --hostname cpu@%h
     celery --app tasks.celery_app worker --queues gpu --pool solo --prefetch-multiplier 1 --hostname gpu@%h
+    celery --app tasks.celery_app flower --port=5555
 
 A worker consuming the `gpu` queue loads the model once (`worker_process_init`; the solo pool
 sends it in the worker process itself, so CUDA never meets a fork), warms it up and publishes
