@@ -263,11 +263,9 @@ class FaceTracker:
         return lm
 
     def detect_near(self, gray: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | None, Box | None]:
-        """Stateless check of one frame next to a tracked one: HOG around ``hint`` landmarks, then the
-        fast whole-frame pass; the face nearest to the hint is kept."""
+        """Stateless check of one frame next to a tracked one: HOG around the neighbour's ``hint``
+        landmarks only (the same face, one frame away); the face nearest to the hint is kept."""
         boxes = self._detect_roi(gray, hint)
-        if not boxes:
-            boxes = _to_boxes(self._hog(_resize(gray, self.full_scale), 0, "full"), self.full_scale)
         if not boxes:
             return None, None
         hx, hy = (hint.min(axis=0) + hint.max(axis=0)) / 2.0

@@ -27,6 +27,7 @@ from cpu_worker.frames import resample_timed
 from cpu_worker.landmarks import DetectionStats, TrackerConfig, track_block
 
 TARGET_FPS = 25.0
+_TAIL = WINDOW + 2  # frames at a chunk's end whose ROI may differ from the single-piece run
 
 
 @dataclass
@@ -242,9 +243,12 @@ def extract_mouth_rois(
 def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) -> MouthRoiResult:
     """Join chunk results (each from ``extract_mouth_rois(..., start_frame=s)``) into one clip result.
 
-    Consecutive chunks must overlap by at least ``block + 11`` frames; each boundary is placed at the
-    first tracker reset (multiple of ``block``) inside the later chunk, where both chunks agree with the
-    single-piece run.
+    Consecutive chunks must overlap by at least ``block + 14`` frames (38 by default); each boundary
+    is placed at the first tracker reset (multiple of ``block``) inside the later chunk, where both
+    chunks agree with the single-piece run: from a reset on, landmarks depend only on frames from that
+    reset, and a ROI only on the landmarks of the next 11 frames, which the earlier chunk still holds
+    (the last 14 frames of a chunk — smoothing window, end-of-chunk HOG key frame — are never kept).
+    Not covered: a face gap that straddles a boundary is filled from each chunk's own side.
     """
     if not results:
         raise ValueError("nothing to stitch")
@@ -255,10 +259,10 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
     for a, b in itertools.pairwise(parts):
         a_end = a.start_frame + len(a)
         split = math.ceil(b.start_frame / block) * block
-        if split > a_end - (WINDOW - 1) or b.start_frame < begin:
+        if split > a_end - _TAIL or b.start_frame < begin:
             raise ValueError(
                 f"chunks starting at {a.start_frame} and {b.start_frame} overlap too little "
-                f"(need at least {block + WINDOW - 1} frames)"
+                f"(need at least {block + _TAIL} frames)"
             )
         keep.append((a, begin, split))
         begin = split

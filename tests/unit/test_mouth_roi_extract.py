@@ -98,6 +98,24 @@ def test_chunks_stitch_to_whole(pingpong: np.ndarray) -> None:
         stitch_results([extract_mouth_rois(pingpong[:60]), second])
 
 
+def test_three_chunks_at_arbitrary_offsets(pingpong: np.ndarray) -> None:
+    whole = extract_mouth_rois(pingpong)
+    spans = [(0, 70), (31, 110), (67, 150)]
+    parts = [extract_mouth_rois(pingpong[s:e], start_frame=s) for s, e in spans]
+    stitched = stitch_results(parts)
+    np.testing.assert_array_equal(stitched.rois, whole.rois)
+    np.testing.assert_array_equal(stitched.landmarks, whole.landmarks)
+    assert stitched.stats["chunks"] == 3 and stitched.stats["frames_total"] == 150
+
+
+def test_video_file_source_streams_into_extract(result: MouthRoiResult) -> None:
+    from cpu_worker.frames import VideoFile
+
+    res = extract_mouth_rois(VideoFile(PRE / "face_clip_640x480_ffv1.mkv"))
+    np.testing.assert_array_equal(res.rois, result.rois)
+    assert res.stats["corrupt_skipped"] == 0
+
+
 def test_no_face_raises_with_code(frames: np.ndarray) -> None:
     blank = np.repeat(frames[:1], 4, axis=0)  # frame 0 has no face
     with pytest.raises(NoFaceDetected) as info:
