@@ -98,7 +98,8 @@ class AVHubert:
         }
 
     # ------------------------------------------------------------------ helpers
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """CUDA autocast context for the configured ``dtype`` (no-op for fp32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.dtype)
@@ -138,7 +139,7 @@ class AVHubert:
         """Encoder output ``float32 [B, T, D]``, what the decoder attends to (final encoder
         LayerNorm applied for ``layer_norm_first`` models)."""
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
-        with self._autocast():
+        with self.autocast():
             out, _ = self.network.encoder(video, audio, padding_mask)
         return out.float()
 
@@ -160,7 +161,7 @@ class AVHubert:
         """
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
         encoder = self.network.encoder
-        with self._autocast():
+        with self.autocast():
             if ret_conv:
                 x, mask = encoder.fused_features(video, audio, padding_mask)
                 out = x if mask is None else x.masked_fill(mask.unsqueeze(-1), 0.0)
@@ -191,7 +192,7 @@ class AVHubert:
         self._require_decoder()
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
         tokens = torch.as_tensor(np.asarray(prev_output_tokens), device=self.device, dtype=torch.long)
-        with self._autocast():
+        with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
             logits = self.network.decoder(tokens, memory, mask)
         return torch.log_softmax(logits.float(), dim=-1)
@@ -228,7 +229,7 @@ class AVHubert:
             raise ValueError(f"max_len_from must be 'padded', 'item' or 'frames', got {cfg.max_len_from!r}")
         caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
         eos, pad, unk = self._special_ids()
-        with self._autocast():
+        with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
             raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk)
         return [[self._hypothesis(h) for h in hyps] for hyps in raw]
