@@ -177,11 +177,13 @@ class FaceTracker:
         self.last_size: float | None = None
         self.miss = 0
         self.last_miss_idx: int | None = None  # previous key frame, when it had no face
+        self.finer_tried = False
         self.stats = DetectionStats()
 
     def reset(self) -> None:
         self.prev = self.last_box = self.last_size = self.last_miss_idx = None
         self.miss = 0
+        self.finer_tried = False
 
     # -- detectors -----------------------------------------------------------------------------------
     def _hog(self, img: np.ndarray, upsample: int, kind: str) -> list[dlib.rectangle]:
@@ -212,9 +214,12 @@ class FaceTracker:
         escalate = self.miss >= cfg.escalate_every and idx % cfg.escalate_every == 0
         # a face this block has not seen yet, or one too small for the fast pass, may need finer scales
         small_face_possible = self.last_size is None or self.last_size * self.full_scale < 70.0
+        # one early look at the next finer scale on the second miss in a row, then only on the schedule
+        early = small_face_possible and self.miss > 0 and not self.finer_tried
         for level, scale in enumerate(self.escalation_scales):
-            if not (escalate or (level == 0 and small_face_possible and self.miss == 0)):
+            if not (escalate or (level == 0 and early)):
                 break
+            self.finer_tried = True
             boxes = _to_boxes(self._hog(_resize(gray, scale), 0, "finer"), scale)
             if boxes:
                 return boxes
@@ -246,10 +251,10 @@ class FaceTracker:
         if self.last_miss_idx is not None:  # frames since the last miss (and the ones skipped after it)
             self.miss += idx - self.last_miss_idx
             self.last_miss_idx = None
-        boxes: list[Box] = []
         if self.prev is not None:
+            # tracked: look only around the previous face; if it is gone, the next key frame searches
             boxes = self._detect_roi(gray, self.prev)
-        if not boxes:
+        else:
             boxes = self._detect_full(gray, idx)
             self.stats.faces_seen = max(self.stats.faces_seen, len(boxes))
         if not boxes:
@@ -258,7 +263,7 @@ class FaceTracker:
             return None
         box = self._choose(boxes)
         lm = predict_landmarks(self.models.predictor, gray, _to_rect(box))
-        self.prev, self.last_box, self.miss = lm, box, 0
+        self.prev, self.last_box, self.miss, self.finer_tried = lm, box, 0, False
         self.last_size = max(box[2] - box[0], box[3] - box[1])
         return lm
 
@@ -323,3 +328,25 @@ def track_block(
             out.extend(_track_period(tracker, grays[i:j], start + i))
             i = j
     return out, grays, stats
+
+
+def last_resort_detect(
+    grays: list[np.ndarray], config: TrackerConfig | None = None, tries: int = 3, stats: DetectionStats | None = None
+) -> tuple[int, np.ndarray] | None:
+    """For a clip where the tracker found nothing: the CNN detector on up to ``tries`` evenly spaced
+    frames (the official code would run it on every such frame).  Returns (position, landmarks)."""
+    cfg = config or TrackerConfig()
+    if not cfg.use_cnn or not grays:
+        return None
+    picks = sorted({round(k * (len(grays) - 1) / max(1, tries - 1)) for k in range(tries)})
+    with checkout_models() as models:
+        for i in picks:
+            if stats is not None:
+                stats.detector_calls["cnn"] += 1
+            gray = grays[i]
+            scale = min(1.0, cfg.cnn_max_side / max(gray.shape[:2]))
+            boxes = _to_boxes(cnn_detect(_resize(gray, scale)), scale)
+            if boxes:
+                box = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+                return i, predict_landmarks(models.predictor, gray, _to_rect(box))
+    return None

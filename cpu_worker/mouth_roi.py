@@ -24,7 +24,7 @@ import numpy as np
 from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
-from cpu_worker.landmarks import DetectionStats, TrackerConfig, track_block
+from cpu_worker.landmarks import DetectionStats, TrackerConfig, last_resort_detect, track_block
 
 TARGET_FPS = 25.0
 _TAIL = WINDOW + 2  # frames at a chunk's end whose ROI may differ from the single-piece run
@@ -210,6 +210,15 @@ def extract_mouth_rois(
         drain(0)
     if n == 0:
         raise NoFrames()
+    if not any(detected) and len(filler.pending) == n:
+        # nothing found by the schedule (e.g. a short clip of a profile face): last-resort CNN pass
+        found = last_resort_detect([g for _, g in filler.pending], cfg, stats=det_stats)
+        if found is not None:
+            pos, lm = found
+            pending, filler = filler.pending, _GapFiller(max_gap, max_lead=n)
+            detected[pos] = True
+            for j, g in pending:
+                consume(filler.push(j, g, lm if j == pending[pos][0] else None))
     if not any(detected):
         raise NoFaceDetected()
     consume(filler.flush(n))

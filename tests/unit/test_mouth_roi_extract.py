@@ -168,6 +168,11 @@ def test_cnn_fallback_when_hog_finds_nothing(frames: np.ndarray) -> None:
     assert res.detected.tolist() == [False, False, True]
     with pytest.raises(NoFaceDetected):
         extract_mouth_rois(clip, config=TrackerConfig(cnn_phase=2, escalate_every=100, use_cnn=False))
+    # too short for the CNN schedule: the last-resort pass finds the face on its first try
+    short = extract_mouth_rois(clip[:2])
+    assert short.detected.tolist() == [True, False]
+    assert short.stats["detector_calls_by_kind"]["cnn"] == 1
+    np.testing.assert_array_equal(short.landmarks[1], short.landmarks[0])
 
 
 def test_other_frame_rate_is_resampled(frames: np.ndarray) -> None:
