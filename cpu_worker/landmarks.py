@@ -41,6 +41,7 @@ class TrackerConfig:
 
     block: int = 24  # tracker reset period (frames, absolute index multiples)
     hog_every: int = 2  # HOG on frames idx % hog_every == 0; in between, the box is interpolated
+    max_faces: int = 3  # faces followed in parallel when several are seen (to keep the same speaker)
     detect_max_side: int = 320  # full-frame HOG image size (longest side)
     roi_face_px: float = 90.0  # face size in the tracking window's detection image
     roi_margin: float = 0.35  # tracking window half-size, in face sizes
@@ -178,6 +179,8 @@ class FaceTracker:
         self.miss = 0
         self.last_miss_idx: int | None = None  # previous key frame, when it had no face
         self.finer_tried = False
+        self.first_box: Box | None = None
+        self.alternatives: list[Box] = []  # other faces seen when the first face was chosen
         self.stats = DetectionStats()
 
     def reset(self) -> None:
@@ -262,6 +265,8 @@ class FaceTracker:
             self.last_miss_idx = idx
             return None
         box = self._choose(boxes)
+        if self.first_box is None:  # the first face of this period decides which face it follows
+            self.first_box, self.alternatives = box, [b for b in boxes if b is not box]
         lm = predict_landmarks(self.models.predictor, gray, _to_rect(box))
         self.prev, self.last_box, self.miss, self.finer_tried = lm, box, 0, False
         self.last_size = max(box[2] - box[0], box[3] - box[1])
@@ -282,6 +287,15 @@ class FaceTracker:
         self.stats.detector_calls["between"] += 1
         box = tuple(a + w * (b - a) for a, b in zip(box_a, box_b, strict=True))
         return predict_landmarks(self.models.predictor, gray, _to_rect(box))  # type: ignore[arg-type]
+
+
+@dataclass
+class Track:
+    """One face followed through a reset period."""
+
+    landmarks: list[np.ndarray | None]
+    first_box: Box | None  # box where the face was first found in the period
+    last_box: Box | None  # box where it was last seen
 
 
 def _track_period(tracker: FaceTracker, grays: list[np.ndarray], start: int) -> list[np.ndarray | None]:
@@ -309,14 +323,18 @@ def _track_period(tracker: FaceTracker, grays: list[np.ndarray], start: int) -> 
 
 def track_block(
     frames: list[np.ndarray], start: int, config: TrackerConfig | None = None
-) -> tuple[list[np.ndarray | None], list[np.ndarray], DetectionStats]:
-    """Landmarks of consecutive frames (BGR or grey) starting at absolute index ``start``; the tracker
-    is reset at every multiple of ``config.block`` (and when the frame size changes).  Also returns the
-    grey frames."""
+) -> tuple[list[list[Track]], list[np.ndarray], DetectionStats]:
+    """Track faces in consecutive frames (BGR or grey) starting at absolute index ``start``; the tracker
+    is reset at every multiple of ``config.block`` (and when the frame size changes).
+
+    Returns, per reset period in order, the candidate tracks — the largest/most central face first,
+    then (only when several faces were seen) one track per other face (at most ``max_faces``) — so the
+    caller can keep following the same speaker across periods (``select_track``); and the grey frames.
+    """
     cfg = config or TrackerConfig()
     grays = [np.ascontiguousarray(to_gray(f)) for f in frames]
     stats = DetectionStats()
-    out: list[np.ndarray | None] = []
+    periods: list[list[Track]] = []
     with checkout_models() as models:
         i = 0
         while i < len(grays):
@@ -325,9 +343,28 @@ def track_block(
                 j += 1
             tracker = FaceTracker(grays[i].shape[:2], models, cfg)
             tracker.stats = stats
-            out.extend(_track_period(tracker, grays[i:j], start + i))
+            lms = _track_period(tracker, grays[i:j], start + i)
+            candidates = [Track(lms, tracker.first_box, tracker.last_box)]
+            for alt in tracker.alternatives[: cfg.max_faces - 1]:
+                forced = FaceTracker(grays[i].shape[:2], models, cfg)
+                forced.stats, forced.last_box = stats, alt  # choose the face nearest to ``alt``
+                lms = _track_period(forced, grays[i:j], start + i)
+                candidates.append(Track(lms, forced.first_box, forced.last_box))
+            periods.append(candidates)
             i = j
-    return out, grays, stats
+    return periods, grays, stats
+
+
+def select_track(candidates: list[Track], previous: Box | None) -> Track:
+    """Keep following the speaker: the candidate starting nearest to where the previous period's track
+    ended; without a previous track, the default (largest / most central) one."""
+    if previous is None or len(candidates) == 1:
+        return candidates[0]
+    px, py = _centre(previous)
+    found = [c for c in candidates if c.first_box is not None]
+    if not found:
+        return candidates[0]
+    return min(found, key=lambda c: (_centre(c.first_box)[0] - px) ** 2 + (_centre(c.first_box)[1] - py) ** 2)  # type: ignore[arg-type]
 
 
 def last_resort_detect(

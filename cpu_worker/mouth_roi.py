@@ -24,7 +24,7 @@ import numpy as np
 from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
-from cpu_worker.landmarks import DetectionStats, TrackerConfig, last_resort_detect, track_block
+from cpu_worker.landmarks import Box, DetectionStats, TrackerConfig, last_resort_detect, select_track, track_block
 
 TARGET_FPS = 25.0
 _TAIL = WINDOW + 2  # frames at a chunk's end whose ROI may differ from the single-piece run
@@ -191,14 +191,21 @@ def extract_mouth_rois(
                 continue
             rois.extend(cropper.push(gray, lm))
 
+    speaker: Box | None = None  # where the followed face was last seen
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         inflight: deque[tuple[int, Future]] = deque()
 
         def drain(limit: int) -> None:
             while len(inflight) > limit:
+                nonlocal speaker
                 first, fut = inflight.popleft()
-                out, grays, st = fut.result()
+                periods, grays, st = fut.result()
                 det_stats.merge(st)
+                out: list[np.ndarray | None] = []
+                for candidates in periods:
+                    track = select_track(candidates, speaker)
+                    out.extend(track.landmarks)
+                    speaker = track.last_box or speaker
                 for k, (gray, lm) in enumerate(zip(grays, out, strict=True)):
                     detected.append(lm is not None)
                     consume(filler.push(first + k - start_frame, gray, lm))

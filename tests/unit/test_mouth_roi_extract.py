@@ -148,6 +148,22 @@ def test_follows_one_speaker_among_several(frames: np.ndarray) -> None:
     assert (centre_x < 420).all(), centre_x  # stays on the central face across blocks
 
 
+def test_keeps_the_same_speaker_when_another_face_becomes_more_central(frames: np.ndarray) -> None:
+    # two copies of the face drift right-to-left: the left one starts more central, the right one ends so
+    face = frames[10][140:340, 200:390]
+    n = 60
+    clip = np.empty((n, 480, 640, 3), np.uint8)
+    clip[:] = frames[0]  # face-less background
+    for i in range(n):
+        lx, rx = round(150 - 130 * i / (n - 1)), round(400 - 100 * i / (n - 1))
+        clip[i, 140:340, lx : lx + 190] = face
+        clip[i, 140:340, rx : rx + 190] = face
+    res = extract_mouth_rois(clip)
+    assert res.stats["faces_seen"] == 2 and res.detected.all()
+    mouth_x = res.landmarks[:, 48:68, 0].mean(axis=1)
+    assert (mouth_x < 300).all(), mouth_x  # followed the left face although the right one ends up central
+
+
 def test_tiny_face_found_by_finer_scales(frames: np.ndarray) -> None:
     canvas = np.full((19, 480, 640, 3), 90, np.uint8)
     for i in range(19):  # faces of ~50 px: invisible to the fast pass, found once the search escalates
