@@ -18,6 +18,16 @@ from gpu_worker.avhubert.config import config_from_checkpoint
 from gpu_worker.avhubert.random_checkpoint import make_random_checkpoint
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One intra-op thread: these small models gain nothing from more, and a busy 2-core CI box
+    makes OpenMP threads spin (10x slower runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", size="tiny", seed=3)

@@ -19,6 +19,16 @@ BEAMS = [5, 1]
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One intra-op thread: these small models gain nothing from more, and a busy 2-core CI box
+    makes OpenMP threads spin (10x slower runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def s2s() -> AVHubert:
     return load_model(REF / "checkpoints" / "finetune_s2s.pt")
