@@ -2,7 +2,8 @@
 
 A fairseq checkpoint is a torch zip archive (``<top>/data.pkl`` + ``<top>/data/<key>`` storage
 records, any top folder name). Its pickle references a handful of classes (fairseq ``Dictionary``,
-``SentencepieceBPE``, ``sentencepiece.SentencePieceProcessor``, ``argparse.Namespace`` ...). This
+``SentencepieceBPE``, ``sentencepiece.SentencePieceProcessor``, ``argparse.Namespace``, omegaconf
+containers in some files ...). This
 module unpickles it with :class:`RestrictedUnpickler`, which maps exactly those globals onto inert
 plain-data stand-ins defined here and refuses every other global with :class:`CheckpointError`
 *before* anything is called, so a malicious ``__reduce__`` payload never runs.
@@ -68,6 +69,36 @@ class SentencePieceModelState:
         self.proto = bytes(state)
 
 
+class OmegaConfState(_PickledState):
+    """Stand-in for omegaconf containers, nodes and metadata (``DictConfig``, ``ListConfig``,
+    ``AnyNode`` ...): keeps the pickled ``__dict__``; :func:`plain_data` turns containers into dicts
+    and lists (``_content``) and nodes into their value (``_val``)."""
+
+
+_OMEGACONF_CLASSES = {
+    "omegaconf.dictconfig": ("DictConfig",),
+    "omegaconf.listconfig": ("ListConfig",),
+    "omegaconf.base": ("ContainerMetadata", "Metadata"),
+    "omegaconf.nodes": (
+        "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "BytesNode", "PathNode", "ValueNode",
+    ),
+}
+
+
+def plain_data(obj: Any) -> Any:
+    """Recursively replace omegaconf stand-ins by plain dicts, lists and values."""
+    if isinstance(obj, OmegaConfState):
+        state = vars(obj)
+        if "_content" in state:
+            return plain_data(state["_content"])
+        return plain_data(state.get("_val"))
+    if isinstance(obj, dict):
+        return type(obj)((k, plain_data(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain_data(v) for v in obj)
+    return obj
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """``_codecs.encode`` as pickle protocol 2 uses it to store ``bytes`` (latin-1 only)."""
     if not isinstance(text, str) or encoding.lower() not in ("latin1", "latin-1"):
@@ -115,8 +146,12 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "long"): int,
     ("argparse", "Namespace"): argparse.Namespace,
-    **{(mod, name): obj for mod in ("builtins", "__builtin__")
-       for name, obj in (("set", set), ("frozenset", frozenset), ("int", int), ("float", float))},
+    # inert builtin types (also the ref/key/element types in omegaconf metadata)
+    **{(mod, t.__name__): t for mod in ("builtins", "__builtin__")
+       for t in (set, frozenset, int, float, bool, str, dict, list, tuple, object)},
+    ("__builtin__", "unicode"): str,  # protocol 2 name of str
+    ("typing", "Any"): Any,
+    **{(mod, name): OmegaConfState for mod, names in _OMEGACONF_CLASSES.items() for name in names},
     **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
@@ -160,8 +195,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a fairseq checkpoint into plain data without executing any code from it.
 
     Returns the top-level dict (``args``, ``cfg``, ``model``, ``task_state`` ...), tensors on CPU
-    in their stored dtype. Raises :class:`CheckpointError` for non-zip (legacy) files, big-endian
-    archives and any pickle global outside the allow-list.
+    in their stored dtype and ``cfg`` as plain nested dicts (omegaconf containers converted).
+    Raises :class:`CheckpointError` for non-zip (legacy) files, big-endian archives and any pickle
+    global outside the allow-list.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,5 +220,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: cannot read checkpoint pickle: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no top-level 'model' entry)")
+    if state.get("cfg") is not None:
+        state["cfg"] = plain_data(state["cfg"])
     return state
 

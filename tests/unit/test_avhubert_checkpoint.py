@@ -6,6 +6,9 @@ import argparse
 import io
 import os
 import pickle
+import sys
+import types
+import typing
 import zipfile
 from pathlib import Path
 
@@ -95,6 +98,44 @@ def test_non_zip_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"model": {}}, protocol=2))
     with pytest.raises(CheckpointError, match="not a torch zip checkpoint"):
         load_checkpoint(path)
+
+
+def test_omegaconf_cfg_is_read_as_plain_data(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cfg pickled as omegaconf containers (classes faked here: omegaconf is not installed)."""
+    fake = {}
+    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+    for module, names in {
+        "omegaconf.dictconfig": ["DictConfig"],
+        "omegaconf.listconfig": ["ListConfig"],
+        "omegaconf.nodes": ["AnyNode"],
+        "omegaconf.base": ["ContainerMetadata", "Metadata"],
+    }.items():
+        mod = types.ModuleType(module)
+        for name in names:
+            setattr(mod, name, type(name, (), {"__module__": module}))
+            fake[name] = getattr(mod, name)
+        monkeypatch.setitem(sys.modules, module, mod)
+
+    def make(name: str, **state):
+        obj = fake[name]()
+        obj.__dict__.update(state)
+        return obj
+
+    def to_omegaconf(value, parent=None):
+        if isinstance(value, dict | list):
+            meta = make("ContainerMetadata", ref_type=typing.Any, key_type=str, element_type=typing.Any)
+            node = make("DictConfig" if isinstance(value, dict) else "ListConfig", _metadata=meta, _parent=parent)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            content = {k: to_omegaconf(v, node) for k, v in items}
+            node._content = content if isinstance(value, dict) else list(content.values())
+            return node
+        return make("AnyNode", _val=value, _parent=parent, _metadata=make("Metadata", ref_type=typing.Any))
+
+    state = load_checkpoint(tiny)
+    path = _resave(dict(state, cfg=to_omegaconf(state["cfg"])), tmp_path / "omegaconf.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(path)["cfg"] == state["cfg"]
+    assert load_model(path).info["encoder_layers"] == 2
 
 
 # ---------------------------------------------------------------- keys, dtypes, extra state
