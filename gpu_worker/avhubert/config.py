@@ -33,7 +33,6 @@ class EncoderConfig:
     audio_feat_dim: int = -1
     modality_fuse: str = "concat"
     final_dim: int = 0
-    untie_final_proj: bool = False
     masking_type: str = "input"
 
 
@@ -63,9 +62,6 @@ class TaskConfig:
     image_mean: float = 0.421
     image_std: float = 0.165
     modalities: list[str] = field(default_factory=lambda: ["audio", "video"])
-    pad_audio: bool = False
-    is_s2s: bool = False
-    labels: list[str] = field(default_factory=lambda: ["ltr"])
 
 
 @dataclass

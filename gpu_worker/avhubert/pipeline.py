@@ -90,6 +90,7 @@ class AVHubert:
             "device": str(self.device),
             "dtype": "fp32" if self.dtype is None else {v: k for k, v in _DTYPES.items()}[self.dtype],
             "has_tokenizer": self.tokenizer is not None,
+            "trained_modalities": list(task.modalities),
             "normalize": task.normalize,
             "stack_order_audio": task.stack_order_audio,
             "image_mean": task.image_mean,
@@ -175,10 +176,6 @@ class AVHubert:
         if self.network.decoder is None:
             raise RuntimeError(f"{self.checkpoint} is a pretraining checkpoint: it has no decoder")
 
-    def _special_ids(self) -> tuple[int, int, int]:
-        d = self.tokenizer.dictionary if self.tokenizer is not None else None
-        return (d.eos_index, d.pad_index, d.unk_index) if d is not None else (2, 1, 3)
-
     @torch.inference_mode()
     def decoder_log_probs(
         self,
@@ -228,7 +225,8 @@ class AVHubert:
         else:
             raise ValueError(f"max_len_from must be 'padded', 'item' or 'frames', got {cfg.max_len_from!r}")
         caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
-        eos, pad, unk = self._special_ids()
+        d = self.tokenizer.dictionary
+        eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
             raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk)
