@@ -171,11 +171,13 @@ class RoiCropper:
 
 
 def to_gray(frame: np.ndarray) -> np.ndarray:
-    """BGR (or already grey) uint8 frame → grey uint8, as ``cv2.COLOR_BGR2GRAY``."""
+    """BGR / BGRA (or already grey) uint8 frame → grey uint8, as ``cv2.COLOR_BGR2GRAY``."""
     if frame.ndim == 2:
         return frame
     if frame.shape[2] == 1:
         return frame[:, :, 0]
+    if frame.shape[2] == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2GRAY)
     return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 

@@ -8,8 +8,9 @@ images / packets / frames are skipped and counted (``corrupt_skipped``) rather t
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,33 +26,60 @@ TARGET_FPS = 25.0
 AUDIO_RATE = 16000
 
 
-def resample_timed(items: Iterable[tuple[float, np.ndarray]], fps: float = TARGET_FPS) -> Iterator[np.ndarray]:
-    """Constant-rate resampling of (timestamp seconds, frame) pairs: output frame k (time t0 + k/fps)
-    is the input frame nearest in time (ties → the later one); the last frame lasts as long as the
-    interval before it (or 1/fps).  Non-increasing timestamps are dropped."""
+def resample_timed(
+    items: Iterable[tuple[float, np.ndarray]],
+    fps: float = TARGET_FPS,
+    *,
+    t0: float | None = None,
+    end: float | None = None,
+    first_slot: int = 0,
+    last_slot: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Constant-rate resampling of (timestamp seconds, frame) pairs.
+
+    Output slot k (time ``t0 + k/fps``; ``t0`` defaults to the first timestamp) shows the input frame
+    nearest in time (ties → the later one); slots before the first frame show the first frame; the last
+    frame lasts until ``end`` (default: as long as the interval before it, or 1/fps).  Non-increasing
+    timestamps are dropped.  Only slots ``first_slot <= k < last_slot`` are yielded.
+    """
     prev_t: float | None = None
     prev: np.ndarray | None = None
-    t0 = 0.0
+    origin = t0
     k = 0
     last_dt = 1.0 / fps
     for t, frame in items:
         if prev_t is None:
-            prev_t, prev, t0 = t, frame, t
+            prev_t, prev = t, frame
+            origin = t if origin is None else origin
             continue
         if t <= prev_t:
             continue
         mid = (prev_t + t) / 2.0
-        while t0 + k / fps < mid - 1e-9:
-            yield prev
+        while origin + k / fps < mid - 1e-9:  # type: ignore[operator]
+            if last_slot is not None and k >= last_slot:
+                return
+            if k >= first_slot:
+                yield prev
             k += 1
         last_dt = t - prev_t
         prev_t, prev = t, frame
-    if prev_t is None or prev is None:
+    if prev_t is None or prev is None or origin is None:
         return
-    end = prev_t + last_dt  # the last frame is shown for as long as the interval before it
-    while t0 + k / fps < end - 1e-9:
-        yield prev
+    stop = end if end is not None else prev_t + last_dt  # the last frame lasts its previous interval
+    while origin + k / fps < stop - 1e-9:
+        if last_slot is not None and k >= last_slot:
+            return
+        if k >= first_slot:
+            yield prev
         k += 1
+
+
+def count_slots(t0: float, stop: float, fps: float = TARGET_FPS) -> int:
+    """Number of slots ``k >= 0`` with ``t0 + k/fps < stop`` (as ``resample_timed`` emits them)."""
+    k = max(0, int((stop - t0) * fps) - 2)
+    while t0 + k / fps < stop - 1e-9:
+        k += 1
+    return k
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray | None:
@@ -91,7 +119,10 @@ class ImageSequence:
             yield i / self.fps, img
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return resample_timed(self._timed(), TARGET_FPS)
+        # grid anchored at image 0 and ending after the last image, so corrupt images at either end do
+        # not shift or shorten the clip (their slots show the nearest good image)
+        end = len(self.images) / self.fps if isinstance(self.images, Sized) else None
+        return resample_timed(self._timed(), TARGET_FPS, t0=0.0, end=end)
 
 
 def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
@@ -124,11 +155,19 @@ class VideoFile:
             self.source_fps = float(rate) if rate else TARGET_FPS
             self.has_audio = bool(c.streams.audio)
             self.width, self.height = vs.codec_context.width, vs.codec_context.height
+        self._t0: float | None = None  # timestamp of the first decodable frame: origin of the 25 fps grid
+        probe = self._timed()
+        first = next(probe, None)
+        probe.close()
+        self._t0 = None if first is None else first[0]
+        self.corrupt_skipped = self.frames_decoded = 0
 
-    def _timed(self) -> Iterator[tuple[float, np.ndarray]]:
+    def _timed(self, seek_to: float | None = None) -> Iterator[tuple[float, np.ndarray]]:
         with _open(self.source) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
+            if seek_to is not None and stream.time_base:
+                c.seek(max(0, int(seek_to / stream.time_base)), stream=stream, backward=True, any_frame=False)
             n = 0
             for packet in c.demux(stream):
                 try:
@@ -146,7 +185,31 @@ class VideoFile:
                     yield float(t), frame.to_ndarray(format="bgr24")
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return resample_timed(self._timed(), TARGET_FPS)
+        return resample_timed(self._timed(), TARGET_FPS, t0=self._t0)
+
+    def num_frames(self) -> int:
+        """Frames the 25 fps stream will have, from packet timestamps (no decoding; exact unless the last
+        frames turn out corrupt).  Falls back to decoding when the container has no timestamps."""
+        times: list[float] = []
+        with _open(self.source) as c:
+            stream = c.streams.video[0]
+            for packet in c.demux(stream):
+                if packet.size == 0:
+                    continue
+                if packet.pts is None or packet.time_base is None:
+                    times = []
+                    break
+                times.append(float(packet.pts * packet.time_base))
+        if not times:
+            return sum(1 for _ in self)
+        times = sorted(set(times))
+        last_dt = times[-1] - times[-2] if len(times) > 1 else 1.0 / TARGET_FPS
+        return count_slots(self._t0 if self._t0 is not None else times[0], times[-1] + last_dt)
+
+    def window(self, start: int, end: int) -> VideoWindow:
+        """Frames ``start <= k < end`` of the 25 fps stream (same frames as slicing the full iteration),
+        decoded from the key frame before ``start`` rather than from the beginning."""
+        return VideoWindow(self, start, end)
 
     def audio(self) -> np.ndarray | None:
         """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none."""
@@ -166,3 +229,34 @@ class VideoFile:
                     chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
             chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
         return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+
+
+class VideoWindow:
+    """A slice ``[start, end)`` of a ``VideoFile``'s 25 fps frames, decoded after a seek."""
+
+    SEEK_MARGIN_S = 1.0
+
+    def __init__(self, video: VideoFile, start: int, end: int) -> None:
+        if start < 0 or end < start:
+            raise ValueError(f"bad window [{start}, {end})")
+        self.video, self.start, self.end = video, start, end
+
+    @property
+    def corrupt_skipped(self) -> int:
+        return self.video.corrupt_skipped
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        v = self.video
+        if v._t0 is None or self.end == self.start:
+            return iter(())
+        target = v._t0 + self.start / TARGET_FPS
+        timed = v._timed(seek_to=target - self.SEEK_MARGIN_S) if self.start else v._timed()
+        first = next(timed, None)
+        if first is None:
+            return iter(())
+        if first[0] > target - 1.0 / TARGET_FPS + 1e-9 and self.start:
+            # the seek landed too late (no usable key frame before the window): decode from the start
+            timed.close()
+            timed, first = v._timed(), None
+        items = timed if first is None else itertools.chain([first], timed)
+        return resample_timed(items, TARGET_FPS, t0=v._t0, first_slot=self.start, last_slot=self.end)

@@ -10,11 +10,12 @@ into overlapping chunks (``start_frame``) processed anywhere and joined with ``s
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,37 @@ class MouthRoiResult:
 
     def __len__(self) -> int:
         return int(self.rois.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for ``np.savez``); ``from_arrays`` restores the result."""
+        return {
+            "rois": self.rois,
+            "landmarks": self.landmarks,
+            "detected": self.detected,
+            "breaks": np.asarray(self.breaks, dtype=np.int64).reshape(-1, 2),
+            "start_frame": np.asarray(self.start_frame, dtype=np.int64),
+            "fps": np.asarray(self.fps, dtype=np.float64),
+            "stats_json": np.asarray(json.dumps(self.stats, default=_json_default)),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MouthRoiResult:
+        """Inverse of ``to_arrays`` (accepts an ``NpzFile`` too)."""
+        return cls(
+            rois=np.asarray(arrays["rois"], dtype=np.uint8),
+            landmarks=np.asarray(arrays["landmarks"], dtype=np.float32),
+            detected=np.asarray(arrays["detected"], dtype=bool),
+            breaks=[(int(a), int(b)) for a, b in np.asarray(arrays["breaks"]).reshape(-1, 2)],
+            stats=json.loads(str(arrays["stats_json"])) if "stats_json" in arrays else {},
+            start_frame=int(arrays["start_frame"]),
+            fps=float(arrays["fps"]) if "fps" in arrays else TARGET_FPS,
+        )
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def crop_mouth_rois(frames: np.ndarray | Iterable[np.ndarray], landmarks: np.ndarray) -> np.ndarray:
@@ -161,12 +193,15 @@ def extract_mouth_rois(
     workers: int | None = None,
     config: TrackerConfig | None = None,
     corrupt_skipped: int = 0,
+    require_face: bool = True,
 ) -> MouthRoiResult:
     """Detect, track, align and crop the speaker's mouth in BGR uint8 frames ([T,H,W,3] or an iterable).
 
     Frames at another rate than 25 fps are resampled to 25 fps first.  ``start_frame`` is the absolute
     index (at 25 fps) of the first frame when processing one chunk of a longer clip.  Raises
-    ``NoFrames`` for an empty input and ``NoFaceDetected`` when no frame has a face.
+    ``NoFrames`` for an empty input and ``NoFaceDetected`` when no frame has a face — unless
+    ``require_face`` is False (a chunk of a longer clip): then the result has no detection, zero ROIs,
+    NaN landmarks and the whole range as a break (if longer than ``max_gap_s``).
     """
     t0 = time.perf_counter()
     cfg = config or TrackerConfig()
@@ -227,7 +262,12 @@ def extract_mouth_rois(
             for j, g in pending:
                 consume(filler.push(j, g, lm if j == pending[pos][0] else None))
     if not any(detected):
-        raise NoFaceDetected()
+        if require_face:
+            raise NoFaceDetected()
+        rois = [np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)] * n
+        lms = [np.full((68, 2), np.nan)] * n
+        filler = _GapFiller(max_gap, max_lead=n)
+        filler.breaks = [(0, n)] if n > max_gap else []
     consume(filler.flush(n))
     rois.extend(cropper.flush())
     elapsed = time.perf_counter() - t0

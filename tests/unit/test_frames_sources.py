@@ -147,3 +147,36 @@ def test_image_sequence_skips_corrupt_and_resamples() -> None:
     assert [int(f[0, 0, 0]) for f in frames] == [0, 10, 20, 40, 40, 50, 60, 70, 80, 90]
     slow = list(ImageSequence(imgs[:5] + imgs[4:5], fps=12.5))
     assert len(slow) == 12
+
+
+@pytest.mark.parametrize(
+    ("ext", "codec", "pix_fmt"), [("mp4", "libx264", "yuv420p"), ("webm", "libvpx-vp9", "yuv420p")]
+)
+def test_num_frames_and_windows_match_full_iteration(tmp_path: Path, ext: str, codec: str, pix_fmt: str) -> None:
+    path = tmp_path / f"long.{ext}"
+    with av.open(str(path), "w") as c:  # 6 s at 30 fps, key frame every 30 frames (x264: with B-frames)
+        vs = c.add_stream(codec, rate=30)
+        vs.width, vs.height, vs.pix_fmt, vs.gop_size = 64, 48, pix_fmt, 30
+        for i in range(180):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[:, : 1 + i % 64] = 255 - i  # each frame differs
+            for p in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    video = VideoFile(path)
+    full = list(video)
+    assert video.num_frames() == len(full)
+    assert abs(len(full) - 150) <= 1  # 6 s at 25 fps (webm's millisecond timestamps may add one)
+    for start, end in [(0, 40), (60, 110), (120, 150), (140, 200)]:
+        part = list(video.window(start, end))
+        assert len(part) == len(full[start:end])
+        for a, b in zip(part, full[start:end], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_image_sequence_with_corrupt_first_and_last_images_keeps_its_length() -> None:
+    imgs = [_png(np.full((16, 16, 3), 10 * i, np.uint8)) for i in range(8)]
+    imgs[0] = imgs[-1] = b"broken"
+    frames = list(ImageSequence(imgs, fps=25.0))
+    assert [int(f[0, 0, 0]) for f in frames] == [10, 10, 20, 30, 40, 50, 60, 60]

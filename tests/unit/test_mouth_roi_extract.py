@@ -194,3 +194,21 @@ def test_cnn_fallback_when_hog_finds_nothing(frames: np.ndarray) -> None:
 def test_other_frame_rate_is_resampled(frames: np.ndarray) -> None:
     res = extract_mouth_rois(frames[1:21], fps=50.0)  # 20 frames at 50 fps = 0.4 s = 10 frames at 25 fps
     assert len(res) == 10
+
+
+def test_result_round_trips_through_arrays(result: MouthRoiResult, tmp_path: Path) -> None:
+    np.savez(tmp_path / "r.npz", **result.to_arrays())
+    back = MouthRoiResult.from_arrays(np.load(tmp_path / "r.npz"))
+    np.testing.assert_array_equal(back.rois, result.rois)
+    np.testing.assert_array_equal(back.landmarks, result.landmarks)
+    np.testing.assert_array_equal(back.detected, result.detected)
+    assert back.breaks == result.breaks and back.start_frame == result.start_frame
+    assert back.stats["frames_detected"] == result.stats["frames_detected"]
+
+
+def test_chunk_without_face_when_not_required(frames: np.ndarray) -> None:
+    blank = np.repeat(frames[:1], 30, axis=0)
+    res = extract_mouth_rois(blank, start_frame=48, require_face=False, config=TrackerConfig(use_cnn=False))
+    assert len(res) == 30 and not res.detected.any() and res.start_frame == 48
+    assert res.rois.shape == (30, 96, 96) and not res.rois.any() and np.isnan(res.landmarks).all()
+    assert res.breaks == [(0, 30)]
