@@ -62,10 +62,14 @@ def _apply(key: str, rules: list[tuple[str, str]]) -> str:
     return key
 
 
-def rename_fairseq_state(state: dict[str, Tensor], seq2seq: bool) -> dict[str, Tensor]:
-    """fairseq state dict -> our names (weight norm folded, training-only keys dropped)."""
+def rename_fairseq_state(
+    state: dict[str, Tensor], seq2seq: bool
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """fairseq state dict -> our names (weight norm folded, training-only keys dropped), plus the
+    original checkpoint key of every renamed entry (for error messages)."""
     encoder_prefix = "encoder.w2v_model." if seq2seq else ""
     out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
     for key, value in state.items():
         if key.startswith(encoder_prefix) and not (seq2seq and key.startswith("decoder.")):
             local, rules, target = key[len(encoder_prefix):], _ENCODER_RULES, "encoder."
@@ -77,37 +81,33 @@ def rename_fairseq_state(state: dict[str, Tensor], seq2seq: bool) -> dict[str, T
         if _IGNORED.match(local):
             continue
         new = target + _apply(_apply(local, rules), _LAYER_RULES)
-        out[new] = value
-    return _fold_weight_norm(out)
-
-
-def _fold_weight_norm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``w = g * v / ||v||`` with the norm over dims 0 and 1 (``weight_norm(dim=2)``)."""
-    for g_key in [k for k in state if k.endswith(".weight_g")]:
-        base = g_key[: -len("_g")]
-        v_key = base + "_v"
-        if v_key not in state:
-            raise CheckpointError(f"checkpoint has {g_key} but lacks {v_key}")
-        g, v = state.pop(g_key).float(), state.pop(v_key).float()
-        norm = v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
-        state[base] = v * (g / norm)
-    return state
+        out[new], origin[new] = value, key
+    for g_key in [k for k in out if k.endswith(".weight_g")]:
+        base, v_key = g_key[: -len("_g")], g_key[: -len("_g")] + "_v"
+        if v_key not in out:
+            raise CheckpointError(f"checkpoint has {origin[g_key]} but lacks its weight_v")
+        g, v = out.pop(g_key).float(), out.pop(v_key).float()
+        out[base] = v * (g / v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt())  # weight_norm(dim=2)
+        origin[base] = origin.pop(g_key)[: -len("_g")] + "_g/_v"
+    return out, origin
 
 
 def load_fairseq_weights(model: nn.Module, state: dict[str, Tensor], seq2seq: bool) -> None:
     """Copy a fairseq state dict into ``model``; float16/bfloat16 tensors are upcast.
 
-    Raises :class:`CheckpointError` naming every missing, unexpected or mis-shaped parameter.
+    Raises :class:`CheckpointError` naming (with the checkpoint's fairseq names) every missing,
+    unexpected or mis-shaped parameter.
     """
-    renamed = rename_fairseq_state(state, seq2seq)
+    renamed, origin = rename_fairseq_state(state, seq2seq)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
-    problems = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected]
+    problems = [
+        f"missing key: {fairseq_name(k, seq2seq)} (model parameter {k})" for k in sorted(set(expected) - set(renamed))
+    ]
+    problems += [f"unexpected key: {origin[k]}" for k in sorted(set(renamed) - set(expected))]
     for key in sorted(set(expected) & set(renamed)):
         if tuple(expected[key].shape) != tuple(renamed[key].shape):
             problems.append(
-                f"shape mismatch for {key}: checkpoint {tuple(renamed[key].shape)}, "
+                f"shape mismatch for {origin[key]}: checkpoint {tuple(renamed[key].shape)}, "
                 f"model {tuple(expected[key].shape)}"
             )
     if problems:
@@ -143,22 +143,25 @@ _INVERSE_LAYER_RULES: list[tuple[str, str]] = [
 ]
 
 
+def fairseq_name(key: str, seq2seq: bool) -> str:
+    """The fairseq name of our parameter ``key`` (the positional conv as ``...pos_conv.0.weight``)."""
+    if key.startswith("encoder."):
+        local = re.sub(
+            r"^video_frontend\.backbone\.layers\.(\d)\.",
+            lambda m: f"feature_extractor_video.resnet.trunk.layer{int(m[1]) + 1}.",
+            key[len("encoder."):],
+        )
+        prefix = "encoder.w2v_model." if seq2seq else ""
+        return prefix + _apply(_apply(local, _INVERSE_ENCODER_RULES), _INVERSE_LAYER_RULES)
+    return "decoder." + _apply(_apply(key[len("decoder."):], _INVERSE_DECODER_RULES), _INVERSE_LAYER_RULES)
+
+
 def to_fairseq_state(state: dict[str, Tensor], seq2seq: bool) -> dict[str, Tensor]:
     """Inverse of :func:`rename_fairseq_state`: our state dict -> fairseq names, the positional
     convolution split into ``weight_g``/``weight_v`` as ``weight_norm(dim=2)`` stores it."""
-    encoder_prefix = "encoder.w2v_model." if seq2seq else ""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key.startswith("encoder."):
-            local = re.sub(
-                r"^video_frontend\.backbone\.layers\.(\d)\.",
-                lambda m: f"feature_extractor_video.resnet.trunk.layer{int(m[1]) + 1}.",
-                key[len("encoder."):],
-            )
-            name = encoder_prefix + _apply(_apply(local, _INVERSE_ENCODER_RULES), _INVERSE_LAYER_RULES)
-        else:
-            local = key[len("decoder."):]
-            name = "decoder." + _apply(_apply(local, _INVERSE_DECODER_RULES), _INVERSE_LAYER_RULES)
+        name = fairseq_name(key, seq2seq)
         if name.endswith(".pos_conv.0.weight"):
             out[name + "_g"] = value.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
             out[name + "_v"] = value

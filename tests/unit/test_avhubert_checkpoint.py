@@ -143,25 +143,41 @@ def test_omegaconf_cfg_is_read_as_plain_data(tiny: Path, tmp_path: Path, monkeyp
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tiny: Path, tmp_path: Path) -> None:
     state = load_checkpoint(tiny)
-    missing = dict(state, model=dict(state["model"]))
-    del missing["model"]["encoder.w2v_model.encoder.layers.1.fc1.bias"]
-    with pytest.raises(CheckpointError, match=r"missing key: encoder\.transformer\.layers\.1\.feed_forward\.fc1\.bias"):
-        load_model(_resave(missing, tmp_path / "missing.pt"))
 
-    unexpected = dict(state, model=dict(state["model"]))
-    unexpected["model"]["decoder.layers.0.bogus.weight"] = torch.zeros(3)
+    def broken(name: str, edit) -> Path:
+        model = dict(state["model"])
+        edit(model)
+        return _resave(dict(state, model=model), tmp_path / f"{name}.pt")
+
+    with pytest.raises(CheckpointError, match=r"missing key: encoder\.w2v_model\.encoder\.layers\.1\.fc1\.bias"):
+        load_model(broken("missing", lambda m: m.pop("encoder.w2v_model.encoder.layers.1.fc1.bias")))
+    with pytest.raises(CheckpointError, match=r"missing key: .*resnet\.trunk\.layer3\.0\.downsample\.1\.running_var"):
+        load_model(
+            broken(
+                "bn",
+                lambda m: m.pop(
+                    "encoder.w2v_model.feature_extractor_video.resnet.trunk.layer3.0.downsample.1.running_var"
+                ),
+            )
+        )
     with pytest.raises(CheckpointError, match=r"unexpected key: decoder\.layers\.0\.bogus\.weight"):
-        load_model(_resave(unexpected, tmp_path / "unexpected.pt"))
-
-    stray = dict(state, model=dict(state["model"]))
-    stray["model"]["something.else"] = torch.zeros(3)
+        load_model(broken("unexpected", lambda m: m.update({"decoder.layers.0.bogus.weight": torch.zeros(3)})))
     with pytest.raises(CheckpointError, match=r"unexpected key in checkpoint: something\.else"):
-        load_model(_resave(stray, tmp_path / "stray.pt"))
+        load_model(broken("stray", lambda m: m.update({"something.else": torch.zeros(3)})))
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch for decoder\.layers\.1\.fc2\.weight: checkpoint \(5, 5\)"
+    ):
+        load_model(broken("shaped", lambda m: m.update({"decoder.layers.1.fc2.weight": torch.zeros(5, 5)})))
+    with pytest.raises(CheckpointError, match=r"encoder\.pos_conv\.0\.weight_g but lacks its weight_v"):
+        load_model(broken("wn", lambda m: m.pop("encoder.w2v_model.encoder.pos_conv.0.weight_v")))
 
-    shaped = dict(state, model=dict(state["model"]))
-    shaped["model"]["decoder.layers.1.fc2.weight"] = torch.zeros(5, 5)
-    with pytest.raises(CheckpointError, match=r"shape mismatch for decoder\.layers\.1\.feed_forward\.fc2\.weight"):
-        load_model(_resave(shaped, tmp_path / "shaped.pt"))
+
+def test_device_and_dtype_options(tiny: Path) -> None:
+    assert load_model(tiny, device="auto").info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="only supported on CUDA"):
+        load_model(tiny, device="cpu", dtype="bf16")
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_model(tiny, dtype="int8")
 
 
 def test_float16_checkpoint_with_optimizer_state_loads(tiny: Path, tmp_path: Path) -> None:
