@@ -299,11 +299,11 @@ class Track:
 
 
 def _track_period(tracker: FaceTracker, grays: list[np.ndarray], start: int) -> list[np.ndarray | None]:
-    """One reset period: HOG-tracked key frames (every ``hog_every``-th absolute index and the last
-    frame), then the frames in between from the interpolated box of their two detected neighbours, or
+    """One reset period: HOG-tracked key frames (every ``hog_every``-th absolute index, the first and
+    the last frame), then the frames in between from the interpolated box of their two detected neighbours, or
     their own HOG check when a neighbour has no face (so faces appearing / vanishing are not missed)."""
     n, k = len(grays), max(1, tracker.cfg.hog_every)
-    keys = [i for i in range(n) if (start + i) % k == 0 or i == n - 1]
+    keys = [i for i in range(n) if (start + i) % k == 0 or i in (0, n - 1)]
     out: list[np.ndarray | None] = [None] * n
     boxes: list[Box | None] = [None] * n
     for i in keys:

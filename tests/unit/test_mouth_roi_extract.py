@@ -106,6 +106,7 @@ def test_three_chunks_at_arbitrary_offsets(pingpong: np.ndarray) -> None:
     np.testing.assert_array_equal(stitched.rois, whole.rois)
     np.testing.assert_array_equal(stitched.landmarks, whole.landmarks)
     assert stitched.stats["chunks"] == 3 and stitched.stats["frames_total"] == 150
+    assert parts[1].detected[0]  # a chunk starting between two key frames still checks its first frame
 
 
 def test_video_file_source_streams_into_extract(result: MouthRoiResult) -> None:
