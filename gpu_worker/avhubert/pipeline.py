@@ -188,7 +188,9 @@ class AVHubert:
         ``prev_output_tokens`` ``[B, L]`` (``</s>`` first, as the official collater builds them)."""
         self._require_decoder()
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
-        tokens = torch.as_tensor(np.asarray(prev_output_tokens), device=self.device, dtype=torch.long)
+        if not isinstance(prev_output_tokens, Tensor):
+            prev_output_tokens = torch.from_numpy(np.asarray(prev_output_tokens))
+        tokens = prev_output_tokens.to(self.device, torch.long)
         with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
             logits = self.network.decoder(tokens, memory, mask)
