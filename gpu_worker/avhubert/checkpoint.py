@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -159,10 +160,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler for torch zip checkpoints that only knows the globals listed in ``_ALLOWED_GLOBALS``."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, file_map: np.ndarray) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._archive = archive
         self._prefix = prefix
+        self._file_map = file_map
         self._storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -181,14 +183,28 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"unsupported storage type in checkpoint: {storage_type!r:.80}")
         if key not in self._storages:
-            try:
-                raw = self._archive.read(f"{self._prefix}data/{key}")
-            except KeyError:
-                raise CheckpointError(f"checkpoint archive lacks the storage record data/{key}") from None
-            flat = torch.frombuffer(bytearray(raw), dtype=storage_type.dtype) if raw else (
-                torch.empty(0, dtype=storage_type.dtype))
-            self._storages[key] = flat
+            self._storages[key] = self._read_storage(f"{self._prefix}data/{key}", storage_type.dtype)
         return self._storages[key]
+
+    def _read_storage(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Flat tensor over a storage record: memory-mapped (copy-on-write) when the record is
+        stored uncompressed and aligned, as torch writes them, else read into memory."""
+        try:
+            info = self._archive.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"checkpoint archive lacks the storage record {name}") from None
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if info.file_size % itemsize:
+            raise CheckpointError(f"storage record {name} has {info.file_size} bytes, not a multiple of {itemsize}")
+        if info.file_size == 0:
+            return torch.empty(0, dtype=dtype)
+        header = bytes(self._file_map[info.header_offset : info.header_offset + 30])
+        if info.compress_type == zipfile.ZIP_STORED and header[:4] == b"PK\x03\x04":
+            start = info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+            start += int.from_bytes(header[28:30], "little")
+            if start % itemsize == 0:
+                return torch.from_numpy(self._file_map[start : start + info.file_size]).view(dtype)
+        return torch.frombuffer(bytearray(self._archive.read(name)), dtype=dtype)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -211,7 +227,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
             raise CheckpointError(f"{path}: big-endian checkpoints are unsupported")
-        unpickler = RestrictedUnpickler(archive.read(pickles[0]), archive, prefix)
+        file_map = np.memmap(path, dtype=np.uint8, mode="c")
+        unpickler = RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, file_map)
         try:
             state = unpickler.load()
         except CheckpointError:

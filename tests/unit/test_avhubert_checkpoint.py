@@ -172,6 +172,18 @@ def test_missing_unexpected_and_mismatched_keys_are_named(tiny: Path, tmp_path: 
         load_model(broken("wn", lambda m: m.pop("encoder.w2v_model.encoder.pos_conv.0.weight_v")))
 
 
+def test_compressed_archive_records_are_read(tiny: Path, tmp_path: Path) -> None:
+    """Records are normally memory-mapped; a re-zipped (deflated, unaligned) archive is read instead."""
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename.replace(f"{tiny.stem}/", "other_top/"), src.read(info))
+    original, deflated = load_checkpoint(tiny), load_checkpoint(path)
+    assert original["model"].keys() == deflated["model"].keys()
+    for key, value in original["model"].items():
+        assert torch.equal(value, deflated["model"][key]), key
+
+
 def test_device_and_dtype_options(tiny: Path) -> None:
     assert load_model(tiny, device="auto").info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="only supported on CUDA"):
