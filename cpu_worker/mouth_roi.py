@@ -77,6 +77,10 @@ class MouthRoiResult:
         )
 
 
+def _detector_total(calls: Mapping[str, int]) -> int:
+    return int(sum(v for k, v in calls.items() if k != "between"))
+
+
 def _json_default(obj: object) -> object:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -278,8 +282,8 @@ def extract_mouth_rois(
         "frames_interpolated": filler.interpolated,
         "frames_held": filler.held,
         "frames_in_breaks": int(sum(e - s for s, e in filler.breaks)),
-        "detector_calls": int(sum(calls.values())),
-        "detector_calls_by_kind": dict(calls),
+        "detector_calls": _detector_total(calls),
+        "detector_calls_by_kind": dict(calls),  # "between": predictor on an interpolated box, no detector
         "corrupt_skipped": int(corrupt_skipped or getattr(frames, "corrupt_skipped", 0)),
         "faces_seen": det_stats.faces_seen,
         "crops_clamped": cropper.clamped,
@@ -346,7 +350,7 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
         "frames_total": int(detected.size),
         "frames_detected": int(detected.sum()),
         "frames_interpolated": int(detected.size - detected.sum()),
-        "detector_calls": int(sum(calls.values())),
+        "detector_calls": _detector_total(calls),
         "detector_calls_by_kind": calls,
         "corrupt_skipped": int(sum(r.stats.get("corrupt_skipped", 0) for r in parts)),
         "faces_seen": max(r.stats.get("faces_seen", 0) for r in parts),
