@@ -10,10 +10,13 @@ Here each frame is still given a real HOG detection (so "face present" means the
   between theirs (as accurate as its own HOG box on smooth motion), a frame next to a miss gets its
   own HOG check, so faces appearing or vanishing are still seen frame-exactly;
 * without a track, HOG runs on the whole frame downscaled to ``detect_max_side``; only when that keeps
-  failing does it escalate (full resolution, then one upsampling, then the CNN detector), on a
-  schedule anchored to absolute frame indices;
+  failing does it escalate (finer scales ×2 each up to ``max_detect_pixels`` — for 640×480 the full
+  frame, then the official 2× — then the CNN once per block), on a schedule anchored to absolute frame
+  indices (and a last-resort CNN pass over a clip where nothing was found, ``last_resort_detect``);
 * the tracker is reset at every multiple of ``block`` frames, so blocks are independent: they run on
-  several threads and a clip cut into chunks gives the same landmarks as the whole clip.
+  several threads (dlib releases the GIL) and a clip cut into chunks gives the same landmarks as the
+  whole clip.  When several faces are seen, every one is followed through the block (``Track``) and the
+  caller keeps the speaker of the previous block (``select_track``).
 """
 
 from __future__ import annotations
