@@ -180,3 +180,25 @@ def test_image_sequence_with_corrupt_first_and_last_images_keeps_its_length() ->
     imgs[0] = imgs[-1] = b"broken"
     frames = list(ImageSequence(imgs, fps=25.0))
     assert [int(f[0, 0, 0]) for f in frames] == [10, 10, 20, 30, 40, 50, 60, 60]
+
+
+def test_corrupt_video_packets_are_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "mj.avi"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(10):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    data = bytearray(path.read_bytes())
+    soi = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    assert len(soi) == 10
+    garbage = np.random.default_rng(0).integers(0, 256, 800, dtype=np.uint8).tobytes()
+    data[soi[4] : soi[4] + 800] = garbage  # wreck the 5th JPEG (and the start of the 6th)
+    video = VideoFile(bytes(data))
+    frames = list(video)
+    assert video.corrupt_skipped >= 1
+    assert 8 <= len(frames) <= 10 and video.frames_decoded <= 9
+    assert all(f.shape == (48, 64, 3) for f in frames)
