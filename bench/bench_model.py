@@ -133,7 +133,10 @@ def main() -> None:
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the non-incremental baseline search")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the random checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
