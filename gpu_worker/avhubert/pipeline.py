@@ -28,7 +28,8 @@ class Hypothesis:
     """One decoded hypothesis.
 
     ``tokens``: dictionary ids ending with ``</s>``; ``score``: official hypothesis score (sum of
-    ``token_logprobs`` / ``len(tokens) ** len_penalty``); ``token_logprobs``: natural-log
+    ``token_logprobs``, divided by ``len(tokens) ** len_penalty`` when ``normalize_scores``, the
+    default); ``token_logprobs``: natural-log
     probability of each token given the prefix (``</s>`` included); ``confidence``:
     ``exp(mean(token_logprobs))``, the geometric-mean token probability, in [0, 1]; ``text``: the
     detokenised string as ``infer_s2s.py`` prints it.
