@@ -6,12 +6,12 @@ import time
 from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from tasks.subtitles import render_result
 
 from api.auth import require_api_key
 from api.errors import ApiError, error_body
 from api.validation import check_job_id, idempotency_key, parse_job_request
 from tasks import jobs, pipeline
+from tasks.subtitles import render_result
 
 bp = Blueprint("jobs", __name__)
 
@@ -107,7 +107,7 @@ def cancel_job(job_id: str):
 def get_result(job_id: str):
     job = _load(job_id)
     if job["status"] != jobs.SUCCEEDED:
-        raise ApiError(409, "job_not_finished", f"job is {job['status']}", status=job["status"])
+        raise ApiError(409, "job_not_finished", f"job is {job['status']}", job_status=job["status"])
     fmt = request.args.get("format", "json")
     try:
         body, mimetype = render_result(job["result"], fmt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlparse
 
+import redis
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
@@ -22,8 +23,7 @@ def _redacted(url: str) -> str:
     return f"{parsed.scheme}://{host}:{parsed.port or 6379}{parsed.path}"
 
 
-def queue_depths() -> dict[str, int]:
-    r = jobs.connection()
+def queue_depths(r: redis.Redis) -> dict[str, int]:
     return {q: int(r.llen(q)) for q in (CPU_QUEUE, GPU_QUEUE)}
 
 
@@ -34,10 +34,11 @@ def health():
     broker = {"url": _redacted(settings.redis_url)}
     try:
         started = time.perf_counter()
-        jobs.connection().ping()
+        r = jobs.connection(settings.redis_url)
+        r.ping()
         broker.update(ok=True, latency_ms=round(1000 * (time.perf_counter() - started), 2))
-        workers = worker_runtime.heartbeats()
-        queues = queue_depths()
+        workers = worker_runtime.heartbeats(r)
+        queues = queue_depths(r)
     except Exception as exc:
         broker.update(ok=False, error=type(exc).__name__)
         body = {"status": "unavailable", "model_loaded": False, "device": None, "gpu_name": None,
@@ -79,7 +80,7 @@ class RedisStateCollector:
                 summary.add_metric([stage], stats.get(f"stage_{stage}_seconds_count", 0.0), value)
         yield summary
         depth = GaugeMetricFamily("avsr_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
-        for queue, n in queue_depths().items():
+        for queue, n in queue_depths(jobs.connection()).items():
             depth.add_metric([queue], n)
         yield depth
         workers = worker_runtime.heartbeats()

@@ -35,9 +35,9 @@ def _redis(url: str) -> redis.Redis:
                                 health_check_interval=30)
 
 
-def connection() -> redis.Redis:
-    """The shared Redis client for job records (same server as the broker)."""
-    return _redis(get_settings().redis_url)
+def connection(url: str | None = None) -> redis.Redis:
+    """The shared Redis client for job records (same server as the broker), or for `url`."""
+    return _redis(url or get_settings().redis_url)
 
 
 def new_job_id() -> str:

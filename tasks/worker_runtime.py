@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+import redis
+
 from tasks import jobs
 from tasks.errors import JobError
 from tasks.settings import get_settings
@@ -111,9 +113,9 @@ def stop_heartbeat(hostname: str) -> None:
         log.warning("could not clear heartbeat: %s", exc)
 
 
-def heartbeats() -> list[dict[str, Any]]:
+def heartbeats(r: redis.Redis | None = None) -> list[dict[str, Any]]:
     """Every live worker heartbeat (read by `/health` and `/metrics`)."""
-    r = jobs.connection()
+    r = r or jobs.connection()
     keys = sorted(r.scan_iter(match=HEARTBEAT_PREFIX + "*", count=100))
     values = r.mget(keys) if keys else []
     return [json.loads(v) for v in values if v]

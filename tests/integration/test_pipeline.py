@@ -68,7 +68,12 @@ def test_result_files_in_s3_and_formats(frames_job, api, s3):
     stored = json.loads(s3.get_object(Bucket=location["bucket"], Key=location["json"])["Body"].read())
     assert stored == result
     subtitles = list(srt.parse(s3.get_object(Bucket=location["bucket"], Key=location["srt"])["Body"].read().decode()))
-    assert [s.content.replace("\n", " ") for s in subtitles] == [s["text"] for s in result["segments"] if s["text"]]
+    # Long texts are wrapped over lines and consecutive cues; the words are all there, in order.
+    def squeeze(texts):
+        return "".join("".join(texts).split())
+
+    assert squeeze(s.content for s in subtitles) == squeeze(s["text"] for s in result["segments"])
+    assert subtitles[0].start.total_seconds() == result["segments"][0]["start"]
     assert api.request("GET", f"/v1/jobs/{job_id}/result").json() == result
     vtt = api.request("GET", f"/v1/jobs/{job_id}/result?format=vtt")
     assert vtt.headers["Content-Type"].startswith("text/vtt") and vtt.text.startswith("WEBVTT")

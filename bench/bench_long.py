@@ -1,0 +1,138 @@
+"""A long talk end to end through the running stack: wall time, real-time factor, worker memory.
+
+    python bench/bench_long.py [--seconds 600] [--workers 1 2] [--size base]
+
+Writes a synthetic 640x480 talking-face video with audio (`deploy/local/sample_media.py`),
+starts a private stack with a random-weight AV-HuBERT of the official Base (or Large/tiny) size,
+and for each CPU-worker count submits the video as one job (`modality auto` → audio-visual),
+then reports wall time, real-time factor (processing time / clip duration), segments, and the peak
+RSS of every worker process tree (VmHWM from /proc). A run with 1 worker is the baseline for the
+speed-up of 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deploy.local.sample_media import write_face_video  # noqa: E402
+from deploy.local.stack import Stack, StackConfig  # noqa: E402
+from gpu_worker.avhubert.random_checkpoint import make_random_checkpoint  # noqa: E402
+
+BUCKET = "avsr-bench"
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants (prefork pool children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            children = []
+        todo.extend(int(c) for c in children)
+    return out
+
+
+def rss_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakSampler(threading.Thread):
+    """Samples the summed RSS of each named process tree every 0.2 s; keeps the peak."""
+
+    def __init__(self, pids: dict[str, int]):
+        super().__init__(daemon=True)
+        self.pids, self.peak = pids, dict.fromkeys(pids, 0)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for name, pid in self.pids.items():
+                total = sum(rss_kib(p, "VmRSS") for p in tree_pids(pid))
+                self.peak[name] = max(self.peak[name], total)
+            self.stop.wait(0.2)
+
+
+def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dict:
+    config = StackConfig(state_dir=ROOT / "var" / f"bench-long-{workers}", redis_url="redis://127.0.0.1:6379/12",
+                         s3_port=38333, weed_base_port=39333, api_port=38000, flower_port=35555,
+                         buckets=(BUCKET,), model_path=str(checkpoint), cpu_workers=workers, cpu_concurrency=1,
+                         api_key="bench-key", extra_env={"AVSR_CPU_THREADS": str(max(1, 2 // workers))})
+    import redis
+
+    redis.Redis.from_url(config.redis_url).flushdb()
+    stack = Stack(config).start()
+    try:
+        stack.s3_client().upload_file(str(video), BUCKET, "long/talk.mp4")
+        sampler = PeakSampler({n: p for n, p in stack.pids.items() if n.startswith(("cpu", "gpu"))})
+        sampler.start()
+        headers = {"X-API-Key": config.api_key}
+        started = time.monotonic()
+        job_id = requests.post(f"{config.api_url}/v1/jobs", headers=headers, timeout=10,
+                               json={"s3_bucket": BUCKET, "s3_key": "long/talk.mp4", "beam_size": 5}).json()["job_id"]
+        while True:
+            job = requests.get(f"{config.api_url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+        wall = time.monotonic() - started
+        sampler.stop.set()
+        sampler.join()
+    finally:
+        stack.stop()
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job failed: {job.get('error')}")
+    result = job["result"]
+    return {"workers": workers, "wall_s": wall, "rtf": wall / seconds, "segments": len(result["segments"]),
+            "frames": result["num_frames"], "timings": result["timings"],
+            "peak_rss_mib": {k: round(v / 1024) for k, v in sampler.peak.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--size", default="base", choices=["tiny", "base", "large"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / f"avhubert-random-{args.size}.pt"
+        make_random_checkpoint(checkpoint, size=args.size, seed=0)
+        video = Path(tmp) / "talk.mp4"
+        started = time.monotonic()
+        write_face_video(video, seconds=args.seconds, with_audio=True, seed=7)
+        print(f"wrote a {args.seconds:.0f} s 640x480 talk with audio in {time.monotonic() - started:.0f} s "
+              f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, no GPU",
+              flush=True)
+        runs = [run_once(video, args.seconds, w, checkpoint) for w in args.workers]
+    print(f"{'cpu workers':>11}{'wall s':>9}{'RTF':>7}{'segments':>10}  stage seconds (summed over tasks)"
+          "                 peak RSS MiB")
+    for r in runs:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
+        print(f"{r['workers']:>11}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}{r['segments']:>10}  {stages:<48} {r['peak_rss_mib']}")
+    if len(runs) > 1:
+        print(f"speed-up {runs[-1]['workers']} vs {runs[0]['workers']} CPU workers: "
+              f"{runs[0]['wall_s'] / runs[-1]['wall_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
