@@ -127,7 +127,8 @@ def main() -> int:
           "                 peak RSS MiB")
     for r in runs:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
-        print(f"{r['workers']:>11}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}{r['segments']:>10}  {stages:<48} {r['peak_rss_mib']}")
+        print(f"{r['workers']:>11}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}{r['segments']:>10}  {stages:<48} "
+              f"{r['peak_rss_mib']}")
     if len(runs) > 1:
         print(f"speed-up {runs[-1]['workers']} vs {runs[0]['workers']} CPU workers: "
               f"{runs[0]['wall_s'] / runs[-1]['wall_s']:.2f}x")
