@@ -46,7 +46,8 @@ def job_task(name: str, stage: str) -> Callable:
     """
 
     def decorate(fn: Callable) -> Callable:
-        @app.task(name=f"avsr.{name}", bind=True, max_retries=MAX_RETRIES)
+        # `throws`: a JobError is an expected outcome (logged without a traceback), not a crash.
+        @app.task(name=f"avsr.{name}", bind=True, max_retries=MAX_RETRIES, throws=(JobError,))
         @functools.wraps(fn)
         def run(self, *args: Any) -> Any:
             job_id = args[-1]
@@ -65,6 +66,7 @@ def job_task(name: str, stage: str) -> Callable:
                 elapsed = time.perf_counter() - started
                 jobs.record_stage_time(name, elapsed)
                 jobs.add_timing(job_id, name, elapsed)
+                log.info("%s done", name, extra={"stage": stage, "seconds": round(elapsed, 4)})
                 return result
             except Ignore:
                 raise

@@ -82,6 +82,8 @@ class Settings:
                                    doc="longest segment decoded at once, seconds")
     max_batch_frames: int = setting("AVSR_MAX_BATCH_FRAMES", 3000, kind=int,
                                     doc="inference memory budget: segments per batch × longest segment, in frames")
+    chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,
+                                doc="frames per preprocessing task; longer clips fan out over CPU workers")
     # Workers.
     task_soft_time_limit_s: int = setting("AVSR_TASK_SOFT_TIME_LIMIT_S", 1800, kind=int,
                                           doc="soft time limit of one task")

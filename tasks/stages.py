@@ -36,8 +36,7 @@ from tasks.subtitles import segments_to_srt, segments_to_vtt
 log = logging.getLogger(__name__)
 
 FPS = 25.0  # AV-HuBERT's frame rate: everything downstream of `prepare` is at 25 fps
-CHUNK_FRAMES = 750  # 30 s of video per preprocessing task
-CHUNK_OVERLAP = 25  # frames each side so tracking and smoothing do not seam
+CHUNK_OVERLAP = 25  # frames each side, so chunks share 50 (stitch_results needs >= 38)
 
 
 def work_key(job_id: str, name: str) -> str:
@@ -56,7 +55,7 @@ def prepare(job: dict) -> dict:
     frames = request["input"]["type"] == "frames"
     plan = _prepare_frames(request) if frames else _prepare_video(job["job_id"], request)
     plan["chunks"] = [c.to_dict() for c in segmentation.plan_chunks(
-        plan["num_frames"], chunk_frames=CHUNK_FRAMES, overlap=CHUNK_OVERLAP)]
+        plan["num_frames"], chunk_frames=get_settings().chunk_frames, overlap=CHUNK_OVERLAP)]
     storage.put_json(_work_bucket(), work_key(job["job_id"], "plan.json"), plan)
     jobs.update(job["job_id"], chunks_total=len(plan["chunks"]), num_frames=plan["num_frames"],
                 modality=plan["modality"], progress=0.05)

@@ -49,7 +49,9 @@ def stack():
         model_path=str(CHECKPOINT),
         extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",
                    "AVSR_CALLBACK_SECRET": "webhook-secret", "AVSR_PREDICT_TIMEOUT_S": "120",
-                   "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000"},
+                   "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
+                   # small chunks and segments so a 10 s clip exercises the fan-out and batching
+                   "AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4"},
     )
     stack = Stack(config)
     try:

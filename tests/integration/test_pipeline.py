@@ -7,6 +7,7 @@ workers make), so the service can neither lose, reorder nor alter anything on th
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import cv2
@@ -139,3 +140,34 @@ def test_bad_inputs_fail_with_a_reason(api, s3, jpeg_frames, name, setup, code):
     assert job["status"] == "failed", name
     assert job["error"]["code"] == code, job["error"]
     assert job["error"]["message"]
+
+
+def test_long_clip_fans_out_and_batches_segments(api, s3, tmp_path, engine):
+    """10 s at AVSR_CHUNK_FRAMES=100 → 3 preprocessing tasks in parallel; AVSR_MAX_SEGMENT_S=4 → several
+    segments decoded in batches. Stitched chunks equal one-piece preprocessing, batched decoding equals
+    one segment at a time, and segment times tile the clip's face track in order."""
+    from deploy.local.sample_media import write_face_video
+
+    clip = tmp_path / "long.mp4"
+    utterances = write_face_video(clip, seconds=10.0, with_audio=True, seed=11)
+    s3.upload_file(str(clip), INPUT_BUCKET, "videos/long.mp4")
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_key": "videos/long.mp4", "beam_size": 2}))
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    stored = work_arrays(s3, job["job_id"], "features.npz")
+    whole = extract_mouth_rois(VideoFile(clip), fps=25.0)
+    np.testing.assert_array_equal(stored["rois"], whole.rois)
+    plan = json.loads(s3.get_object(Bucket="avsr-test-work", Key=f"jobs/{job['job_id']}/plan.json")["Body"].read())
+    assert len(plan["chunks"]) == 3
+    segments = result["segments"]
+    assert len(segments) >= 3 and job["segments_total"] == len(segments) == job["segments_done"]
+    assert all(0 < s["end"] - s["start"] <= 4.0 for s in segments)
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(segments))
+    # cuts fall in the pauses between the generated utterances where a pause is needed
+    inside_speech = [s for s in segments[:-1] for u0, u1 in utterances if u0 + 0.2 < s["end"] < u1 - 0.2
+                     and u1 - u0 < 4.0]
+    assert not inside_speech
+    for seg in segments:  # one at a time, as the official single-utterance decode
+        alone = in_process(engine, stored["rois"], stored["audio"], {"segments": [seg]}, "audiovisual", beam=2)
+        assert alone[0]["text"] == seg["text"]
+        assert alone[0]["confidence"] == pytest.approx(seg["confidence"], abs=1e-4)
