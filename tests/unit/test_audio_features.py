@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cpu_worker.audio import (  # noqa: E402
+from cpu_worker.audio import (
     align_audio_to_video,
     audio_features,
     frame_energy_db,
     layer_norm_frames,
     log_filterbank,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 INP = ROOT / "tests/fixtures/avhubert_reference/inputs"
 UTTS = ("rand29", "face50", "rand75")

@@ -21,14 +21,9 @@ from gpu_worker.avhubert.config import config_from_checkpoint
 from gpu_worker.avhubert.random_checkpoint import make_random_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One intra-op thread: these small models gain nothing from more, and a busy 2-core CI box
-    makes OpenMP threads spin (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _one_thread(single_torch_thread):
+    """Every test here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,10 @@ BEAMS = [5, 1]
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """One intra-op thread: these small models gain nothing from more, and a busy 2-core CI box
-    makes OpenMP threads spin (10x slower runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_torch_thread):
+    """Every test here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,14 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from tasks.settings import Settings  # noqa: E402
-from tests.unit.test_deploy_compose import (  # noqa: E402
+from tasks.settings import Settings
+from tests.unit.test_deploy_compose import (
     API_COMMAND,
     CPU_COMMAND,
     EXTRA_VARIABLES,
@@ -24,6 +20,8 @@ from tests.unit.test_deploy_compose import (  # noqa: E402
     GPU_COMMAND,
     parse_env_file,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 EC2 = ROOT / "deploy" / "ec2"
 VENV_BIN = "/opt/avsr/venv/bin/"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import av
@@ -11,12 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from cpu_worker.errors import BadMedia, PreprocessingError
+from cpu_worker.frames import ImageSequence, VideoFile, decode_image, resample_timed
 
-from cpu_worker.errors import BadMedia, PreprocessingError  # noqa: E402
-from cpu_worker.frames import ImageSequence, VideoFile, decode_image, resample_timed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 PRE = ROOT / "tests/fixtures/avhubert_reference/preprocess"
 

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from cpu_worker import align
+from cpu_worker.mouth_roi import crop_mouth_rois
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cpu_worker import align  # noqa: E402
-from cpu_worker.mouth_roi import crop_mouth_rois  # noqa: E402
 
 PRE = ROOT / "tests/fixtures/avhubert_reference/preprocess"
 
 
-@pytest.fixture(scope="module")
-def ref() -> dict[str, np.ndarray]:
-    return dict(np.load(PRE / "preprocess_reference.npz"))
-
-
-@pytest.fixture(scope="module")
-def frames() -> np.ndarray:
-    import av
-
-    with av.open(str(PRE / "face_clip_640x480_ffv1.mkv")) as c:
-        return np.stack([f.to_ndarray(format="bgr24") for f in c.decode(video=0)])
 
 
 def test_frames_decode_exactly(frames: np.ndarray, ref: dict[str, np.ndarray]) -> None:

@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from cpu_worker.errors import NoFaceDetected, NoFrames, PreprocessingError
+from cpu_worker.landmarks import TrackerConfig
+from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
 
-from cpu_worker.errors import NoFaceDetected, NoFrames, PreprocessingError  # noqa: E402
-from cpu_worker.landmarks import TrackerConfig  # noqa: E402
-from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 PRE = ROOT / "tests/fixtures/avhubert_reference/preprocess"
 
 
-@pytest.fixture(scope="module")
-def ref() -> dict[str, np.ndarray]:
-    return dict(np.load(PRE / "preprocess_reference.npz"))
-
-
-@pytest.fixture(scope="module")
-def frames() -> np.ndarray:
-    import av
-
-    with av.open(str(PRE / "face_clip_640x480_ffv1.mkv")) as c:
-        return np.stack([f.to_ndarray(format="bgr24") for f in c.decode(video=0)])
 
 
 @pytest.fixture(scope="module")

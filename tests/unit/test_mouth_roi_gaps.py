@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from cpu_worker.align import interpolate_landmarks
+from cpu_worker.mouth_roi import _GapFiller
 
-from cpu_worker.align import interpolate_landmarks  # noqa: E402
-from cpu_worker.mouth_roi import _GapFiller  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(detected: list[bool], max_gap: int, max_lead: int = 1000) -> tuple[_GapFiller, dict[int, np.ndarray]]:

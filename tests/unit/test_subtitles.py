@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,17 +11,15 @@ import pytest
 import srt
 import webvtt
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tasks.subtitles import (  # noqa: E402
+from tasks.subtitles import (
     LINE_CHARS,
     render_result,
     segments_to_srt,
     segments_to_vtt,
     wrap_lines,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LONG = (
     "so the main point of this talk is that lip reading works surprisingly well once the model "
