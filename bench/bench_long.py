@@ -74,7 +74,7 @@ class PeakSampler(threading.Thread):
 
 def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dict:
     config = StackConfig(state_dir=ROOT / "var" / f"bench-long-{workers}", redis_url="redis://127.0.0.1:6379/12",
-                         s3_port=38333, weed_base_port=39333, api_port=38000, flower_port=35555,
+                         s3_port=25333, weed_base_port=26333, api_port=25000, flower_port=25555,
                          buckets=(BUCKET,), model_path=str(checkpoint), cpu_workers=workers, cpu_concurrency=1,
                          api_key="bench-key", extra_env={"AVSR_CPU_THREADS": str(max(1, 2 // workers))})
     import redis

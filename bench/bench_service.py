@@ -58,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
 
     config = StackConfig(state_dir=ROOT / "var" / "bench-stack", redis_url="redis://127.0.0.1:6379/13",
-                         s3_port=28333, weed_base_port=29333, api_port=28000, flower_port=25555,
+                         s3_port=23333, weed_base_port=24333, api_port=23000, flower_port=23555,
                          buckets=(BUCKET,), model_path=args.checkpoint, api_key="bench-key")
     import redis
 

@@ -50,6 +50,7 @@ class StackConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_port: int = 8333
     weed_base_port: int = 9333  # master; volume +1, filer +2
+    # weed also listens on each port + 10000 (gRPC): stacks side by side need ports apart by more
     api_port: int = 8000
     flower_port: int = 5555
     cpu_workers: int = 1

@@ -12,17 +12,15 @@ import os
 import shutil
 import time
 
-import av
 import cv2
-import numpy as np
 import pytest
 import redis
 import requests
 
-from deploy.local.stack import ROOT, Stack, StackConfig
+from deploy.local.stack import Stack, StackConfig
+from tests.conftest import REFERENCE, ROOT, reference_face_frames
 
-FIXTURES = ROOT / "tests" / "fixtures" / "avhubert_reference"
-CHECKPOINT = FIXTURES / "checkpoints" / "finetune_s2s.pt"
+CHECKPOINT = REFERENCE / "checkpoints" / "finetune_s2s.pt"
 INPUT_BUCKET = "avsr-test-inputs"
 OUTPUT_BUCKET = "avsr-test-outputs"
 API_KEY = "test-key-123"
@@ -43,8 +41,8 @@ def stack():
     with contextlib.suppress(redis.RedisError):  # Stack starts a private redis-server if none answers
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
     config = StackConfig(
-        state_dir=state_dir, redis_url=REDIS_URL, s3_port=18333, weed_base_port=19333, api_port=18000,
-        flower_port=15555, api_key=API_KEY, flower_auth="flower:flower-pass",
+        state_dir=state_dir, redis_url=REDIS_URL, s3_port=21333, weed_base_port=22333, api_port=21000,
+        flower_port=21555, api_key=API_KEY, flower_auth="flower:flower-pass",
         work_bucket="avsr-test-work", buckets=(INPUT_BUCKET, OUTPUT_BUCKET, "avsr-test-forbidden"),
         model_path=str(CHECKPOINT),
         extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",
@@ -107,15 +105,9 @@ def upload_frames(s3, prefix: str, encoded: list[bytes], ext: str = "jpg") -> st
     return prefix
 
 
-def fixture_frames() -> list[np.ndarray]:
-    """The 50 frames of the reference face clip (640x480; frames 0, 20, 21 show no face)."""
-    with av.open(str(FIXTURES / "preprocess" / "face_clip_640x480_ffv1.mkv")) as container:
-        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
-
-
 @pytest.fixture(scope="session")
 def jpeg_frames() -> list[bytes]:
-    return [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes() for f in fixture_frames()]
+    return [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes() for f in reference_face_frames()]
 
 
 @pytest.fixture(scope="session")
