@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import time
 
 import cv2
 import numpy as np
@@ -171,3 +172,25 @@ def test_long_clip_fans_out_and_batches_segments(api, s3, tmp_path, engine):
         alone = in_process(engine, stored["rois"], stored["audio"], {"segments": [seg]}, "audiovisual", beam=2)
         assert alone[0]["text"] == seg["text"]
         assert alone[0]["confidence"] == pytest.approx(seg["confidence"], abs=1e-4)
+
+
+def test_redelivered_finalize_changes_nothing(api, stack, frames_job_done):
+    """acks_late can deliver a task twice: a late finalize with other data must not touch the result."""
+    from celery import Celery
+
+    job_id = frames_job_done["job_id"]
+    client = Celery(broker=stack.config.redis_url, backend=stack.config.redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    decoded = client.AsyncResult(f"{job_id}.infer").get(timeout=10)
+    tampered = {**decoded, "decoded": [{**d, "text": "tampered"} for d in decoded["decoded"]]}
+    client.send_task("avsr.finalize", args=(tampered, job_id), queue="cpu")
+    log = stack.logs / "cpu1.log"
+    deadline = time.monotonic() + 30
+    skipped = []
+    while not skipped and time.monotonic() < deadline:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        skipped = [e for e in lines if e.get("job_id") == job_id and e["message"].startswith("skipping finalize")]
+        time.sleep(0.2)
+    assert skipped, "the worker never consumed the re-delivered finalize"
+    job = api.request("GET", f"/v1/jobs/{job_id}").json()
+    assert job["result"] == frames_job_done["result"] and job["finished_at"] == frames_job_done["finished_at"]
