@@ -237,17 +237,18 @@ class Stack:
     def _celery(self, *args: str) -> list[str]:
         return [str(VENV_BIN / "celery"), "--app", "tasks.celery_app", *args]
 
+    def start_worker(self, name: str, queue: str, concurrency: int = 1) -> subprocess.Popen:
+        """Start one Celery worker process (`name@host`) on `queue`: prefork for `cpu`-style queues,
+        the solo pool for `gpu` (the model process must not fork)."""
+        pool = ["--pool", "solo"] if queue == "gpu" else ["--pool", "prefork", "--concurrency", str(concurrency)]
+        return self._spawn(name, self._celery("worker", "--queues", queue, *pool, "--prefetch-multiplier", "1",
+                                              "--hostname", f"{name}@%h", "--loglevel", "INFO"))
+
     def _start_workers(self) -> None:
-        started = []
         for i in range(self.config.cpu_workers):
-            name = f"cpu{i + 1}"
-            started.append(self._spawn(name, self._celery(
-                "worker", "--queues", "cpu", "--pool", "prefork", "--concurrency", str(self.config.cpu_concurrency),
-                "--prefetch-multiplier", "1", "--hostname", f"{name}@%h", "--loglevel", "INFO")))
-        started.append(self._spawn("gpu", self._celery(
-            "worker", "--queues", "gpu", "--pool", "solo", "--prefetch-multiplier", "1",
-            "--hostname", "gpu@%h", "--loglevel", "INFO")))
-        _wait(self._workers_ready, "Celery workers", 180, started[-1], self.logs / "gpu.log")
+            self.start_worker(f"cpu{i + 1}", "cpu", self.config.cpu_concurrency)
+        gpu = self.start_worker("gpu", "gpu")
+        _wait(self._workers_ready, "Celery workers", 180, gpu, self.logs / "gpu.log")
 
     def _workers_ready(self) -> bool:
         health = requests.get(f"{self.config.api_url}/health", timeout=5).json()
@@ -266,8 +267,7 @@ class Stack:
 
         `weed` ignores SIGTERM for a while; it is stopped by pid and waited for like the rest.
         """
-        order = ["flower", "api", *[n for n in self.pids if n.startswith("cpu")], "gpu", "weed", "redis"]
-        stop_pids(self.pids, order, timeout)
+        stop_pids(self.pids, timeout)
         self.pids.clear()
         self._save()
 
@@ -284,7 +284,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop_pids(pids: dict[str, int], order: list[str], timeout: float) -> None:
+def stop_pids(pids: dict[str, int], timeout: float) -> None:
+    """Stop the front (Flower, API) first, then the workers, then the stores they use (S3, Redis)."""
+    order = ["flower", "api", *[n for n in pids if n not in ("flower", "api", "weed", "redis")], "weed", "redis"]
     for name in order:
         pid = pids.get(name)
         if pid and _alive(pid):
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     state = json.loads(state_file.read_text()) if state_file.exists() else {"pids": {}}
     if args.command == "down":
         pids = {k: int(v) for k, v in state["pids"].items()}
-        stop_pids(pids, ["flower", "api", *[n for n in pids if n.startswith("cpu")], "gpu", "weed", "redis"], 30)
+        stop_pids(pids, 30)
         state_file.unlink(missing_ok=True)
         print("stopped")
         return 0
