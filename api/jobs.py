@@ -78,6 +78,7 @@ def submit(body: object, *, legacy: bool = False) -> tuple[dict, bool]:
                 return existing, False
     job = jobs.create(job_request, job_id=job_id)
     pipeline.submit(job)
+    current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
     return job, True
 
 
