@@ -16,38 +16,51 @@ from __future__ import annotations
 from celery import Celery, signals
 
 from tasks.logs import configure_logging
-from tasks.settings import get_settings
+from tasks.settings import Settings, get_settings, redis_sentinel
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
 
+
+def celery_config(settings: Settings) -> dict:
+    """The Celery configuration for `settings` (broker and result backend on AVSR_REDIS_URL).
+
+    A `sentinel://` URL adds `master_name` (AVSR_REDIS_SENTINEL_MASTER) to the broker's and the
+    result backend's transport options; kombu and Celery then ask the Sentinels for the master.
+    """
+    # A task not acked within the visibility timeout is re-delivered: keep it above the hard limit.
+    transport_options: dict[str, object] = {"visibility_timeout": settings.task_time_limit_s + 600}
+    if redis_sentinel(settings.redis_url, settings.redis_sentinel_master) is not None:
+        transport_options["master_name"] = settings.redis_sentinel_master
+    return dict(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=settings.job_ttl_s,
+        task_default_queue=CPU_QUEUE,
+        task_routes={"avsr.infer": {"queue": GPU_QUEUE}, "avsr.*": {"queue": CPU_QUEUE}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        broker_transport_options=dict(transport_options),
+        result_backend_transport_options=dict(transport_options),
+        broker_connection_retry_on_startup=True,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+
+
 settings = get_settings()
 app = Celery("avsr", include=["tasks.pipeline"])
-app.conf.update(
-    broker_url=settings.redis_url,
-    result_backend=settings.redis_url,
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    result_expires=settings.job_ttl_s,
-    task_default_queue=CPU_QUEUE,
-    task_routes={"avsr.infer": {"queue": GPU_QUEUE}, "avsr.*": {"queue": CPU_QUEUE}},
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    task_acks_on_failure_or_timeout=True,
-    worker_prefetch_multiplier=1,
-    task_soft_time_limit=settings.task_soft_time_limit_s,
-    task_time_limit=settings.task_time_limit_s,
-    # A task not acked within the visibility timeout is re-delivered: keep it above the hard limit.
-    broker_transport_options={"visibility_timeout": settings.task_time_limit_s + 600},
-    result_backend_transport_options={"visibility_timeout": settings.task_time_limit_s + 600},
-    broker_connection_retry_on_startup=True,
-    task_track_started=True,
-    worker_send_task_events=True,
-    task_send_sent_event=True,
-    worker_hijack_root_logger=False,
-    enable_utc=True,
-)
+app.conf.update(celery_config(settings))
 
 _worker: dict[str, object] = {"queues": set(), "hostname": None}
 

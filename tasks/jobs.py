@@ -16,8 +16,9 @@ from functools import lru_cache
 from typing import Any
 
 import redis
+import redis.sentinel
 
-from tasks.settings import get_settings
+from tasks.settings import get_settings, redis_sentinel
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -29,15 +30,27 @@ _IDEMPOTENCY_KEY = "avsr:idempotency:{}"
 STATS_KEY = "avsr:stats"  # hash: jobs_<status> counters, stage_<name>_seconds_sum/_count
 
 
+_TIMEOUTS = {"socket_timeout": 10, "socket_connect_timeout": 5}
+
+
 @lru_cache(maxsize=4)
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-                                health_check_interval=30)
+def _redis(url: str, sentinel_master: str = "") -> redis.Redis:
+    sentinel = redis_sentinel(url, sentinel_master)
+    if sentinel is None:
+        return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, **_TIMEOUTS)
+    # The client asks the Sentinels for the current master on every (re)connection, so it follows a failover.
+    return redis.sentinel.Sentinel(
+        list(sentinel.sentinels), sentinel_kwargs=dict(_TIMEOUTS), db=sentinel.db, username=sentinel.username,
+        password=sentinel.password, health_check_interval=30, **_TIMEOUTS,
+    ).master_for(sentinel.master_name, decode_responses=True)
 
 
 def connection(url: str | None = None) -> redis.Redis:
-    """The shared Redis client for job records (same server as the broker), or for `url`."""
-    return _redis(url or get_settings().redis_url)
+    """The shared Redis client for job records (same server as the broker), or for `url`.
+
+    A `sentinel://` URL gives a client of the master named by AVSR_REDIS_SENTINEL_MASTER.
+    """
+    return _redis(url or get_settings().redis_url, get_settings().redis_sentinel_master)
 
 
 def new_job_id() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from urllib.parse import unquote, urlparse
 
 
 def _env(name: str, default: str) -> str:
@@ -44,7 +45,10 @@ def setting(env: str, default, kind=str, doc: str = ""):
 class Settings:
     # Broker, result backend and job records.
     redis_url: str = setting("AVSR_REDIS_URL", "redis://127.0.0.1:6379/0",
-                             doc="Redis for the Celery broker, results and job records")
+                             doc="Redis for the Celery broker, results and job records; "
+                                 "`sentinel://h1:26379/0;sentinel://h2:26379/0` for Redis Sentinel")
+    redis_sentinel_master: str = setting("AVSR_REDIS_SENTINEL_MASTER", "",
+                                         doc="master name the Sentinels monitor; required with a sentinel:// URL")
     # S3: inputs, the work prefix for intermediate arrays, results.
     s3_endpoint_url: str = setting("AVSR_S3_ENDPOINT_URL", "http://127.0.0.1:8333",
                                    doc="S3 endpoint; empty string means AWS S3")
@@ -97,6 +101,9 @@ class Settings:
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
     log_json: bool = setting("AVSR_LOG_JSON", True, kind=bool, doc="JSON log lines")
 
+    def __post_init__(self) -> None:
+        redis_sentinel(self.redis_url, self.redis_sentinel_master)  # fail at start-up, not at first use
+
     @classmethod
     def from_env(cls) -> Settings:
         """Read every field from its environment variable, falling back to the default."""
@@ -119,6 +126,44 @@ class Settings:
     def environment_variables() -> dict[str, str]:
         """Environment variable → description, for docs and drift tests."""
         return {f.metadata["env"]: f.metadata["doc"] for f in fields(Settings)}
+
+
+@dataclass(frozen=True)
+class RedisSentinel:
+    """Where a `sentinel://` AVSR_REDIS_URL points: the Sentinels, the master's name, its DB and credentials."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def redis_sentinel(url: str, master_name: str) -> RedisSentinel | None:
+    """Parse kombu's sentinel syntax, `sentinel://[[user]:pw@]host:port/db;sentinel://host2:port2/db...`.
+
+    None for any other URL (`redis://`, `rediss://`, `unix://`). DB and credentials come from the
+    first address, as kombu and Celery read them; the credentials are the Redis master's.
+    """
+    chunks = [chunk.strip() for chunk in url.split(";") if chunk.strip()]
+    if not chunks or urlparse(chunks[0]).scheme != "sentinel":
+        return None
+    if not master_name:
+        raise ValueError(
+            "AVSR_REDIS_URL is a sentinel:// URL but AVSR_REDIS_SENTINEL_MASTER is empty: set it to the master "
+            "name the Sentinels monitor (the <name> of `sentinel monitor <name> <host> <port> <quorum>`)")
+    sentinels = []
+    for number, chunk in enumerate(chunks, 1):
+        parsed = urlparse(chunk)
+        if parsed.scheme != "sentinel" or not parsed.hostname:  # (the chunk may hold a password: not shown)
+            raise ValueError(f"AVSR_REDIS_URL: address {number} of the sentinel URL is not sentinel://host:port")
+        sentinels.append((parsed.hostname, parsed.port or 26379))
+    first = urlparse(chunks[0])
+    db = first.path.strip("/")
+    return RedisSentinel(
+        sentinels=tuple(sentinels), master_name=master_name, db=int(db) if db else 0,
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None)
 
 
 @lru_cache(maxsize=1)
