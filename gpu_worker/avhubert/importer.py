@@ -21,30 +21,50 @@ _IGNORED = re.compile(
     r"^(mask_emb|label_embs_concat|final_proj\..*|target_glu\..*|embed_positions\._float_tensor)$"
 )
 
-_ENCODER_RULES: list[tuple[str, str]] = [
-    (r"^feature_extractor_video\.resnet\.frontend3D\.0\.", "video_frontend.backbone.stem_conv."),
-    (r"^feature_extractor_video\.resnet\.frontend3D\.1\.", "video_frontend.backbone.stem_bn."),
-    (r"^feature_extractor_video\.resnet\.frontend3D\.2\.", "video_frontend.backbone.stem_act."),
-    (r"^feature_extractor_(audio|video)\.proj\.", r"\1_frontend.proj."),
-    (r"^feature_extractor_(audio|video)\.encoder\.", r"\1_frontend.transformer."),
-    (r"^layer_norm\.", "fusion_norm."),
-    (r"^encoder\.", "transformer."),
+# Name fragments (fairseq, ours); "^" anchors a fragment at the start of the key, "$" at its end.
+# Both directions are derived from these tables (`_rules`): load = fairseq -> ours, and the
+# inverse (`fairseq_name`, `to_fairseq_state`) for error messages and random checkpoints.
+_ENCODER_NAMES = [
+    ("^feature_extractor_video.resnet.frontend3D.0.", "^video_frontend.backbone.stem_conv."),
+    ("^feature_extractor_video.resnet.frontend3D.1.", "^video_frontend.backbone.stem_bn."),
+    ("^feature_extractor_video.resnet.frontend3D.2.", "^video_frontend.backbone.stem_act."),
+    ("^feature_extractor_audio.proj.", "^audio_frontend.proj."),
+    ("^feature_extractor_video.proj.", "^video_frontend.proj."),
+    ("^feature_extractor_audio.encoder.", "^audio_frontend.transformer."),
+    ("^feature_extractor_video.encoder.", "^video_frontend.transformer."),
+    ("^layer_norm.", "^fusion_norm."),
+    ("^encoder.", "^transformer."),
+]
+_DECODER_NAMES = [
+    ("^embed_out$", "^output_projection$"),
+    ("^embed_positions.weight$", "^learned_pos.weight$"),
+]
+_LAYER_NAMES = [
+    (".pos_conv.0.", ".pos_conv.conv."),
+    (".self_attn_layer_norm.", ".self_attention_norm."),
+    (".self_attn.", ".self_attention."),
+    (".encoder_attn_layer_norm.", ".cross_attention_norm."),
+    (".encoder_attn.", ".cross_attention."),
+    (".fc1.", ".feed_forward.fc1."),
+    (".fc2.", ".feed_forward.fc2."),
+    (".final_layer_norm.", ".ffn_norm."),
 ]
 
-_DECODER_RULES: list[tuple[str, str]] = [
-    (r"^embed_out$", "output_projection"),
-    (r"^embed_positions\.weight$", "learned_pos.weight"),
-]
 
-_LAYER_RULES: list[tuple[str, str]] = [
-    (r"\.pos_conv\.0\.", ".pos_conv.conv."),
-    (r"\.self_attn_layer_norm\.", ".self_attention_norm."),
-    (r"\.self_attn\.", ".self_attention."),
-    (r"\.encoder_attn_layer_norm\.", ".cross_attention_norm."),
-    (r"\.encoder_attn\.", ".cross_attention."),
-    (r"\.fc([12])\.", r".feed_forward.fc\1."),
-    (r"\.final_layer_norm\.", ".ffn_norm."),
-]
+def _rules(names: list[tuple[str, str]], inverse: bool = False) -> list[tuple[str, str]]:
+    """Regex substitutions for a name table, fairseq -> ours (or ours -> fairseq)."""
+    rules = []
+    for fairseq, ours in names:
+        source, target = (ours, fairseq) if inverse else (fairseq, ours)
+        pattern = re.escape(source.strip("^$"))
+        rules.append((("^" if source.startswith("^") else "") + pattern + ("$" if source.endswith("$") else ""),
+                      target.strip("^$")))
+    return rules
+
+
+_ENCODER_RULES, _INVERSE_ENCODER_RULES = _rules(_ENCODER_NAMES), _rules(_ENCODER_NAMES, inverse=True)
+_DECODER_RULES, _INVERSE_DECODER_RULES = _rules(_DECODER_NAMES), _rules(_DECODER_NAMES, inverse=True)
+_LAYER_RULES, _INVERSE_LAYER_RULES = _rules(_LAYER_NAMES), _rules(_LAYER_NAMES, inverse=True)
 
 
 def _trunk_rule(key: str) -> str:
@@ -115,32 +135,6 @@ def load_fairseq_weights(model: nn.Module, state: dict[str, Tensor], seq2seq: bo
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(renamed[key].to(target.dtype))
-
-
-_INVERSE_ENCODER_RULES: list[tuple[str, str]] = [
-    (r"^video_frontend\.backbone\.stem_conv\.", "feature_extractor_video.resnet.frontend3D.0."),
-    (r"^video_frontend\.backbone\.stem_bn\.", "feature_extractor_video.resnet.frontend3D.1."),
-    (r"^video_frontend\.backbone\.stem_act\.", "feature_extractor_video.resnet.frontend3D.2."),
-    (r"^(audio|video)_frontend\.proj\.", r"feature_extractor_\1.proj."),
-    (r"^(audio|video)_frontend\.transformer\.", r"feature_extractor_\1.encoder."),
-    (r"^fusion_norm\.", "layer_norm."),
-    (r"^transformer\.", "encoder."),
-]
-
-_INVERSE_DECODER_RULES: list[tuple[str, str]] = [
-    (r"^output_projection$", "embed_out"),
-    (r"^learned_pos\.weight$", "embed_positions.weight"),
-]
-
-_INVERSE_LAYER_RULES: list[tuple[str, str]] = [
-    (r"\.pos_conv\.conv\.", ".pos_conv.0."),
-    (r"\.self_attention_norm\.", ".self_attn_layer_norm."),
-    (r"\.self_attention\.", ".self_attn."),
-    (r"\.cross_attention_norm\.", ".encoder_attn_layer_norm."),
-    (r"\.cross_attention\.", ".encoder_attn."),
-    (r"\.feed_forward\.fc([12])\.", r".fc\1."),
-    (r"\.ffn_norm\.", ".final_layer_norm."),
-]
 
 
 def fairseq_name(key: str, seq2seq: bool) -> str:
