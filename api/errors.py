@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import kombu.exceptions
+import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -27,6 +29,13 @@ def register_error_handlers(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
         return jsonify(error_body(code, exc.description or exc.name)), exc.code or 500
+
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(kombu.exceptions.OperationalError)
+    def _broker_down(exc: Exception):
+        app.logger.error("broker unavailable: %s", exc)
+        return jsonify(error_body("broker_unavailable", "the job queue is unavailable; retry later")), 503
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

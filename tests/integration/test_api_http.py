@@ -152,3 +152,17 @@ def test_webhook_is_posted_once_and_signed(api, s3, jpeg_frames_small):
     expected = hmac.new(b"webhook-secret", headers["X-AVSR-Timestamp"].encode() + b"." + body,
                         hashlib.sha256).hexdigest()
     assert headers["X-AVSR-Signature"] == "sha256=" + expected
+
+
+def test_submit_is_503_when_the_broker_is_down(monkeypatch):
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("AVSR_REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        client = create_app().test_client()
+        response = client.post("/v1/jobs", json={"s3_bucket": INPUT_BUCKET, "s3_prefix": "a/"})
+        assert response.status_code == 503
+        assert response.json["error"]["code"] == "broker_unavailable"
+    finally:
+        get_settings.cache_clear()
