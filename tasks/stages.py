@@ -62,14 +62,6 @@ def prepare(job: dict) -> dict:
     return plan
 
 
-def resample_indices(num_source: int, source_fps: float, target_fps: float = FPS) -> list[int]:
-    """Source frame index for each output frame at `target_fps` (nearest earlier source frame)."""
-    if num_source == 0:
-        return []
-    count = max(1, int(np.floor(num_source * target_fps / source_fps + 1e-6)))
-    return [min(num_source - 1, int(np.floor(i * source_fps / target_fps + 1e-6))) for i in range(count)]
-
-
 def _prepare_frames(request: dict) -> dict:
     source = request["input"]
     settings = get_settings()
@@ -79,7 +71,9 @@ def _prepare_frames(request: dict) -> dict:
     total = sum(o.size for o in objects)
     if total > settings.max_input_bytes:
         raise input_too_large(f"frames add up to {total} bytes, limit {settings.max_input_bytes}")
-    keys = [objects[i].key for i in resample_indices(len(objects), float(source.get("fps") or FPS))]
+    # Frames shot at `fps` mapped onto the 25 fps grid exactly as `ImageSequence` resamples them.
+    fps = float(source.get("fps") or FPS)
+    keys = [o.key for o in frames_lib.resample_timed(((i / fps, o) for i, o in enumerate(objects)), FPS)]
     if len(keys) > settings.max_frames:
         raise input_too_large(f"{len(keys)} frames at 25 fps, limit {settings.max_frames}")
     modality = request["modality"]

@@ -194,3 +194,13 @@ def test_redelivered_finalize_changes_nothing(api, stack, frames_job_done):
     assert skipped, "the worker never consumed the re-delivered finalize"
     job = api.request("GET", f"/v1/jobs/{job_id}").json()
     assert job["result"] == frames_job_done["result"] and job["finished_at"] == frames_job_done["finished_at"]
+
+
+def test_frames_at_another_rate_are_resampled_like_the_library(api, s3, frames_job_done, jpeg_frames):
+    """50 frames shot at 50 fps are 1 s of video: 25 frames at the model's rate, the same ones
+    `ImageSequence(fps=50)` picks."""
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": "clips/face50/", "fps": 50}))
+    assert job["status"] == "succeeded", job
+    assert job["result"]["num_frames"] == 25 and job["result"]["duration_s"] == 1.0
+    expected = extract_mouth_rois(ImageSequence(jpeg_frames, fps=50.0), fps=25.0)
+    np.testing.assert_array_equal(work_arrays(s3, job["job_id"], "features.npz")["rois"], expected.rois)
