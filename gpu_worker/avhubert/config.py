@@ -15,6 +15,12 @@ from typing import Any, Literal
 
 from .checkpoint import CheckpointError
 
+ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
+"""fairseq ``utils.get_available_activation_fns()`` at the pinned commit: the choices of
+``AVHubertConfig.activation_fn`` (``gelu_fast`` is the deprecated alias of ``gelu_accurate``)."""
+RESNET_RELU_TYPES = ("prelu", "relu")  # resnet.BasicBlock asserts relu_type in ['relu', 'prelu']
+MODALITY_FUSIONS = ("concat", "add")  # AVHubertModel.__init__ sets self.embed for these only
+
 
 @dataclass
 class EncoderConfig:
@@ -34,6 +40,11 @@ class EncoderConfig:
     modality_fuse: str = "concat"
     final_dim: int = 0
     masking_type: str = "input"
+    # Read by the official code but without effect on inference (listed so that the table of
+    # switches is complete): dropout*, encoder_layerdrop, feature_grad_mult, masking switches,
+    # final_dim / untie_final_proj / target_glu / logit_temp (pretraining head), label_rate,
+    # resnet_weights (ResEncoder would load a file at build time; the checkpoint's weights
+    # overwrite it anyway).
 
 
 @dataclass
@@ -58,6 +69,8 @@ class TaskConfig:
 
     normalize: bool = False
     stack_order_audio: int = 1
+    pad_audio: bool = False
+    max_sample_size: int | None = None
     image_crop_size: int = 88
     image_mean: float = 0.421
     image_std: float = 0.165
@@ -113,8 +126,64 @@ def _split_cfg(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return model, args
 
 
+def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CheckpointError(
+            f"unsupported {section} switch {name}={value!r}: the official code accepts {list(choices)}"
+        )
+
+
+def validate(config: ModelConfig) -> ModelConfig:
+    """Refuse switch values that the official code rejects or that this implementation does not
+    reproduce, with a :class:`CheckpointError` naming the switch (never a silent fallback)."""
+    enc, dec = config.encoder, config.decoder
+    _choice("encoder", "activation_fn", enc.activation_fn, ACTIVATIONS)
+    _choice("encoder", "resnet_relu_type", enc.resnet_relu_type, RESNET_RELU_TYPES)
+    _choice("encoder", "modality_fuse", enc.modality_fuse, MODALITY_FUSIONS)
+    checks = [
+        (enc.audio_feat_dim > 0, f"audio_feat_dim={enc.audio_feat_dim} (must be positive)"),
+        (enc.encoder_layers >= 1, f"encoder_layers={enc.encoder_layers}"),
+        (enc.sub_encoder_layers >= 0, f"sub_encoder_layers={enc.sub_encoder_layers}"),
+        (enc.conv_pos >= 1, f"conv_pos={enc.conv_pos}"),
+        (
+            enc.encoder_attention_heads > 0 and enc.encoder_embed_dim % enc.encoder_attention_heads == 0,
+            f"encoder_embed_dim={enc.encoder_embed_dim} not divisible by "
+            f"encoder_attention_heads={enc.encoder_attention_heads}",
+        ),
+        (
+            enc.conv_pos_groups > 0 and enc.encoder_embed_dim % enc.conv_pos_groups == 0,
+            f"encoder_embed_dim={enc.encoder_embed_dim} not divisible by conv_pos_groups={enc.conv_pos_groups}",
+        ),
+    ]
+    if dec is not None:
+        checks += [
+            (
+                dec.decoder_attention_heads > 0 and dec.decoder_embed_dim % dec.decoder_attention_heads == 0,
+                f"decoder_embed_dim={dec.decoder_embed_dim} not divisible by "
+                f"decoder_attention_heads={dec.decoder_attention_heads}",
+            ),
+            # HubertEncoderWrapper has no projection and the decoder's encoder_attn takes
+            # kdim = vdim = decoder_embed_dim (AVHubertSeq2SeqConfig has no encoder_embed_dim),
+            # so the official model cannot run with different sizes either.
+            (
+                dec.decoder_embed_dim == enc.encoder_embed_dim,
+                f"decoder_embed_dim={dec.decoder_embed_dim} != encoder_embed_dim={enc.encoder_embed_dim}",
+            ),
+            (dec.max_target_positions >= 1, f"max_target_positions={dec.max_target_positions}"),
+        ]
+    for ok, what in checks:
+        if not ok:
+            raise CheckpointError(f"unsupported configuration switch: {what}")
+    return config
+
+
 def config_from_checkpoint(state: dict[str, Any]) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a loaded checkpoint dict, applying the official defaults."""
+    """Build a :class:`ModelConfig` from a loaded checkpoint dict, applying the official defaults;
+    unsupported switch values are a :class:`CheckpointError` naming the switch (:func:`validate`)."""
+    return validate(_config_from_checkpoint(state))
+
+
+def _config_from_checkpoint(state: dict[str, Any]) -> ModelConfig:
     model_cfg, task_cfg = _split_cfg(state)
     name = model_cfg.get("_name")
     task = _fill(TaskConfig, task_cfg)

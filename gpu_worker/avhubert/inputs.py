@@ -6,8 +6,10 @@
   zero-padded to the video length, then per-frame ``layer_norm`` over the features when the task
   config says ``normalize``;
 - :func:`collate` zero-pads items of different lengths at the end and builds ``padding_mask``
-  (True = padded). The batch layouts are the model's: video ``[B, 1, T, H, W]``, audio
-  ``[B, T, F]`` (the official collater hands ``[B, F, T]``; the model takes frames first).
+  (True = padded); with the task's ``pad_audio`` false it instead crops every item to the
+  shortest one, and ``max_sample_size`` caps the batch length, as the official collater does.
+  The batch layouts are the model's: video ``[B, 1, T, H, W]``, audio ``[B, T, F]``
+  (the official collater hands ``[B, F, T]``; the model takes frames first).
 """
 
 from __future__ import annotations
@@ -80,9 +82,21 @@ def _pad_stack(items: Sequence[np.ndarray], length: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-def collate(videos: Sequence[np.ndarray] | None = None, audios: Sequence[np.ndarray] | None = None) -> Batch:
+def collate(
+    videos: Sequence[np.ndarray] | None = None,
+    audios: Sequence[np.ndarray] | None = None,
+    pad_audio: bool = True,
+    max_sample_size: int | None = None,
+) -> Batch:
     """Zero-pad per-item ``videos`` (``[T_i, H, W]`` float32 from :func:`video_from_rois`) and/or
-    ``audios`` (``[T_i, F]`` from :func:`audio_from_features`) to the longest item."""
+    ``audios`` (``[T_i, F]`` from :func:`audio_from_features`) to the longest item.
+
+    ``pad_audio`` / ``max_sample_size`` are the task switches (``info['pad_audio']``,
+    ``info['max_sample_size']``) read by ``AVHubertDataset.collater``: the batch length is
+    ``min(max(T_i) if pad_audio else min(T_i), max_sample_size)`` and longer items are cut to it
+    from their first frame (``random_crop`` false; the released fine-tuning configs set
+    ``pad_audio`` true). ``lengths`` are the kept frame counts.
+    """
     if not videos and not audios:
         raise ValueError("collate needs videos and/or audios")
     if videos and audios:
@@ -95,7 +109,13 @@ def collate(videos: Sequence[np.ndarray] | None = None, audios: Sequence[np.ndar
                     "align with audio_from_features(..., num_frames=len(video))"
                 )
     lengths = [len(x) for x in (videos or audios)]
-    longest = max(lengths)
+    longest = max(lengths) if pad_audio else min(lengths)
+    if max_sample_size is not None:
+        longest = min(longest, max_sample_size)
+    if longest < max(lengths):
+        videos = [v[:longest] for v in videos] if videos else videos
+        audios = [a[:longest] for a in audios] if audios else audios
+        lengths = [min(n, longest) for n in lengths]
     padding_mask = torch.arange(longest).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)
     video = _pad_stack(videos, longest).unsqueeze(1) if videos else None
     audio = _pad_stack(audios, longest) if audios else None

@@ -15,22 +15,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DecoderConfig, EncoderConfig
+from .config import ACTIVATIONS, DecoderConfig, EncoderConfig
+
+
+def _gelu_accurate(x: Tensor) -> Tensor:
+    """fairseq ``gelu_accurate`` written out as fairseq computes it (tanh approximation, in the
+    input dtype)."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
-    """fairseq ``utils.get_activation_fn``."""
+    """fairseq ``utils.get_activation_fn`` (``gelu_fast`` is the deprecated alias of
+    ``gelu_accurate``)."""
     if name == "relu":
         return F.relu
     if name == "gelu":
         return lambda x: F.gelu(x.float()).type_as(x)
     if name in ("gelu_accurate", "gelu_fast"):
-        return lambda x: F.gelu(x.float(), approximate="tanh").type_as(x)
+        return _gelu_accurate
     if name == "tanh":
         return torch.tanh
     if name == "linear":
         return lambda x: x
-    raise ValueError(f"unsupported activation_fn {name!r}")
+    raise ValueError(f"unsupported activation_fn {name!r}: expected one of {list(ACTIVATIONS)}")
 
 
 def _relu(kind: str, channels: int) -> nn.Module:
@@ -38,7 +45,7 @@ def _relu(kind: str, channels: int) -> nn.Module:
         return nn.PReLU(num_parameters=channels)
     if kind == "relu":
         return nn.ReLU()
-    raise ValueError(f"unsupported resnet_relu_type {kind!r}")
+    raise ValueError(f"unsupported resnet_relu_type {kind!r}: expected 'prelu' or 'relu'")
 
 
 # --------------------------------------------------------------------------- visual front end

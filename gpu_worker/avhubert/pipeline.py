@@ -94,6 +94,8 @@ class AVHubert:
             "trained_modalities": list(task.modalities),
             "normalize": task.normalize,
             "stack_order_audio": task.stack_order_audio,
+            "pad_audio": task.pad_audio,
+            "max_sample_size": task.max_sample_size,
             "image_mean": task.image_mean,
             "image_std": task.image_std,
             "image_crop_size": task.image_crop_size,
@@ -204,13 +206,16 @@ class AVHubert:
         audio: ArrayLike | None = None,
         padding_mask: ArrayLike | None = None,
         beam_size: int = 5,
+        prefix_tokens: ArrayLike | None = None,
         **generation: Any,
     ) -> list[list[Hypothesis]]:
         """Beam search (``beam_size=1``: greedy) for each item; per item a list of hypotheses,
         best first. ``generation`` takes the :class:`~.search.GenerationConfig` fields
         (``max_len_a``, ``max_len_b``, ``min_len``, ``len_penalty``, ``normalize_scores``,
-        ``unk_penalty``, ``temperature``, ``max_len``, ``max_len_from`` = ``"padded"`` (official
-        default) | ``"item"`` | ``"frames"``, ``incremental``)."""
+        ``unk_penalty``, ``temperature``, ``no_repeat_ngram_size``, ``match_source_len``,
+        ``max_len``, ``max_len_from`` = ``"padded"`` (official default) | ``"item"`` |
+        ``"frames"``, ``incremental``). ``prefix_tokens`` ``[B, P]`` forces the first tokens as the
+        official ``prefix_size`` does (``target[:, :prefix_size]``, ``<pad>`` = unconstrained)."""
         self._require_decoder()
         if self.tokenizer is None:
             raise self._tokenizer_error or TokenizerError("no tokenizer")
@@ -228,11 +233,21 @@ class AVHubert:
         else:
             raise ValueError(f"max_len_from must be 'padded', 'item' or 'frames', got {cfg.max_len_from!r}")
         caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
+        if cfg.match_source_len:  # official: max_len = longest item's frame count (padding mask)
+            caps = [max(valid)] * bsz if cfg.max_len_from == "padded" else list(valid)
+            if cfg.min_len > min(caps):
+                raise ValueError(f"min_len {cfg.min_len} cannot be larger than max_len {min(caps)}")
+        prefix = None
+        if prefix_tokens is not None:
+            prefix = prefix_tokens if isinstance(prefix_tokens, Tensor) else torch.from_numpy(np.asarray(prefix_tokens))
+            prefix = prefix.to(self.device, torch.long)
+            if prefix.dim() != 2 or prefix.size(0) != bsz:
+                raise ValueError(f"prefix_tokens must be [{bsz}, P], got {tuple(prefix.shape)}")
         d = self.tokenizer.dictionary
         eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
-            raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk)
+            raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix)
         return [[self._hypothesis(h) for h in hyps] for hyps in raw]
 
     def _hypothesis(self, raw: RawHypothesis) -> Hypothesis:

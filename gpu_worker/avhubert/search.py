@@ -5,7 +5,10 @@ step from a top-k over ``beam x vocab`` (only the first beam at step 0), ``<pad>
 ``<unk>`` penalty, ``</s>`` blocked before ``min_len`` and forced at the length cap, a hypothesis
 is finalised when ``</s>`` is among the top ``beam`` candidates, a sentence is done after ``beam``
 finalised hypotheses or at its cap, scores divided by ``length ** len_penalty`` (length counts the
-``</s>``), results sorted by score. Greedy decoding is ``beam_size=1``.
+``</s>``), results sorted by score. Greedy decoding is ``beam_size=1``. Also reproduced:
+``no_repeat_ngram_size`` (fairseq ``NGramRepeatBlock``, CPU path), ``match_source_len``
+(``LengthConstrainedBeamSearch`` with min/max length = the item's frame count, as
+``build_generator`` sets it) and forced prefix tokens (``prefix_size``: ``_prefix_tokens``).
 
 The decoder runs incrementally (:class:`~.model.DecoderCache`): one token per hypothesis per step,
 self-attention keys/values cached and reordered, encoder-attention keys/values computed once per
@@ -43,6 +46,12 @@ class GenerationConfig:
       was meant to use).
 
     ``max_len`` 0 means the decoder's maximum positions (2048 for the released models).
+    ``match_source_len``: the official cap is the longest item's frame count (from the padding
+    mask; ``max_len_a``/``max_len_b`` and ``max_len_from`` are then unused except that
+    ``"item"``/``"frames"`` give each item its own count), ``</s>`` is blocked before and given
+    log-probability 0 from each item's own frame count on, and hypotheses ending after it score
+    ``-inf``. ``no_repeat_ngram_size`` > 0 bans every token that would repeat an n-gram of the
+    hypothesis (the leading ``</s>`` counts as a token, as in fairseq).
     ``incremental=False`` recomputes the whole prefix at every step (reference / benchmark
     baseline; same results).
     """
@@ -56,8 +65,16 @@ class GenerationConfig:
     normalize_scores: bool = True
     unk_penalty: float = 0.0
     temperature: float = 1.0
+    no_repeat_ngram_size: int = 0
+    match_source_len: bool = False
     max_len_from: MaxLenFrom = "padded"
     incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be greater than 0, got {self.temperature}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
 
 
 @dataclass
@@ -109,9 +126,48 @@ class _Decoding:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _beam_step(step: int, lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _block_repeated_ngrams(tokens: Tensor, lprobs: Tensor, step: int, n: int) -> None:
+    """fairseq ``NGramRepeatBlock._no_repeat_ngram`` on ``tokens[:, :step + 1]`` (``</s>`` first):
+    ban every token that would complete an n-gram already in the hypothesis (in place). The
+    n-grams fairseq also builds over the ``<pad>`` tail only ban ``<pad>``, which is banned anyway."""
+    if step + 2 - n < 0:
+        return
+    for row, seq in enumerate(tokens[:, : step + 1].tolist()):
+        context = seq[step + 2 - n : step + 1]
+        banned = {seq[i + n - 1] for i in range(step + 2 - n) if seq[i : i + n - 1] == context}
+        if banned:
+            lprobs[row, sorted(banned)] = -math.inf
+
+
+def _force_prefix(
+    step: int, lprobs: Tensor, tokens: Tensor, scores: Tensor, prefix: Tensor, rows: Tensor, beam: int, pad: int,
+    eos: int,
+) -> None:
+    """fairseq ``SequenceGenerator._prefix_tokens`` (in place) on the hypothesis ``rows`` (bool):
+    only the prefix token keeps its log-probability (``<pad>`` in the prefix: no constraint); a
+    prefix ``</s>`` copies the first beam's tokens, scores and log-probabilities to all beams."""
+    toks = prefix[:, step].repeat_interleave(beam)
+    tok_lprobs = lprobs.gather(-1, toks.unsqueeze(-1))
+    mask = toks.ne(pad) & rows
+    lprobs[mask] = -math.inf
+    lprobs[mask] = lprobs[mask].scatter(-1, toks[mask].unsqueeze(-1), tok_lprobs[mask])
+    eos_items = (toks.eq(eos) & rows).view(-1, beam)[:, 0]
+    if bool(eos_items.any()):
+        for t in (tokens, scores, lprobs):
+            view = t.view(-1, beam, t.size(-1))
+            view[eos_items] = view[eos_items][:, :1, :]
+
+
+def _beam_step(
+    step: int, lprobs: Tensor, scores: Tensor, src_lengths: Tensor | None = None, eos: int = 2
+) -> tuple[Tensor, Tensor, Tensor]:
     """fairseq ``BeamSearch.step``: ``lprobs`` ``[bsz, beam, V]``, cumulative ``scores``
-    ``[bsz, beam, step]`` -> candidate (scores, token ids, beam ids), each ``[bsz, 2*beam]``."""
+    ``[bsz, beam, step]`` -> candidate (scores, token ids, beam ids), each ``[bsz, 2*beam]``.
+    With ``src_lengths`` ``[bsz]`` it is ``LengthConstrainedBeamSearch(min_len_a=1, min_len_b=0,
+    max_len_a=1, max_len_b=0)`` (``match_source_len``)."""
+    if src_lengths is not None:
+        lprobs[step < src_lengths, :, eos] = -math.inf
+        lprobs[step >= src_lengths, :, eos] = 0
     bsz, beam, vocab = lprobs.shape
     # all beams are identical at step 0: only the first one is expanded
     lprobs = lprobs[:, ::beam, :].contiguous() if step == 0 else lprobs + scores[:, :, step - 1].unsqueeze(-1)
@@ -130,9 +186,15 @@ def beam_search(
     eos: int,
     pad: int,
     unk: int,
+    src_lengths: list[int] | None = None,
+    prefix_tokens: Tensor | None = None,
 ) -> list[list[RawHypothesis]]:
     """Decode every item of ``encoder_out`` ``[B, S, D]``; item ``b`` stops at ``max_lens[b]``
-    tokens before the forced ``</s>``. Returns per item up to ``beam`` hypotheses, best first."""
+    tokens before the forced ``</s>``. Returns per item up to ``beam`` hypotheses, best first.
+
+    ``src_lengths`` (each item's frame count) is required with ``cfg.match_source_len``;
+    ``prefix_tokens`` ``[B, P]`` forces the first ``P`` tokens (official ``prefix_size``: the
+    target's first tokens; ``<pad>`` entries are free)."""
     device = encoder_out.device
     bsz = encoder_out.size(0)
     vocab = decoder.embed_tokens.num_embeddings
@@ -140,6 +202,12 @@ def beam_search(
     decoding = _Decoding(decoder, encoder_out, encoder_padding_mask, cfg.incremental)
 
     cap = torch.tensor(max_lens, device=device)  # per active item
+    src_len = None
+    if cfg.match_source_len:
+        if src_lengths is None:
+            raise ValueError("match_source_len needs src_lengths")
+        src_len = torch.tensor(src_lengths, device=device)
+    prefix = None if prefix_tokens is None else prefix_tokens.to(device=device, dtype=torch.long)
     longest = max(max_lens)
     scores = torch.zeros(bsz * beam, longest + 1, device=device)
     tokens = torch.full((bsz * beam, longest + 2), pad, dtype=torch.long, device=device)
@@ -167,12 +235,17 @@ def beam_search(
             eos_lprobs = lprobs[at_cap, eos]
             lprobs[at_cap] = -math.inf
             lprobs[at_cap, eos] = eos_lprobs
-        if step < cfg.min_len:
+        below_cap = (step < cap).repeat_interleave(beam)
+        if prefix is not None and step < prefix.size(1) and bool(below_cap.any()):
+            _force_prefix(step, lprobs, tokens, scores, prefix, below_cap, beam, pad, eos)
+        elif step < cfg.min_len:  # (not applied while a prefix is forced, as in fairseq)
             lprobs[:, eos] = -math.inf
+        if cfg.no_repeat_ngram_size > 0:
+            _block_repeated_ngrams(tokens, lprobs, step, cfg.no_repeat_ngram_size)
 
         n = len(active_items)
         cand_scores, cand_indices, cand_beams = _beam_step(
-            step, lprobs.view(n, beam, -1), scores.view(n, beam, -1)[:, :, :step]
+            step, lprobs.view(n, beam, -1), scores.view(n, beam, -1)[:, :, :step], src_len, eos
         )
         cand_bbsz_idx = cand_beams + bbsz_offsets
         eos_mask = cand_indices.eq(eos) & cand_scores.ne(-math.inf)
@@ -183,7 +256,7 @@ def beam_search(
         if eos_rows.numel() > 0:
             eos_scores = torch.masked_select(cand_scores[:, :beam], eos_mask[:, :beam])
             done = _finalize(step, eos_rows, eos_scores, tokens, scores, finalized, active_items,
-                             cap, beam, eos, cfg)
+                             cap, beam, eos, cfg, src_len)
         if len(done) == n:
             break
 
@@ -202,6 +275,8 @@ def beam_search(
             cand_indices = cand_indices[kept_items]
             cands_to_ignore = cands_to_ignore[kept_items]
             cap = cap[kept_items]
+            src_len = None if src_len is None else src_len[kept_items]
+            prefix = None if prefix is None else prefix[kept_items]
             scores = scores.view(-1, beam * scores.size(1))[kept_items].view(n * beam, -1)
             tokens = tokens.view(-1, beam * tokens.size(1))[kept_items].view(n * beam, -1)
 
@@ -246,6 +321,7 @@ def _finalize(
     beam: int,
     eos: int,
     cfg: GenerationConfig,
+    src_len: Tensor | None = None,
 ) -> list[int]:
     """Store the hypotheses ending at ``rows``; return the active indices of finished items."""
     seqs = tokens[rows, 1 : step + 2].clone()
@@ -255,6 +331,9 @@ def _finalize(
     pos_scores[:, 1:] = pos_scores[:, 1:] - pos_scores[:, :-1]
     if cfg.normalize_scores:
         eos_scores = eos_scores / (step + 1) ** cfg.len_penalty
+    if src_len is not None:  # match_source_len: hypotheses longer than the source score -inf
+        too_long = step > src_len[torch.div(rows, beam, rounding_mode="floor")]
+        eos_scores = eos_scores.masked_fill(too_long, -math.inf)
 
     touched: dict[int, None] = {}
     for i, row in enumerate(rows.tolist()):
