@@ -142,7 +142,7 @@ def validate(config: ModelConfig) -> ModelConfig:
     _choice("encoder", "modality_fuse", enc.modality_fuse, MODALITY_FUSIONS)
     checks = [
         (enc.audio_feat_dim > 0, f"audio_feat_dim={enc.audio_feat_dim} (must be positive)"),
-        (enc.encoder_layers >= 1, f"encoder_layers={enc.encoder_layers}"),
+        (enc.encoder_layers >= 0, f"encoder_layers={enc.encoder_layers}"),
         (enc.sub_encoder_layers >= 0, f"sub_encoder_layers={enc.sub_encoder_layers}"),
         (enc.conv_pos >= 1, f"conv_pos={enc.conv_pos}"),
         (

@@ -232,11 +232,12 @@ class AVHubert:
             src_lens = valid
         else:
             raise ValueError(f"max_len_from must be 'padded', 'item' or 'frames', got {cfg.max_len_from!r}")
-        caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
         if cfg.match_source_len:  # official: max_len = longest item's frame count (padding mask)
             caps = [max(valid)] * bsz if cfg.max_len_from == "padded" else list(valid)
             if cfg.min_len > min(caps):
                 raise ValueError(f"min_len {cfg.min_len} cannot be larger than max_len {min(caps)}")
+        else:
+            caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
         prefix = None
         if prefix_tokens is not None:
             prefix = prefix_tokens if isinstance(prefix_tokens, Tensor) else torch.from_numpy(np.asarray(prefix_tokens))
