@@ -75,6 +75,10 @@ class GenerationConfig:
             raise ValueError(f"temperature must be greater than 0, got {self.temperature}")
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.no_repeat_ngram_size == 1:
+            # fairseq's unigram "n-grams" include the leading </s>, so </s> is banned at every step
+            # and the official generator never finishes (it fails its `step < max_len` assertion)
+            raise ValueError("no_repeat_ngram_size=1 bans </s> at every step (the official generator fails too)")
 
 
 @dataclass

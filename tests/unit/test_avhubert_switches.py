@@ -207,6 +207,8 @@ def test_prefix_tokens_are_forced(tiny: Path) -> None:
     assert all(h.tokens[0] == 50 for h in hyps[1])
     with pytest.raises(ValueError, match="temperature"):
         model.generate(video=_video(4), temperature=0.0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=1"):
+        model.generate(video=_video(4), no_repeat_ngram_size=1)
 
 
 # ---------------------------------------------------------------- task switches
