@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && \
 		(apt-get update -qq && apt-get install -y -qq redis-server) || \
