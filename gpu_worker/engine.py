@@ -8,7 +8,8 @@
 
 Segments of similar length share a forward pass, bounded by a frame budget (batch size × longest
 segment), and are decoded with per-item length caps (`max_len_from="item"`) so a batch gives
-exactly what each segment would give alone — the official single-utterance result.
+exactly what each segment would give alone — the official single-utterance result. A batch that
+still runs out of GPU memory is split in halves and retried.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpu_worker.avhubert import audio_from_features, collate, load_model, video_from_rois
+from gpu_worker.avhubert import Hypothesis, audio_from_features, collate, load_model, video_from_rois
 from gpu_worker.batching import batch_segments
 
 MODALITIES = ("video", "audio", "audiovisual")
@@ -58,30 +59,44 @@ class Engine:
         use_video, use_audio = modality != "audio", modality != "video"
         if (use_video and rois is None) or (use_audio and audio is None):
             raise ValueError(f"modality {modality} needs {'video' if use_video else 'audio'} input")
-        info = self.model.info
         lengths = [s["end_frame"] - s["start_frame"] for s in segments]
-        results: list[dict[str, Any] | None] = [None] * len(segments)
+        results: list[dict[str, Any]] = [{}] * len(segments)
         done = 0
         for batch in batch_segments(lengths, self.max_batch_frames, self.max_batch_size):
-            videos = audios = None
-            if use_video:
-                videos = [video_from_rois(rois[segments[i]["start_frame"]:segments[i]["end_frame"]],
-                                          info["image_crop_size"], info["image_mean"], info["image_std"])
-                          for i in batch]
-            if use_audio:
-                audios = [audio_from_features(audio[segments[i]["start_frame"]:segments[i]["end_frame"]],
-                                              num_frames=lengths[i], normalize=info["normalize"]) for i in batch]
-            inputs = collate(videos, audios)
-            hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
-                                       beam_size=beam_size, max_len_from="item")
-            for i, item_hyps in zip(batch, hyps, strict=True):
-                best = item_hyps[0]
+            for i, best in self._decode(batch, segments, rois if use_video else None,
+                                        audio if use_audio else None, beam_size):
                 results[i] = {"id": segments[i]["id"], "text": best.text, "confidence": float(best.confidence),
                               "score": float(best.score), "num_tokens": len(best.tokens)}
             done += len(batch)
             if on_progress is not None:
                 on_progress(done)
-        return results  # type: ignore[return-value]
+        return results
+
+    def _decode(self, batch: list[int], segments: list[dict], rois: np.ndarray | None, audio: np.ndarray | None,
+                beam_size: int) -> list[tuple[int, Hypothesis]]:
+        """Best hypothesis of each segment in `batch`. A batch that runs out of GPU memory is decoded
+        in halves (results are the same: per-item length caps), down to single segments."""
+        info = self.model.info
+        spans = [(segments[i]["start_frame"], segments[i]["end_frame"]) for i in batch]
+        videos = None if rois is None else [
+            video_from_rois(rois[a:b], info["image_crop_size"], info["image_mean"], info["image_std"])
+            for a, b in spans]
+        audios = None if audio is None else [
+            audio_from_features(audio[a:b], num_frames=b - a, normalize=info["normalize"]) for a, b in spans]
+        inputs = collate(videos, audios)
+        try:
+            hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
+                                       beam_size=beam_size, max_len_from="item")
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            del inputs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return (self._decode(batch[:half], segments, rois, audio, beam_size)
+                    + self._decode(batch[half:], segments, rois, audio, beam_size))
+        return [(i, item_hyps[0]) for i, item_hyps in zip(batch, hyps, strict=True)]
 
     def describe(self) -> dict[str, Any]:
         """What `/health` and job results report about the model."""
