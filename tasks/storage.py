@@ -166,12 +166,3 @@ def put_json(bucket: str, key: str, value: object) -> None:
 
 def get_json(bucket: str, key: str) -> object:
     return json.loads(get_bytes(bucket, key))
-
-
-def ensure_bucket(bucket: str) -> None:
-    """Create `bucket` if it does not exist (the local stack's work bucket)."""
-    client = s3_client()
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError:
-        client.create_bucket(Bucket=bucket)
