@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from api.errors import ApiError
 from tasks.settings import Settings
+from tasks.webhooks import non_global_address
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
 JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url"}
@@ -88,7 +89,7 @@ def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) ->
         "modality": modality,
         "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
         "output": _output(body.get("output"), settings),
-        "callback_url": _callback(body.get("callback_url")),
+        "callback_url": _callback(body.get("callback_url"), settings.callback_allow_private),
     }
     return request
 
@@ -101,7 +102,7 @@ def _output(value: Any, settings: Settings) -> dict | None:
     return {"bucket": _bucket(value, "s3_bucket", settings), "prefix": _string(value, "s3_prefix") or ""}
 
 
-def _callback(value: Any) -> str | None:
+def _callback(value: Any, allow_private: bool) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > 2048:
@@ -109,6 +110,8 @@ def _callback(value: Any) -> str | None:
     parsed = urlparse(value)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise bad("invalid_field", "'callback_url' must be an http(s) URL")
+    if not allow_private and (address := non_global_address(value, resolve=False)):
+        raise bad("callback_not_allowed", f"'callback_url' points at a non-global address ({address})")
     return value
 
 

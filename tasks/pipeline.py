@@ -27,6 +27,7 @@ from tasks import jobs, stages
 from tasks.celery_app import app
 from tasks.errors import JobError
 from tasks.logs import current_job_id
+from tasks.webhooks import notify
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def fail(job_id: str, error: JobError) -> None:
     """Mark the job failed (no-op if it is already terminal) and notify its webhook."""
     job = jobs.update(job_id, status=jobs.FAILED, error=error.to_dict(), finished_at=time.time())
     if job and job["status"] == jobs.FAILED:
-        stages.notify(job)
+        notify(job)
 
 
 @job_task("prepare", "downloading")

@@ -74,6 +74,8 @@ class Settings:
     predict_timeout_s: float = setting("AVSR_PREDICT_TIMEOUT_S", 300.0, kind=float,
                                        doc="how long POST /predict waits for its job")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
+    callback_allow_private: bool = setting("AVSR_CALLBACK_ALLOW_PRIVATE", False, kind=bool,
+                                           doc="allow webhooks to loopback/private/link-local addresses")
     job_ttl_s: int = setting("AVSR_JOB_TTL_S", 7 * 24 * 3600, kind=int, doc="how long job records live")
     # Model.
     model_path: str = setting("AVHUBERT_MODEL_PATH", "", doc="AV-HuBERT fairseq checkpoint (.pt)")

@@ -11,8 +11,6 @@ Keys under the job's work prefix (`s3://<work bucket>/<work prefix><job id>/`):
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import tempfile
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
 from cpu_worker import audio as audio_lib
 from cpu_worker import frames as frames_lib
@@ -32,6 +29,7 @@ from tasks import jobs, storage
 from tasks.errors import JobError, input_not_found, input_too_large
 from tasks.settings import get_settings
 from tasks.subtitles import segments_to_srt, segments_to_vtt
+from tasks.webhooks import notify
 
 log = logging.getLogger(__name__)
 
@@ -270,36 +268,6 @@ def finalize(job: dict, decoded: dict) -> dict:
     if done and done["status"] == jobs.SUCCEEDED:
         notify(done)
     return {"job_id": job_id, "status": done and done["status"]}
-
-
-# --- webhook -------------------------------------------------------------------------------
-
-def sign(body: bytes, timestamp: str, secret: str) -> str:
-    """`sha256=<hex>` HMAC of `<timestamp>.<body>` (what receivers verify)."""
-    return "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def notify(job: dict) -> None:
-    """POST the finished job to its `callback_url`, HMAC-signed, once per job; never raises."""
-    url = job["request"].get("callback_url")
-    if not url or not jobs.once(job["job_id"], "webhook"):
-        return
-    payload = {k: job.get(k) for k in ("job_id", "status", "result", "error", "created_at", "finished_at")}
-    body = json.dumps(payload).encode()
-    timestamp = str(int(time.time()))
-    headers = {"Content-Type": "application/json", "X-AVSR-Timestamp": timestamp, "X-AVSR-Job-Id": job["job_id"]}
-    secret = get_settings().callback_secret
-    if secret:
-        headers["X-AVSR-Signature"] = sign(body, timestamp, secret)
-    for attempt in range(3):
-        try:
-            response = requests.post(url, data=body, headers=headers, timeout=10)
-            if response.status_code < 500:
-                return
-        except requests.RequestException as exc:
-            log.warning("webhook attempt %d failed: %s", attempt + 1, exc)
-        time.sleep(2 ** attempt)
-    log.error("webhook %s gave up after 3 attempts", url)
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,8 +8,10 @@ CI=true a service that cannot start fails the run; elsewhere the tests are skipp
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
+import threading
 import time
 
 import cv2
@@ -46,7 +48,9 @@ def stack():
         work_bucket="avsr-test-work", buckets=(INPUT_BUCKET, OUTPUT_BUCKET, "avsr-test-forbidden"),
         model_path=str(CHECKPOINT),
         extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",
-                   "AVSR_CALLBACK_SECRET": "webhook-secret", "AVSR_PREDICT_TIMEOUT_S": "120",
+                   "AVSR_CALLBACK_SECRET": "webhook-secret",
+                   "AVSR_CALLBACK_ALLOW_PRIVATE": "1",  # the test's webhook receiver is on 127.0.0.1
+                   "AVSR_PREDICT_TIMEOUT_S": "120",
                    "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
                    # small chunks and segments so a 10 s clip exercises the fan-out and batching
                    "AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4"},
@@ -96,6 +100,26 @@ class Api:
 @pytest.fixture(scope="session")
 def api(stack) -> Api:
     return Api(stack.config.api_url, API_KEY)
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.server.received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook_receiver():
+    """A real HTTP server on 127.0.0.1 recording POSTs: yields (url, [(headers, body), ...])."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    server.received = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", server.received
+    server.shutdown()
 
 
 def upload_frames(s3, prefix: str, encoded: list[bytes], ext: str = "jpg") -> str:

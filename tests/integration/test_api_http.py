@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
-import threading
 import time
-from typing import ClassVar
 
 import pytest
 import requests
@@ -120,33 +117,15 @@ def test_flower_sees_workers_and_finished_tasks(stack, frames_job_done):
     assert finished, "Flower never saw a finished avsr.finalize task"
 
 
-class _Hook(http.server.BaseHTTPRequestHandler):
-    received: ClassVar[list] = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append((dict(self.headers), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def test_webhook_is_posted_once_and_signed(api, s3, jpeg_frames_small):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        prefix = upload_frames(s3, "clips/hook/", jpeg_frames_small)
-        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-        job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": prefix, "callback_url": url}))
-        deadline = time.monotonic() + 15
-        while not _Hook.received and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        server.shutdown()
-    assert len(_Hook.received) == 1
-    headers, body = _Hook.received[0]
+def test_webhook_is_posted_once_and_signed(api, s3, jpeg_frames_small, webhook_receiver):
+    url, received = webhook_receiver
+    prefix = upload_frames(s3, "clips/hook/", jpeg_frames_small)
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": prefix, "callback_url": url}))
+    deadline = time.monotonic() + 15
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(received) == 1
+    headers, body = received[0]
     payload = json.loads(body)
     assert payload["job_id"] == job["job_id"] and payload["status"] == job["status"]
     expected = hmac.new(b"webhook-secret", headers["X-AVSR-Timestamp"].encode() + b"." + body,

@@ -82,3 +82,22 @@ def test_job_ids_and_idempotency_keys():
     assert idempotency_key(None) is None
     with pytest.raises(ApiError):
         idempotency_key("k" * 300)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest/meta-data",
+                                 "https://10.0.0.8/x", "http://[::1]/x", "http://localhost:8080/", "http://192.168.1.2/"])
+def test_callbacks_to_private_addresses_are_refused_by_default(url):
+    body = {"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": url}
+    error = error_of(body)
+    assert (error.code, error.status) == ("callback_not_allowed", 400)
+    allowed = Settings(allowed_buckets=("clips",), callback_allow_private=True)
+    assert parse_job_request(body, allowed)["callback_url"] == url
+
+
+def test_webhook_target_check_resolves_names():
+    from tasks.webhooks import non_global_address
+
+    assert non_global_address("https://example.org/hook", resolve=False) is None
+    assert non_global_address("http://8.8.8.8/hook") is None
+    assert non_global_address("http://localhost/hook", resolve=False) == "localhost"
+    assert non_global_address("http://127.0.0.1/hook") == "127.0.0.1"
