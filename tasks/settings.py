@@ -90,6 +90,8 @@ class Settings:
                                     doc="inference memory budget: segments per batch × longest segment, in frames")
     chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,
                                 doc="frames per preprocessing task; longer clips fan out over CPU workers")
+    cache_dir: str = setting("AVSR_CACHE_DIR", "", doc="where a worker keeps input videos its tasks share; "
+                             "empty means the system temp dir")
     # Workers.
     task_soft_time_limit_s: int = setting("AVSR_TASK_SOFT_TIME_LIMIT_S", 1800, kind=int,
                                           doc="soft time limit of one task")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,49 +85,46 @@ def _prepare_video(job_id: str, request: dict) -> dict:
     obj = storage.head(source["bucket"], source["key"])
     if obj.size > settings.max_input_bytes:
         raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
-    with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
-        path = storage.download_file(source["bucket"], source["key"], Path(tmp) / "input")
-        video = frames_lib.VideoFile(path)
-        num_frames = video.num_frames()
-        if num_frames <= 0:
-            raise PreprocessingError("no_frames", "the video has no decodable frames")
-        if num_frames > settings.max_frames:
-            raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
-        has_audio = video.has_audio
-        if has_audio:
-            wave = video.audio()
-            storage.put_arrays(_work_bucket(), work_key(job_id, "audio.npz"),
-                               features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),
-                               energy_db=audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS))
+    video = frames_lib.VideoFile(storage.cached_download(obj, source["bucket"]))
+    num_frames = video.num_frames()
+    if num_frames <= 0:
+        raise PreprocessingError("no_frames", "the video has no decodable frames")
+    if num_frames > settings.max_frames:
+        raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
+    has_audio = video.has_audio
+    if has_audio:
+        wave = video.audio()
+        storage.put_arrays(_work_bucket(), work_key(job_id, "audio.npz"),
+                           features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),
+                           energy_db=audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS))
     modality = request["modality"]
     if modality == "auto":
         modality = "audiovisual" if has_audio else "video"
     if modality in ("audio", "audiovisual") and not has_audio:
         raise JobError("no_audio", f"modality {modality} needs sound and the video has none", http_status=400)
-    return {"type": "video", "bucket": source["bucket"], "key": source["key"], "num_frames": num_frames,
-            "modality": modality, "has_audio": has_audio}
+    return {"type": "video", "bucket": source["bucket"], "key": source["key"], "etag": obj.etag,
+            "size": obj.size, "num_frames": num_frames, "modality": modality, "has_audio": has_audio}
 
 
 # --- preprocess ----------------------------------------------------------------------------
 
-def _chunk_source(plan: dict, chunk: dict, tmp: Path):
-    """The chunk's frames at 25 fps, streamed (frames: concurrent GETs; video: one GET)."""
+def _chunk_source(plan: dict, chunk: dict):
+    """The chunk's frames at 25 fps, streamed (frames: concurrent GETs; video: the host's copy of
+    the version `prepare` saw, fetched once per host)."""
     if plan["type"] == "frames":
         keys = plan["keys"][chunk["start"]:chunk["end"]]
         return frames_lib.ImageSequence(storage.get_many(plan["bucket"], keys), fps=FPS)
-    path = storage.download_file(plan["bucket"], plan["key"], tmp / "input")
-    return frames_lib.VideoFile(path).window(chunk["start"], chunk["end"])
+    obj = storage.S3Object(plan["key"], plan.get("size", 0), plan.get("etag", ""))
+    return frames_lib.VideoFile(storage.cached_download(obj, plan["bucket"])).window(chunk["start"], chunk["end"])
 
 
 def preprocess_chunk(job: dict, chunk: dict) -> dict:
     """Download one chunk's frames and extract its mouth ROIs → `chunks/NNNN.npz`."""
     job_id = job["job_id"]
     plan = storage.get_json(_work_bucket(), work_key(job_id, "plan.json"))
-    with tempfile.TemporaryDirectory(prefix="avsr-") as tmp:
-        source = _chunk_source(plan, chunk, Path(tmp))
-        # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
-        roi = extract_mouth_rois(source, fps=FPS, start_frame=chunk["start"], require_face=False,
-                                 workers=get_settings().cpu_threads or None)
+    # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
+    roi = extract_mouth_rois(_chunk_source(plan, chunk), fps=FPS, start_frame=chunk["start"], require_face=False,
+                             workers=get_settings().cpu_threads or None)
     storage.put_arrays(_work_bucket(), work_key(job_id, f"chunks/{chunk['index']:04d}.npz"), **roi.to_arrays())
     return {"index": chunk["index"], "frames": len(roi), "stats": _jsonable(roi.stats)}
 

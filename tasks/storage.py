@@ -6,9 +6,15 @@ are not retried, transient ones (network, throttling, 5xx) are marked `retryable
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import re
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 class S3Object:
     key: str
     size: int
+    etag: str = ""
 
 
 def natural_key(text: str) -> list:
@@ -108,7 +115,7 @@ def head(bucket: str, key: str) -> S3Object:
         meta = s3_client().head_object(Bucket=bucket, Key=key)
     except Exception as exc:
         raise classify(exc, f"s3://{bucket}/{key}") from exc
-    return S3Object(key, int(meta["ContentLength"]))
+    return S3Object(key, int(meta["ContentLength"]), meta.get("ETag", ""))
 
 
 def get_bytes(bucket: str, key: str) -> bytes:
@@ -132,12 +139,50 @@ def get_many(bucket: str, keys: list[str], max_workers: int | None = None) -> It
             yield body
 
 
-def download_file(bucket: str, key: str, path: Path) -> Path:
+def download_file(bucket: str, key: str, path: Path, etag: str = "") -> Path:
+    """Stream an object to `path`; with `etag`, only that version of it (else `input_changed`)."""
     try:
-        s3_client().download_file(bucket, key, str(path))
+        response = s3_client().get_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
+        with open(path, "wb") as out:
+            shutil.copyfileobj(response["Body"], out, length=1 << 20)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            raise JobError("input_changed", f"s3://{bucket}/{key} changed while the job ran") from exc
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
     except Exception as exc:
         raise classify(exc, f"s3://{bucket}/{key}") from exc
     return path
+
+
+def cached_download(obj: S3Object, bucket: str, max_age_s: float = 3600.0) -> Path:
+    """A local copy of one version of an object, shared by the tasks of this host.
+
+    A long video is cut into many preprocessing tasks; each used to fetch the whole file. The
+    copy lives in `AVSR_CACHE_DIR` under a name derived from bucket, key and ETag, is fetched
+    once under a file lock (prefork children share it), and copies unused for `max_age_s` are
+    evicted when a new one is fetched.
+    """
+    root = Path(get_settings().cache_dir or tempfile.gettempdir()) / "avsr-input-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(f"{bucket}\n{obj.key}\n{obj.etag}".encode()).hexdigest()
+    path = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            _evict(root, max_age_s)
+            partial = root / f"{name}.part"
+            download_file(bucket, obj.key, partial, obj.etag)
+            partial.rename(path)
+        path.touch()  # recently used: not evicted while jobs read it
+    return path
+
+
+def _evict(root: Path, max_age_s: float) -> None:
+    cutoff = time.time() - max_age_s
+    for entry in root.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if entry.stat().st_mtime < cutoff:
+                entry.unlink()
 
 
 def put_bytes(bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
