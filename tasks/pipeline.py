@@ -127,7 +127,7 @@ def prepare(job: dict) -> dict:
 @job_task("preprocess_chunk", "preprocessing")
 def preprocess_chunk(job: dict, chunk: dict) -> dict:
     summary = stages.preprocess_chunk(job, chunk)
-    jobs.update(job["job_id"], progress=stages.chunk_progress(job["job_id"]))
+    jobs.update(job["job_id"], progress=stages.chunk_progress(job))
     return summary
 
 

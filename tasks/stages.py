@@ -129,11 +129,10 @@ def preprocess_chunk(job: dict, chunk: dict) -> dict:
     return {"index": chunk["index"], "frames": len(roi), "stats": _jsonable(roi.stats)}
 
 
-def chunk_progress(job_id: str) -> float:
-    """Progress after one more chunk is done: preprocessing spans 0.05 → 0.6."""
-    job = jobs.get(job_id) or {}
-    done = jobs.increment(job_id, "chunks_done")
-    total = max(1, job.get("chunks_total") or 1)
+def chunk_progress(job: dict) -> float:
+    """Progress after one more chunk of `job` is done: preprocessing spans 0.05 → 0.6."""
+    done = jobs.increment(job["job_id"], "chunks_done")
+    total = max(1, job.get("chunks_total") or 1)  # set by `prepare` before the chunks were queued
     return round(0.05 + 0.55 * min(1.0, done / total), 3)
 
 
@@ -188,9 +187,10 @@ def infer(job: dict, plan: dict) -> dict:
     total = len(plan["segments"])
 
     def progress(done: int) -> None:
-        if jobs.is_terminal(jobs.get(job_id)):
+        # `update` leaves a terminal job as it is and returns it: a cancelled job stops here
+        updated = jobs.update(job_id, segments_done=done, progress=round(0.6 + 0.35 * done / max(1, total), 3))
+        if jobs.is_terminal(updated):
             raise JobCancelled()
-        jobs.update(job_id, segments_done=done, progress=round(0.6 + 0.35 * done / max(1, total), 3))
 
     try:
         decoded = engine.transcribe(
