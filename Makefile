@@ -8,11 +8,11 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo test test-unit test-integration lint up down status bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e '.[dev]'
 	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && \
 		(apt-get update -qq && apt-get install -y -qq redis-server) || \
 		echo "note: redis-server not installed; a Redis must answer at AVSR_REDIS_URL")
@@ -34,6 +34,7 @@ test-integration: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 up: install
 	$(PY) -m deploy.local.stack up
@@ -45,9 +46,9 @@ status:
 	$(PY) -m deploy.local.stack status
 
 bench: install
-	$(PY) bench/bench_model.py
-	$(PY) bench/bench_roi.py
-	$(PY) bench/bench_service.py
+	$(PY) -m bench.bench_model
+	$(PY) -m bench.bench_roi
+	$(PY) -m bench.bench_service
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

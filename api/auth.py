@@ -22,10 +22,10 @@ def require_api_key(accepted: tuple[str, ...]) -> None:
         return
     key = presented_key()
     if not key:
-        raise ApiError(401, "unauthorized", "missing API key (Authorization: Bearer or X-API-Key)")
+        raise ApiError("unauthorized", "missing API key (Authorization: Bearer or X-API-Key)")
     # Compare against every key so timing does not reveal which one (or how much) matched.
     matched = False
     for candidate in accepted:
         matched |= hmac.compare_digest(key.encode(), candidate.encode())
     if not matched:
-        raise ApiError(401, "unauthorized", "invalid API key")
+        raise ApiError("unauthorized", "invalid API key")

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from api.auth import require_api_key
-from api.errors import ApiError, error_body
+from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request
-from tasks import jobs, pipeline
+from tasks import chain, jobs
 from tasks.subtitles import render_result
 
 bp = Blueprint("jobs", __name__)
-
-# HTTP status of a failed job's error code, for `/predict` (which answers with the outcome).
-FAILURE_STATUS = {
-    "input_not_found": 404, "access_denied": 403, "input_too_large": 413, "no_audio": 400,
-    "no_face_detected": 422, "bad_media": 422, "no_frames": 422, "timeout": 504,
-}
-
 
 @bp.before_request
 def _authenticate() -> None:
@@ -31,7 +25,7 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
 
 
-def job_view(job: dict) -> dict:
+def job_view(job: jobs.Job) -> dict[str, Any]:
     """The public shape of a job record."""
     job_id = job["job_id"]
     view = {
@@ -56,14 +50,14 @@ def job_view(job: dict) -> dict:
     return view
 
 
-def _load(job_id: str) -> dict:
+def _load(job_id: str) -> jobs.Job:
     job = jobs.get(check_job_id(job_id))
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job '{job_id}'")
+        raise ApiError("job_not_found", f"no job '{job_id}'")
     return job
 
 
-def submit(body: object, *, legacy: bool = False) -> tuple[dict, bool]:
+def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
     """Validate, create and enqueue a job; honours `Idempotency-Key`. Returns (job, created)."""
     job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], legacy=legacy)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
@@ -71,13 +65,13 @@ def submit(body: object, *, legacy: bool = False) -> tuple[dict, bool]:
     if key is not None:
         bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id)
         if not same:
-            raise ApiError(409, "idempotency_key_conflict", "this Idempotency-Key was used for another request")
+            raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
         if bound_id != job_id:
             existing = jobs.get(bound_id)
             if existing is not None:
                 return existing, False
     job = jobs.create(job_request, job_id=job_id)
-    pipeline.submit(job)
+    chain.submit(job_id)
     current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
     return job, True
 
@@ -100,20 +94,20 @@ def get_job(job_id: str):
 def cancel_job(job_id: str):
     job = _load(job_id)
     if job["status"] in jobs.TERMINAL:
-        raise ApiError(409, "job_finished", f"job is already {job['status']}")
-    return jsonify(job_view(pipeline.cancel(job_id) or job)), 202
+        raise ApiError("job_finished", f"job is already {job['status']}")
+    return jsonify(job_view(chain.cancel(job_id) or job)), 202
 
 
 @bp.get("/v1/jobs/<job_id>/result")
 def get_result(job_id: str):
     job = _load(job_id)
     if job["status"] != jobs.SUCCEEDED:
-        raise ApiError(409, "job_not_finished", f"job is {job['status']}", job_status=job["status"])
+        raise ApiError("job_not_finished", f"job is {job['status']}", job_status=job["status"])
     fmt = request.args.get("format", "json")
     try:
         body, mimetype = render_result(job["result"], fmt)
     except ValueError as exc:
-        raise ApiError(400, "invalid_format", str(exc)) from exc
+        raise ApiError("invalid_format", str(exc)) from exc
     return Response(body, mimetype=mimetype)
 
 
@@ -130,10 +124,8 @@ def predict():
             return jsonify({"text": result["text"], "confidence": result["confidence"],
                             "num_frames": result["num_frames"], "job_id": job["job_id"]})
         if job["status"] in jobs.TERMINAL:
-            error = job.get("error") or {"code": job["status"], "message": f"job {job['status']}"}
-            return jsonify(error_body(error["code"], error["message"], job_id=job["job_id"])), \
-                FAILURE_STATUS.get(error["code"], 500)
+            error = job.get("error") or {"code": "job_cancelled", "message": "the job was cancelled"}
+            return error_response(error["code"], error["message"], job_id=job["job_id"])
         time.sleep(delay)
         delay = min(0.5, delay * 1.5)
-    return jsonify(error_body("timeout", "the job did not finish in time; poll it by id",
-                              job_id=job["job_id"])), 504
+    return error_response("timeout", "the job did not finish in time; poll it by id", job_id=job["job_id"])

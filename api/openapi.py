@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from api.validation import MAX_BEAM, MODALITIES
-from tasks.jobs import STAGES, STATUSES
+from tasks.errors import ERROR_CODES
+from tasks.jobs import JOB_ID_PATTERN, STAGES, STATUSES
 
 
 def _error(description: str) -> dict:
@@ -14,7 +15,7 @@ def _error(description: str) -> dict:
 def openapi_spec() -> dict:
     job_ref = {"$ref": "#/components/schemas/Job"}
     job_id = {"name": "job_id", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+              "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
     auth_errors = {"401": _error("Missing or invalid API key")}
     return {
         "openapi": "3.1.0",
@@ -80,7 +81,12 @@ def openapi_spec() -> dict:
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                    "properties": {"code": {"$ref": "#/components/schemas/ErrorCode"},
+                                   "message": {"type": "string"}}}}},
+                "ErrorCode": {"type": "string", "enum": list(ERROR_CODES), "description": (
+                    "Machine-readable error codes (HTTP status; `job` = also a failed job's `error.code`):\n"
+                    + "\n".join(f"- `{code}` ({e.status}{', job' if e.job else ''}): {e.meaning}"
+                                for code, e in ERROR_CODES.items()))},
                 "JobRequest": {"type": "object", "required": ["s3_bucket"], "additionalProperties": False,
                                "properties": {
                                    "s3_bucket": {"type": "string"},
@@ -110,7 +116,9 @@ def openapi_spec() -> dict:
                     "created_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
                     "finished_at": {"type": ["string", "null"]}, "updated_at": {"type": ["string", "null"]},
                     "result": {"$ref": "#/components/schemas/Result"},
-                    "error": {"type": "object"}, "links": {"type": "object"}}},
+                    "error": {"type": "object", "properties": {
+                        "code": {"$ref": "#/components/schemas/ErrorCode"}, "message": {"type": "string"}}},
+                    "links": {"type": "object"}}},
             },
         },
     }

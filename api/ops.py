@@ -10,8 +10,9 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+from api.errors import error_response
 from api.openapi import openapi_spec
-from tasks import jobs, worker_runtime
+from tasks import heartbeat, jobs
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 
 bp = Blueprint("ops", __name__)
@@ -31,13 +32,13 @@ def queue_depths(r: redis.Redis) -> dict[str, int]:
 def health():
     """Model, device and broker/worker state; 503 when the broker (Redis) does not answer."""
     settings = current_app.config["AVSR_SETTINGS"]
-    broker = {"url": _redacted(settings.redis_url)}
+    broker: dict[str, object] = {"url": _redacted(settings.redis_url)}
     try:
         started = time.perf_counter()
         r = jobs.connection(settings.redis_url)
         r.ping()
         broker.update(ok=True, latency_ms=round(1000 * (time.perf_counter() - started), 2))
-        workers = worker_runtime.heartbeats(r)
+        workers = heartbeat.heartbeats(r)
         queues = queue_depths(r)
     except Exception as exc:
         broker.update(ok=False, error=type(exc).__name__)
@@ -77,13 +78,13 @@ class RedisStateCollector:
         for key, value in stats.items():
             if key.startswith("stage_") and key.endswith("_seconds_sum"):
                 stage = key[len("stage_"):-len("_seconds_sum")]
-                summary.add_metric([stage], stats.get(f"stage_{stage}_seconds_count", 0.0), value)
+                summary.add_metric([stage], int(stats.get(f"stage_{stage}_seconds_count", 0)), value)
         yield summary
         depth = GaugeMetricFamily("avsr_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         for queue, n in queue_depths(jobs.connection()).items():
             depth.add_metric([queue], n)
         yield depth
-        workers = worker_runtime.heartbeats()
+        workers = heartbeat.heartbeats()
         alive = GaugeMetricFamily("avsr_workers", "Workers with a live heartbeat", labels=["role"])
         for role in (CPU_QUEUE, GPU_QUEUE):
             alive.add_metric([role], sum(1 for w in workers if w["role"] == role))
@@ -112,7 +113,7 @@ def metrics():
     try:
         return Response(generate_latest(_registry), mimetype="text/plain; version=0.0.4")
     except Exception as exc:
-        return jsonify({"error": {"code": "broker_unavailable", "message": type(exc).__name__}}), 503
+        return error_response("broker_unavailable", type(exc).__name__)
 
 
 @bp.get("/openapi.json")

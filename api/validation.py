@@ -1,9 +1,6 @@
 """Turn a `POST /v1/jobs` body into the job request the pipeline runs, or a 4xx `ApiError`.
 
-The request stored with the job (and read by `tasks/stages.py`):
-    {"input": {"type": "frames", "bucket", "prefix", "fps"} | {"type": "video", "bucket", "key"},
-     "modality": "auto|video|audio|audiovisual", "beam_size": int,
-     "output": {"bucket", "prefix"} | None, "callback_url": str | None}
+The request stored with the job is a `tasks.records.JobRequest`.
 """
 
 from __future__ import annotations
@@ -13,6 +10,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from api.errors import ApiError
+from tasks.jobs import is_job_id
+from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, VideoInput
 from tasks.settings import Settings
 from tasks.webhooks import non_global_address
 
@@ -20,11 +19,10 @@ MODALITIES = ("auto", "video", "audio", "audiovisual")
 JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url"}
 MAX_BEAM = 50
 _BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def bad(code: str, message: str, status: int = 400) -> ApiError:
-    return ApiError(status, code, message)
+def bad(code: str, message: str) -> ApiError:
+    return ApiError(code, message)
 
 
 def _string(body: dict, name: str, *, required: bool = False, max_len: int = 1024) -> str | None:
@@ -41,11 +39,11 @@ def _string(body: dict, name: str, *, required: bool = False, max_len: int = 102
 
 
 def _bucket(body: dict, name: str, settings: Settings) -> str:
-    bucket = _string(body, name, required=True, max_len=63)
+    bucket = _string(body, name, required=True, max_len=63) or ""
     if not _BUCKET.match(bucket):
         raise bad("invalid_bucket", f"'{bucket}' is not a valid S3 bucket name")
     if settings.allowed_buckets and bucket not in settings.allowed_buckets:
-        raise bad("bucket_not_allowed", f"bucket '{bucket}' is not on this service's allow-list", 403)
+        raise bad("bucket_not_allowed", f"bucket '{bucket}' is not on this service's allow-list")
     return bucket
 
 
@@ -60,7 +58,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float, inte
     return value
 
 
-def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) -> dict:
+def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) -> JobRequest:
     """Validate a job submission (`legacy`: the `/predict` body, frames only)."""
     if not isinstance(body, dict):
         raise bad("invalid_json", "the body must be a JSON object")
@@ -77,14 +75,14 @@ def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) ->
             raise bad("invalid_input", "'s3_key' must name an object")
         if "fps" in body:
             raise bad("invalid_field", "'fps' applies to frame sequences; a video carries its own timing")
-        source = {"type": "video", "bucket": bucket, "key": key}
+        source: FramesInput | VideoInput = {"type": "video", "bucket": bucket, "key": key}
     else:
-        source = {"type": "frames", "bucket": bucket, "prefix": prefix,
-                  "fps": float(_number(body, "fps", 25.0, 1.0, 120.0))}
+        source = {"type": "frames", "bucket": bucket, "prefix": prefix or "",
+                  "fps": float(_number(body, "fps", FPS, 1.0, 120.0))}
     modality = body.get("modality", "auto")
     if modality not in MODALITIES:
         raise bad("invalid_field", f"'modality' must be one of {', '.join(MODALITIES)}")
-    request = {
+    request: JobRequest = {
         "input": source,
         "modality": modality,
         "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
@@ -94,7 +92,7 @@ def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) ->
     return request
 
 
-def _output(value: Any, settings: Settings) -> dict | None:
+def _output(value: Any, settings: Settings) -> OutputLocation | None:
     if value is None:
         return None
     if not isinstance(value, dict) or set(value) - {"s3_bucket", "s3_prefix"}:
@@ -116,8 +114,8 @@ def _callback(value: Any, allow_private: bool) -> str | None:
 
 
 def check_job_id(job_id: str) -> str:
-    if not _JOB_ID.match(job_id):
-        raise ApiError(404, "job_not_found", f"no job '{job_id}'")
+    if not is_job_id(job_id):
+        raise ApiError("job_not_found", f"no job '{job_id}'")
     return job_id
 
 

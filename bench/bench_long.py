@@ -1,6 +1,6 @@
 """A long talk end to end through the running stack: wall time, real-time factor, worker memory.
 
-    python bench/bench_long.py [--seconds 600] [--workers 1 2] [--size base]
+    python -m bench.bench_long [--seconds 600] [--workers 1 2] [--size base]
 
 Writes a synthetic 640x480 talking-face video with audio (`deploy/local/sample_media.py`),
 starts a private stack with a random-weight AV-HuBERT of the official Base (or Large/tiny) size,
@@ -22,12 +22,11 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from deploy.local.sample_media import write_face_video
+from deploy.local.stack import Stack, StackConfig
+from gpu_worker.avhubert.random_checkpoint import make_random_checkpoint
 
-from deploy.local.sample_media import write_face_video  # noqa: E402
-from deploy.local.stack import Stack, StackConfig  # noqa: E402
-from gpu_worker.avhubert.random_checkpoint import make_random_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BUCKET = "avsr-bench"
 

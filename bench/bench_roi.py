@@ -6,14 +6,13 @@ finds nothing, 68-point predictor on the last rectangle (int32); then ``landmark
 ``crop_patch`` with ``skimage`` (similarity from the 12-frame mean of the stable points, full 256×256
 colour warp, ×255 → uint8, 96×96 cut, BGR→grey).  Single thread, as the official scripts.
 
-Usage: .venv/bin/python bench/bench_roi.py [--long 500] [--skip-long-baseline]
+Usage: .venv/bin/python -m bench.bench_roi [--long 500] [--skip-long-baseline]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,13 +21,12 @@ import dlib
 import numpy as np
 from skimage import transform as tf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cpu_worker.align import STABLE_POINTS, interpolate_landmarks, mean_face
+from cpu_worker.frames import VideoFile
+from cpu_worker.landmarks import _models_dir, preload_models
+from cpu_worker.mouth_roi import crop_mouth_rois, extract_mouth_rois
 
-from cpu_worker.align import STABLE_POINTS, interpolate_landmarks, mean_face  # noqa: E402
-from cpu_worker.frames import VideoFile  # noqa: E402
-from cpu_worker.landmarks import _models_dir, preload_models  # noqa: E402
-from cpu_worker.mouth_roi import crop_mouth_rois, extract_mouth_rois  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PRE = ROOT / "tests/fixtures/avhubert_reference/preprocess"
 CLIP = PRE / "face_clip_640x480_ffv1.mkv"

@@ -1,6 +1,6 @@
 """Service latency and throughput, against the same work done in-process, in one run.
 
-    python bench/bench_service.py [--runs 10] [--inflight 20] [--checkpoint PATH]
+    python -m bench.bench_service [--runs 10] [--inflight 20] [--checkpoint PATH]
 
 Starts a private local stack (Redis DB 13, SeaweedFS, gunicorn API, one CPU worker with
 concurrency 2, the GPU-queue worker) on bench ports, uploads a 3-second clip as 75 JPEG frames
@@ -24,14 +24,13 @@ import cv2
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cpu_worker.frames import ImageSequence
+from cpu_worker.mouth_roi import extract_mouth_rois
+from deploy.local.sample_media import make_face_frames
+from deploy.local.stack import Stack, StackConfig
+from gpu_worker.engine import Engine
 
-from cpu_worker.frames import ImageSequence  # noqa: E402
-from cpu_worker.mouth_roi import extract_mouth_rois  # noqa: E402
-from deploy.local.sample_media import make_face_frames  # noqa: E402
-from deploy.local.stack import Stack, StackConfig  # noqa: E402
-from gpu_worker.engine import Engine  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BUCKET, PREFIX, FRAMES = "avsr-bench", "clip75/", 75
 

@@ -14,6 +14,8 @@ import numpy as np
 from python_speech_features import logfbank
 from scipy.signal import resample_poly
 
+from tasks.records import FPS
+
 SAMPLE_RATE = 16000
 STACK_ORDER = 4
 FEATURE_DIM = 26 * STACK_ORDER
@@ -57,26 +59,8 @@ def audio_features(wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np
     return stack_features(log_filterbank(wave_int16, sample_rate))
 
 
-def align_audio_to_video(feats: np.ndarray, num_video_frames: int) -> np.ndarray:
-    """Official audio/video length alignment: zero-pad or cut the audio rows to the video length."""
-    diff = len(feats) - num_video_frames
-    if diff < 0:
-        return np.concatenate([feats, np.zeros((-diff, feats.shape[1]), feats.dtype)])
-    if diff > 0:
-        return feats[:-diff]
-    return feats
-
-
-def layer_norm_frames(feats: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """Official ``normalize``: ``F.layer_norm(feats, feats.shape[1:])`` — per frame over the features."""
-    x = np.asarray(feats, dtype=np.float64)
-    mean = x.mean(axis=1, keepdims=True)
-    var = x.var(axis=1, keepdims=True)
-    return ((x - mean) / np.sqrt(var + eps)).astype(np.float32)
-
-
 def frame_energy_db(
-    wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE, fps: float = 25.0, floor_db: float = -100.0
+    wave_int16: np.ndarray, sample_rate: int = SAMPLE_RATE, fps: float = FPS, floor_db: float = -100.0
 ) -> np.ndarray:
     """RMS energy per video frame (1/fps windows, last one partial) in dB full scale, float32 [T].
 

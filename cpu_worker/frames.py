@@ -10,32 +10,35 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Generator, Iterable, Iterator, Sized
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import av
 import cv2
 import numpy as np
 
 from cpu_worker.errors import BadMedia
+from tasks.records import FPS
 
 log = logging.getLogger(__name__)
 
-TARGET_FPS = 25.0
 AUDIO_RATE = 16000
 
 
+T = TypeVar("T")
+
+
 def resample_timed(
-    items: Iterable[tuple[float, np.ndarray]],
-    fps: float = TARGET_FPS,
+    items: Iterable[tuple[float, T]],
+    fps: float = FPS,
     *,
     t0: float | None = None,
     end: float | None = None,
     first_slot: int = 0,
     last_slot: int | None = None,
-) -> Iterator[np.ndarray]:
-    """Constant-rate resampling of (timestamp seconds, frame) pairs.
+) -> Iterator[T]:
+    """Constant-rate resampling of (timestamp seconds, frame) pairs (any item: frames, S3 objects).
 
     Output slot k (time ``t0 + k/fps``; ``t0`` defaults to the first timestamp) shows the input frame
     nearest in time (ties → the later one); slots before the first frame show the first frame; the last
@@ -43,7 +46,7 @@ def resample_timed(
     timestamps are dropped.  Only slots ``first_slot <= k < last_slot`` are yielded.
     """
     prev_t: float | None = None
-    prev: np.ndarray | None = None
+    prev: T | None = None
     origin = t0
     k = 0
     last_dt = 1.0 / fps
@@ -59,7 +62,7 @@ def resample_timed(
             if last_slot is not None and k >= last_slot:
                 return
             if k >= first_slot:
-                yield prev
+                yield prev  # type: ignore[misc]  # set with prev_t
             k += 1
         last_dt = t - prev_t
         prev_t, prev = t, frame
@@ -74,7 +77,7 @@ def resample_timed(
         k += 1
 
 
-def count_slots(t0: float, stop: float, fps: float = TARGET_FPS) -> int:
+def count_slots(t0: float, stop: float, fps: float = FPS) -> int:
     """Number of slots ``k >= 0`` with ``t0 + k/fps < stop`` (as ``resample_timed`` emits them)."""
     k = max(0, int((stop - t0) * fps) - 2)
     while t0 + k / fps < stop - 1e-9:
@@ -100,14 +103,14 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray | None:
 class ImageSequence:
     """Iterable of 25 fps BGR frames from encoded images (bytes or file paths) shot at ``fps``."""
 
-    def __init__(self, images: Iterable[bytes | bytearray | memoryview | str | Path], fps: float = TARGET_FPS) -> None:
+    def __init__(self, images: Iterable[bytes | bytearray | memoryview | str | Path], fps: float = FPS) -> None:
         if fps <= 0:
             raise ValueError("fps must be positive")
         self.images, self.fps = images, fps
         self.corrupt_skipped = 0
         self.frames_decoded = 0
 
-    def _timed(self) -> Iterator[tuple[float, np.ndarray]]:
+    def _timed(self) -> Generator[tuple[float, np.ndarray]]:
         for i, item in enumerate(self.images):
             data = Path(item).read_bytes() if isinstance(item, str | Path) else item
             img = decode_image(data)
@@ -122,7 +125,7 @@ class ImageSequence:
         # grid anchored at image 0 and ending after the last image, so corrupt images at either end do
         # not shift or shorten the clip (their slots show the nearest good image)
         end = len(self.images) / self.fps if isinstance(self.images, Sized) else None
-        return resample_timed(self._timed(), TARGET_FPS, t0=0.0, end=end)
+        return resample_timed(self._timed(), FPS, t0=0.0, end=end)
 
 
 def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
@@ -152,7 +155,7 @@ class VideoFile:
                 raise BadMedia("no video stream")
             vs = c.streams.video[0]
             rate = vs.average_rate or vs.guessed_rate
-            self.source_fps = float(rate) if rate else TARGET_FPS
+            self.source_fps = float(rate) if rate else FPS
             self.has_audio = bool(c.streams.audio)
             self.width, self.height = vs.codec_context.width, vs.codec_context.height
         self._t0: float | None = None  # timestamp of the first decodable frame: origin of the 25 fps grid
@@ -162,7 +165,7 @@ class VideoFile:
         self._t0 = None if first is None else first[0]
         self.corrupt_skipped = self.frames_decoded = 0
 
-    def _timed(self, seek_to: float | None = None) -> Iterator[tuple[float, np.ndarray]]:
+    def _timed(self, seek_to: float | None = None) -> Generator[tuple[float, np.ndarray]]:
         with _open(self.source) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
@@ -185,7 +188,7 @@ class VideoFile:
                     yield float(t), frame.to_ndarray(format="bgr24")
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return resample_timed(self._timed(), TARGET_FPS, t0=self._t0)
+        return resample_timed(self._timed(), FPS, t0=self._t0)
 
     def num_frames(self) -> int:
         """Frames the 25 fps stream will have, from packet timestamps (no decoding; exact unless the last
@@ -203,7 +206,7 @@ class VideoFile:
         if not times:
             return sum(1 for _ in self)
         times = sorted(set(times))
-        last_dt = times[-1] - times[-2] if len(times) > 1 else 1.0 / TARGET_FPS
+        last_dt = times[-1] - times[-2] if len(times) > 1 else 1.0 / FPS
         return count_slots(self._t0 if self._t0 is not None else times[0], times[-1] + last_dt)
 
     def window(self, start: int, end: int) -> VideoWindow:
@@ -249,14 +252,14 @@ class VideoWindow:
         v = self.video
         if v._t0 is None or self.end == self.start:
             return iter(())
-        target = v._t0 + self.start / TARGET_FPS
+        target = v._t0 + self.start / FPS
         timed = v._timed(seek_to=target - self.SEEK_MARGIN_S) if self.start else v._timed()
         first = next(timed, None)
         if first is None:
             return iter(())
-        if first[0] > target - 1.0 / TARGET_FPS + 1e-9 and self.start:
+        if first[0] > target - 1.0 / FPS + 1e-9 and self.start:
             # the seek landed too late (no usable key frame before the window): decode from the start
             timed.close()
             timed, first = v._timed(), None
         items = timed if first is None else itertools.chain([first], timed)
-        return resample_timed(items, TARGET_FPS, t0=v._t0, first_slot=self.start, last_slot=self.end)
+        return resample_timed(items, FPS, t0=v._t0, first_slot=self.start, last_slot=self.end)

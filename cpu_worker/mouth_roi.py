@@ -26,8 +26,8 @@ from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
 from cpu_worker.landmarks import Box, DetectionStats, TrackerConfig, last_resort_detect, select_track, track_block
+from tasks.records import FPS
 
-TARGET_FPS = 25.0
 _TAIL = WINDOW + 2  # frames at a chunk's end whose ROI may differ from the single-piece run
 
 
@@ -46,7 +46,7 @@ class MouthRoiResult:
     breaks: list[tuple[int, int]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
     start_frame: int = 0
-    fps: float = TARGET_FPS
+    fps: float = FPS
 
     def __len__(self) -> int:
         return int(self.rois.shape[0])
@@ -73,7 +73,7 @@ class MouthRoiResult:
             breaks=[(int(a), int(b)) for a, b in np.asarray(arrays["breaks"]).reshape(-1, 2)],
             stats=json.loads(str(arrays["stats_json"])) if "stats_json" in arrays else {},
             start_frame=int(arrays["start_frame"]),
-            fps=float(arrays["fps"]) if "fps" in arrays else TARGET_FPS,
+            fps=float(arrays["fps"]) if "fps" in arrays else FPS,
         )
 
 
@@ -188,9 +188,62 @@ def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tu
         yield first, buf
 
 
+class _RoiBuilder:
+    """Gap filling (``_GapFiller``) feeding the crop (``RoiCropper``): frames with landmarks in, ROIs out."""
+
+    def __init__(self, max_gap: int, max_lead: int) -> None:
+        self.filler = _GapFiller(max_gap, max_lead)
+        self.cropper = RoiCropper()
+        self.rois: list[np.ndarray] = []
+        self.landmarks: list[np.ndarray] = []
+
+    def push(self, idx: int, gray: np.ndarray, lm: np.ndarray | None) -> None:
+        self._crop(self.filler.push(idx, gray, lm))
+
+    def _crop(self, items: list[_Item]) -> None:
+        for _, gray, lm in items:
+            self.landmarks.append(lm)
+            if np.isnan(lm).any():  # dropped from an overlong leading gap (nothing is in the cropper yet)
+                self.rois.append(np.zeros((CROP_SIZE, CROP_SIZE), np.uint8))
+                continue
+            self.rois.extend(self.cropper.push(gray, lm))
+
+    def finish(self, n: int) -> None:
+        self._crop(self.filler.flush(n))
+        self.rois.extend(self.cropper.flush())
+
+
+def _tracked(stream: Iterable[np.ndarray], start_frame: int, cfg: TrackerConfig, n_workers: int,
+             det_stats: DetectionStats) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """``(absolute index, grey frame, landmarks or None)`` per frame, in order.
+
+    Blocks of ``cfg.block`` frames are tracked on a thread pool (``track_block``), at most
+    ``n_workers`` ahead; in each block's periods the face followed so far is chosen (``select_track``).
+    """
+    speaker: Box | None = None  # where the followed face was last seen
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        inflight: deque[tuple[int, Future]] = deque()
+        blocks = _blocks(stream, start_frame, cfg.block)
+        while True:
+            for first, block in itertools.islice(blocks, n_workers + 1 - len(inflight)):
+                inflight.append((first, pool.submit(track_block, block, first, cfg)))
+            if not inflight:
+                return
+            first, future = inflight.popleft()
+            periods, grays, stats = future.result()
+            det_stats.merge(stats)
+            landmarks: list[np.ndarray | None] = []
+            for candidates in periods:
+                track = select_track(candidates, speaker)
+                landmarks.extend(track.landmarks)
+                speaker = track.last_box or speaker
+            for k, (gray, lm) in enumerate(zip(grays, landmarks, strict=True)):
+                yield first + k, gray, lm
+
+
 def extract_mouth_rois(
     frames: np.ndarray | Iterable[np.ndarray],
-    fps: float = TARGET_FPS,
+    fps: float = FPS,
     *,
     start_frame: int = 0,
     max_gap_s: float = 1.0,
@@ -211,93 +264,55 @@ def extract_mouth_rois(
     cfg = config or TrackerConfig()
     n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
     stream: Iterable[np.ndarray] = frames
-    if abs(fps - TARGET_FPS) > 1e-6:
-        stream = resample_timed(((i / fps, f) for i, f in enumerate(frames)), TARGET_FPS)
-    max_gap = max(1, round(max_gap_s * TARGET_FPS))
-    filler = _GapFiller(max_gap, max_lead=max(250, 10 * max_gap))
-    cropper = RoiCropper()
-    rois: list[np.ndarray] = []
-    lms: list[np.ndarray] = []
+    if abs(fps - FPS) > 1e-6:
+        stream = resample_timed(((i / fps, f) for i, f in enumerate(frames)), FPS)
+    max_gap = max(1, round(max_gap_s * FPS))
+    builder = _RoiBuilder(max_gap, max_lead=max(250, 10 * max_gap))
     detected: list[bool] = []
     det_stats = DetectionStats()
-    n = 0
-
-    def consume(items: list[_Item]) -> None:
-        for _, gray, lm in items:
-            lms.append(lm)
-            if np.isnan(lm).any():  # dropped from an overlong leading gap (nothing is in the cropper yet)
-                rois.append(np.zeros((CROP_SIZE, CROP_SIZE), np.uint8))
-                continue
-            rois.extend(cropper.push(gray, lm))
-
-    speaker: Box | None = None  # where the followed face was last seen
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        inflight: deque[tuple[int, Future]] = deque()
-
-        def drain(limit: int) -> None:
-            while len(inflight) > limit:
-                nonlocal speaker
-                first, fut = inflight.popleft()
-                periods, grays, st = fut.result()
-                det_stats.merge(st)
-                out: list[np.ndarray | None] = []
-                for candidates in periods:
-                    track = select_track(candidates, speaker)
-                    out.extend(track.landmarks)
-                    speaker = track.last_box or speaker
-                for k, (gray, lm) in enumerate(zip(grays, out, strict=True)):
-                    detected.append(lm is not None)
-                    consume(filler.push(first + k - start_frame, gray, lm))
-
-        for first, block in _blocks(stream, start_frame, cfg.block):
-            n += len(block)
-            inflight.append((first, pool.submit(track_block, block, first, cfg)))
-            drain(n_workers)
-        drain(0)
+    for idx, gray, lm in _tracked(stream, start_frame, cfg, n_workers, det_stats):
+        detected.append(lm is not None)
+        builder.push(idx - start_frame, gray, lm)
+    n = len(detected)
     if n == 0:
         raise NoFrames()
-    if not any(detected) and len(filler.pending) == n:
+    if not any(detected) and len(builder.filler.pending) == n:
         # nothing found by the schedule (e.g. a short clip of a profile face): last-resort CNN pass
-        found = last_resort_detect([g for _, g in filler.pending], cfg, stats=det_stats)
+        pending = builder.filler.pending
+        found = last_resort_detect([g for _, g in pending], cfg, stats=det_stats)
         if found is not None:
             pos, lm = found
-            pending, filler = filler.pending, _GapFiller(max_gap, max_lead=n)
             detected[pos] = True
+            builder = _RoiBuilder(max_gap, max_lead=n)
             for j, g in pending:
-                consume(filler.push(j, g, lm if j == pending[pos][0] else None))
-    if not any(detected):
-        if require_face:
-            raise NoFaceDetected()
-        rois = [np.zeros((CROP_SIZE, CROP_SIZE), np.uint8)] * n
-        lms = [np.full((68, 2), np.nan)] * n
-        filler = _GapFiller(max_gap, max_lead=n)
-        filler.breaks = [(0, n)] if n > max_gap else []
-    consume(filler.flush(n))
-    rois.extend(cropper.flush())
+                builder.push(j, g, lm if j == pending[pos][0] else None)
+    if any(detected):
+        builder.finish(n)
+        rois, landmarks, breaks = np.stack(builder.rois), np.stack(builder.landmarks), list(builder.filler.breaks)
+    elif require_face:
+        raise NoFaceDetected()
+    else:
+        builder = _RoiBuilder(max_gap, max_lead=n)
+        rois, landmarks = np.zeros((n, CROP_SIZE, CROP_SIZE), np.uint8), np.full((n, 68, 2), np.nan)
+        breaks = [(0, n)] if n > max_gap else []
     elapsed = time.perf_counter() - t0
     calls = det_stats.detector_calls
     stats: dict[str, Any] = {
         "frames_total": n,
         "frames_detected": int(sum(detected)),
-        "frames_interpolated": filler.interpolated,
-        "frames_held": filler.held,
-        "frames_in_breaks": int(sum(e - s for s, e in filler.breaks)),
+        "frames_interpolated": builder.filler.interpolated,
+        "frames_held": builder.filler.held,
+        "frames_in_breaks": int(sum(e - s for s, e in breaks)),
         "detector_calls": _detector_total(calls),
         "detector_calls_by_kind": dict(calls),  # "between": predictor on an interpolated box, no detector
         "corrupt_skipped": int(corrupt_skipped or getattr(frames, "corrupt_skipped", 0)),
         "faces_seen": det_stats.faces_seen,
-        "crops_clamped": cropper.clamped,
+        "crops_clamped": builder.cropper.clamped,
         "seconds": elapsed,
         "fps": n / elapsed if elapsed > 0 else float("inf"),
     }
-    return MouthRoiResult(
-        rois=np.stack(rois),
-        landmarks=np.stack(lms).astype(np.float32),
-        detected=np.array(detected, dtype=bool),
-        breaks=list(filler.breaks),
-        stats=stats,
-        start_frame=start_frame,
-    )
+    return MouthRoiResult(rois=rois, landmarks=landmarks.astype(np.float32), detected=np.array(detected, dtype=bool),
+                          breaks=breaks, stats=stats, start_frame=start_frame)
 
 
 def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) -> MouthRoiResult:
@@ -328,7 +343,8 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
         begin = split
     last = parts[-1]
     keep.append((last, begin, last.start_frame + len(last)))
-    rois, lms, det, breaks = [], [], [], []
+    rois, lms, det = [], [], []
+    breaks: list[tuple[int, int]] = []
     calls: dict[str, int] = {}
     for r, s, e in keep:
         lo, hi = s - r.start_frame, e - r.start_frame

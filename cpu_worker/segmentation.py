@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tasks.records import FPS
+
 MAX_MODEL_FRAMES = 500  # longest clip AV-HuBERT was trained on; the official loader drops longer ones
 
 _AUDIO_REL_THRESHOLD = 0.35
@@ -60,7 +62,7 @@ class Segment:
     id: int
     start_frame: int
     end_frame: int
-    fps: float = 25.0
+    fps: float = FPS
 
     @property
     def num_frames(self) -> int:
@@ -152,7 +154,7 @@ def _normalised(block: np.ndarray) -> np.ndarray:
 
 def plan_segments(
     num_frames: int,
-    fps: float = 25.0,
+    fps: float = FPS,
     *,
     face_present: np.ndarray | None = None,
     mouth_motion: np.ndarray | None = None,
@@ -253,7 +255,7 @@ def _pause_levels(
     n: int, face: np.ndarray, motion: np.ndarray | None, energy: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per-frame pause level (fraction of informative cues quiet) and mean activity, or Nones."""
-    cues = []
+    cues: list[tuple[np.ndarray, np.ndarray] | None] = []
     if energy is not None:
         energy = _fit_length(np.asarray(energy, np.float64).reshape(-1), n)
         e = np.nan_to_num(energy.astype(np.float64), nan=_AUDIO_FLOOR_DB, neginf=_AUDIO_FLOOR_DB)
@@ -263,11 +265,11 @@ def _pause_levels(
     if motion is not None:
         m = _moving_average(np.nan_to_num(motion.astype(np.float64)), _MOUTH_SMOOTH_FRAMES)
         cues.append(_cue(m, face, _MOUTH_REL_THRESHOLD, _mouth_informative))
-    cues = [c for c in cues if c is not None]
-    if not cues:
+    found = [c for c in cues if c is not None]
+    if not found:
         return None, None
-    pause = np.mean([q for q, _ in cues], axis=0)
-    activity = np.mean([a for _, a in cues], axis=0)
+    pause = np.mean([q for q, _ in found], axis=0)
+    activity = np.mean([a for _, a in found], axis=0)
     return pause, activity
 
 
@@ -335,7 +337,7 @@ class _Planner:
             if ca > cb:
                 continue
             cut = (ca + cb + 1) // 2
-            key = (float(self.pause[a:b].sum()), -abs(cut - middle), -cut)
+            key = (float(self.pause[a:b].sum()), -abs(cut - middle), -cut)  # type: ignore[index]  # runs exist
             if best is None or key > best:
                 best = key
         if best is not None:

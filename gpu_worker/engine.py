@@ -15,15 +15,16 @@ still runs out of GPU memory is split in halves and retried.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from gpu_worker.avhubert import Hypothesis, audio_from_features, collate, load_model, video_from_rois
 from gpu_worker.batching import batch_segments
+from tasks.records import DecodedSegment, SegmentSpan
 
 MODALITIES = ("video", "audio", "audiovisual")
 
@@ -34,7 +35,7 @@ class Engine:
     def __init__(self, checkpoint: str | Path, *, spm_path: str | None = None, dict_path: str | None = None,
                  device: str = "auto", precision: str = "fp32", max_batch_frames: int = 3000,
                  max_batch_size: int = 16) -> None:
-        dtype = None if precision == "fp32" else precision
+        dtype: Literal["fp16", "bf16"] | None = None if precision == "fp32" else precision  # type: ignore[assignment]
         self.model = load_model(checkpoint, spm_path=spm_path, dict_path=dict_path, device=device, dtype=dtype)
         self.checkpoint = Path(checkpoint)
         self.max_batch_frames = max_batch_frames
@@ -49,9 +50,9 @@ class Engine:
                         modality="video", beam_size=1)
         return time.perf_counter() - started
 
-    def transcribe(self, *, rois: np.ndarray | None, audio: np.ndarray | None, segments: list[dict],
+    def transcribe(self, *, rois: np.ndarray | None, audio: np.ndarray | None, segments: Sequence[SegmentSpan],
                    modality: str, beam_size: int = 5,
-                   on_progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+                   on_progress: Callable[[int], None] | None = None) -> list[DecodedSegment]:
         """Decode each segment (`start_frame`/`end_frame` into `rois` uint8[T,96,96] and `audio`
         float32[T,104] stacked filterbanks); returns, in segment order, the best hypothesis of each."""
         if modality not in MODALITIES:
@@ -60,7 +61,7 @@ class Engine:
         if (use_video and rois is None) or (use_audio and audio is None):
             raise ValueError(f"modality {modality} needs {'video' if use_video else 'audio'} input")
         lengths = [s["end_frame"] - s["start_frame"] for s in segments]
-        results: list[dict[str, Any]] = [{}] * len(segments)
+        results: list[DecodedSegment | None] = [None] * len(segments)
         done = 0
         for batch in batch_segments(lengths, self.max_batch_frames, self.max_batch_size):
             for i, best in self._decode(batch, segments, rois if use_video else None,
@@ -70,9 +71,10 @@ class Engine:
             done += len(batch)
             if on_progress is not None:
                 on_progress(done)
-        return results
+        return [r for r in results if r is not None]
 
-    def _decode(self, batch: list[int], segments: list[dict], rois: np.ndarray | None, audio: np.ndarray | None,
+    def _decode(self, batch: list[int], segments: Sequence[SegmentSpan], rois: np.ndarray | None,
+                audio: np.ndarray | None,
                 beam_size: int) -> list[tuple[int, Hypothesis]]:
         """Best hypothesis of each segment in `batch`. A batch that runs out of GPU memory is decoded
         in halves (results are the same: per-item length caps), down to single segments."""

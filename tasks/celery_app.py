@@ -1,14 +1,11 @@
 """The Celery application: Redis broker and backend, JSON only, reliable delivery, queues by name.
 
-Workers:
-    celery --app tasks.celery_app worker --queues cpu --pool prefork --concurrency 2 \
+Every process uses this one app; the workers add their own tasks to it:
+    celery --app cpu_worker.worker worker --queues cpu --pool prefork --concurrency 2 \
         --prefetch-multiplier 1 --hostname cpu@%h
-    celery --app tasks.celery_app worker --queues gpu --pool solo --prefetch-multiplier 1 --hostname gpu@%h
+    celery --app gpu_worker.worker worker --queues gpu --pool solo --prefetch-multiplier 1 --hostname gpu@%h
     celery --app tasks.celery_app flower --port=5555
-
-A worker consuming the `gpu` queue loads the model once (`worker_process_init`; the solo pool
-sends it in the worker process itself, so CUDA never meets a fork), warms it up and publishes
-a heartbeat that `/health` reads (see `tasks/worker_runtime.py`). Every worker beats.
+The API only publishes by task name (`tasks/chain.py`).
 """
 
 from __future__ import annotations
@@ -59,47 +56,10 @@ def celery_config(settings: Settings) -> dict:
 
 
 settings = get_settings()
-app = Celery("avsr", include=["tasks.pipeline"])
+app = Celery("avsr")
 app.conf.update(celery_config(settings))
-
-_worker: dict[str, object] = {"queues": set(), "hostname": None}
-
-
-def _role() -> str:
-    return GPU_QUEUE if GPU_QUEUE in _worker["queues"] else CPU_QUEUE
 
 
 @signals.setup_logging.connect
-def _setup_logging(**_kwargs) -> None:
+def _setup_logging(**_kwargs: object) -> None:
     configure_logging(settings.log_level, settings.log_json)
-
-
-@signals.celeryd_init.connect
-def _remember_worker(sender=None, instance=None, conf=None, options=None, **_kwargs) -> None:
-    queues = (options or {}).get("queues") or []
-    if isinstance(queues, str):
-        queues = queues.split(",")
-    _worker["queues"] = {q.strip() for q in queues}
-    _worker["hostname"] = sender
-
-
-@signals.worker_process_init.connect
-def _load_model_on_gpu_worker(**_kwargs) -> None:
-    if _role() == GPU_QUEUE:
-        from tasks import worker_runtime
-
-        worker_runtime.load_engine()
-
-
-@signals.worker_ready.connect
-def _start_heartbeat(sender=None, **_kwargs) -> None:
-    from tasks import worker_runtime
-
-    worker_runtime.start_heartbeat(_role(), str(_worker["hostname"] or sender.hostname))
-
-
-@signals.worker_shutdown.connect
-def _stop_heartbeat(sender=None, **_kwargs) -> None:
-    from tasks import worker_runtime
-
-    worker_runtime.stop_heartbeat(str(_worker["hostname"] or getattr(sender, "hostname", "")))

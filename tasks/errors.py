@@ -1,17 +1,77 @@
-"""Errors a job can end with: a machine-readable code, a message, and whether a retry may help."""
+"""Every error code the service can answer or end a job with, its HTTP status, and what it means.
+
+`ERROR_CODES` is the one table: `ApiError` (a refused request) and `JobError` (a failed job) take
+their status from it and refuse a code that is not in it, so the README and the OpenAPI
+description — both checked against this table by the tests — list every code a client can see.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    status: int
+    meaning: str
+    job: bool = False  # a failed job can carry it (else only an HTTP answer does)
+
+
+ERROR_CODES: dict[str, ErrorCode] = {
+    # Refused requests.
+    "invalid_json": ErrorCode(400, "the body is not a JSON object"),
+    "missing_field": ErrorCode(400, "a required field is missing"),
+    "invalid_field": ErrorCode(400, "a field has the wrong type, range or form"),
+    "invalid_input": ErrorCode(400, "the input names neither or both of a frame prefix and a video key"),
+    "unknown_field": ErrorCode(400, "the body holds a field the API does not know"),
+    "invalid_bucket": ErrorCode(400, "not a valid S3 bucket name"),
+    "invalid_format": ErrorCode(400, "unknown result format (json, srt or vtt)"),
+    "invalid_header": ErrorCode(400, "a header has the wrong form (e.g. Idempotency-Key)"),
+    "callback_not_allowed": ErrorCode(400, "the callback URL points at a non-global address"),
+    "unauthorized": ErrorCode(401, "missing or unknown API key"),
+    "bucket_not_allowed": ErrorCode(403, "the bucket is not on this service's allow-list"),
+    "job_not_found": ErrorCode(404, "no such job"),
+    "not_found": ErrorCode(404, "no such route"),
+    "method_not_allowed": ErrorCode(405, "the route does not take this method (see the Allow header)"),
+    "job_not_finished": ErrorCode(409, "the job has no result yet"),
+    "job_finished": ErrorCode(409, "the job is already finished"),
+    "job_cancelled": ErrorCode(409, "the job was cancelled while /predict waited for it"),
+    "idempotency_key_conflict": ErrorCode(409, "the Idempotency-Key was used for another request"),
+    "request_entity_too_large": ErrorCode(413, "the request body is over AVSR_MAX_REQUEST_BYTES"),
+    "unsupported_media_type": ErrorCode(415, "the body is not of a media type the route takes"),
+    "broker_unavailable": ErrorCode(503, "the job queue (Redis) does not answer; retry later"),
+    # Failed jobs (also the HTTP status of `/predict` when its job fails so).
+    "input_not_found": ErrorCode(404, "no input object at the given location", job=True),
+    "access_denied": ErrorCode(403, "the service's credentials may not read the input", job=True),
+    "input_too_large": ErrorCode(413, "the input is over AVSR_MAX_INPUT_BYTES or AVSR_MAX_FRAMES", job=True),
+    "input_changed": ErrorCode(409, "the input object changed while the job ran", job=True),
+    "no_audio": ErrorCode(400, "the modality needs sound and the input has none", job=True),
+    "bad_media": ErrorCode(422, "the input cannot be decoded as video or images", job=True),
+    "no_frames": ErrorCode(422, "the input decodes to no usable frames", job=True),
+    "no_face_detected": ErrorCode(422, "no face was found in any frame", job=True),
+    "s3_error": ErrorCode(502, "S3 refused a request for another reason", job=True),
+    "transient_error": ErrorCode(503, "S3 or the network failed after every retry", job=True),
+    "model_unavailable": ErrorCode(503, "the GPU worker has no model loaded", job=True),
+    "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
+    "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of `code` (KeyError for a code not in `ERROR_CODES`)."""
+    return ERROR_CODES[code].status
 
 
 class JobError(Exception):
     """A job failure with a stable machine-readable `code` (what clients switch on)."""
 
-    def __init__(self, code: str, message: str, retryable: bool = False, http_status: int = 422):
+    def __init__(self, code: str, message: str, retryable: bool = False):
+        if code not in ERROR_CODES or not ERROR_CODES[code].job:
+            raise ValueError(f"{code!r} is not a job error code of tasks.errors.ERROR_CODES")
         super().__init__(code, message)  # both in args: Celery rebuilds exceptions from args
         self.code = code
         self.message = message
         self.retryable = retryable
-        self.http_status = http_status
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -21,17 +81,17 @@ class JobError(Exception):
 
 
 def input_not_found(what: str) -> JobError:
-    return JobError("input_not_found", f"no input found at {what}", http_status=404)
+    return JobError("input_not_found", f"no input found at {what}")
 
 
 def access_denied(what: str) -> JobError:
-    return JobError("access_denied", f"access denied to {what}", http_status=403)
+    return JobError("access_denied", f"access denied to {what}")
 
 
 def input_too_large(message: str) -> JobError:
-    return JobError("input_too_large", message, http_status=413)
+    return JobError("input_too_large", message)
 
 
 def transient(message: str) -> JobError:
     """A failure worth retrying (network, throttling, 5xx)."""
-    return JobError("transient_error", message, retryable=True, http_status=503)
+    return JobError("transient_error", message, retryable=True)

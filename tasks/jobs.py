@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,14 @@ from typing import Any
 import redis
 import redis.sentinel
 
+from tasks.records import JobRequest
 from tasks.settings import get_settings, redis_sentinel
+
+Job = dict[str, Any]
+"""A job record: `job_id`, `status`, `stage`, `progress`, timestamps, `request` (a `JobRequest`),
+`timings`, segment counters, and `result` (a `JobResult`) or `error` once finished."""
+
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # what `new_job_id` makes
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
@@ -57,7 +65,11 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def create(request: dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
+def is_job_id(text: str) -> bool:
+    return re.fullmatch(JOB_ID_PATTERN.strip("^$"), text) is not None
+
+
+def create(request: JobRequest, job_id: str | None = None) -> Job:
     """Store a new `queued` job for a validated request and return it."""
     now = time.time()
     job = {
@@ -82,12 +94,12 @@ def create(request: dict[str, Any], job_id: str | None = None) -> dict[str, Any]
     return job
 
 
-def get(job_id: str) -> dict[str, Any] | None:
+def get(job_id: str) -> Job | None:
     raw = connection().get(_JOB_KEY.format(job_id))
     return json.loads(raw) if raw else None
 
 
-def update(job_id: str, merge: Callable[[dict], dict] | None = None, **patch: Any) -> dict[str, Any] | None:
+def update(job_id: str, merge: Callable[[Job], dict[str, Any]] | None = None, **patch: Any) -> Job | None:
     """Merge `patch` (and `merge(job)`'s patch) into a non-terminal job; returns the job as stored
     afterwards, or None if unknown. A terminal job is returned unchanged.
 
@@ -119,7 +131,7 @@ def update(job_id: str, merge: Callable[[dict], dict] | None = None, **patch: An
                 continue
 
 
-def is_terminal(job: dict[str, Any] | None) -> bool:
+def is_terminal(job: Job | None) -> bool:
     return job is None or job["status"] in TERMINAL
 
 
@@ -151,10 +163,10 @@ def increment(job_id: str, counter: str) -> int:
 
 
 def stats() -> dict[str, float]:
-    return {k: float(v) for k, v in connection().hgetall(STATS_KEY).items()}
+    return {str(k): float(v) for k, v in connection().hgetall(STATS_KEY).items()}
 
 
-def claim_idempotency_key(key: str, request: dict[str, Any], job_id: str) -> tuple[str, bool]:
+def claim_idempotency_key(key: str, request: JobRequest, job_id: str) -> tuple[str, bool]:
     """Bind `key` to `job_id` unless already bound. Returns (job id, request matches)."""
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     redis_key = _IDEMPOTENCY_KEY.format(hashlib.sha256(key.encode()).hexdigest())

@@ -8,8 +8,9 @@ Each field names its environment variable. Defaults are the embedded local stack
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 
@@ -111,19 +112,20 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """Read every field from its environment variable, falling back to the default."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
-            env, kind = f.metadata["env"], f.metadata["kind"]
+            env, kind, default = f.metadata["env"], f.metadata["kind"], f.default
+            assert default is not MISSING, f.name
             if kind is tuple:
                 values[f.name] = _env_list(env) if env in os.environ else f.default
             elif kind is int:
-                values[f.name] = _env_int(env, f.default)
+                values[f.name] = _env_int(env, default)
             elif kind is float:
-                values[f.name] = _env_float(env, f.default)
+                values[f.name] = _env_float(env, default)
             elif kind is bool:
-                values[f.name] = _env_bool(env, f.default)
+                values[f.name] = _env_bool(env, default)
             else:
-                values[f.name] = _env(env, f.default)
+                values[f.name] = _env(env, default)
         return cls(**values)
 
     @staticmethod

@@ -16,10 +16,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import boto3
 import numpy as np
@@ -30,7 +31,6 @@ from tasks.errors import JobError, access_denied, input_not_found, transient
 from tasks.settings import Settings, get_settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v")
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
@@ -41,6 +41,22 @@ class S3Object:
     key: str
     size: int
     etag: str = ""
+
+
+def work_bucket() -> str:
+    """The bucket of intermediate arrays and default results (AVSR_WORK_BUCKET)."""
+    return get_settings().work_bucket
+
+
+def work_key(job_id: str, name: str) -> str:
+    """`<work prefix><job id>/<name>`: where a job's intermediate arrays and default results live.
+
+    Under it: `input_plan.json` (prepare), `audio.npz` (`features` float32[T_audio, 104],
+    `energy_db` float32[T_audio]), `chunks/NNNN.npz` (`rois` uint8[n, 96, 96], `landmarks`
+    float32[n, 68, 2], `detected` bool[n]), `features.npz` (the stitched clip: `rois` uint8[T, 96, 96],
+    `audio` float32[T_audio, 104] when it has sound), `result.json/.srt/.vtt`.
+    """
+    return f"{get_settings().work_prefix}{job_id}/{name}"
 
 
 def natural_key(text: str) -> list:
@@ -130,9 +146,9 @@ def get_many(bucket: str, keys: list[str], max_workers: int | None = None) -> It
     workers = max_workers or get_settings().s3_max_concurrency
     window = 4 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") as pool:
-        pending = [pool.submit(get_bytes, bucket, k) for k in keys[:window]]
+        pending: list[Future[bytes] | None] = [pool.submit(get_bytes, bucket, k) for k in keys[:window]]
         for i in range(len(keys)):
-            body = pending[i].result()
+            body = pending[i].result()  # type: ignore[union-attr]  # set to None only after this
             pending[i] = None  # let finished bodies be collected
             if i + window < len(keys):
                 pending.append(pool.submit(get_bytes, bucket, keys[i + window]))
@@ -195,7 +211,7 @@ def put_bytes(bucket: str, key: str, body: bytes, content_type: str = "applicati
 def put_arrays(bucket: str, key: str, **arrays: np.ndarray) -> None:
     """Store named arrays as one compressed `.npz` object."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     put_bytes(bucket, key, buf.getvalue())
 
 
@@ -209,5 +225,5 @@ def put_json(bucket: str, key: str, value: object) -> None:
     put_bytes(bucket, key, json.dumps(value, indent=2).encode(), "application/json")
 
 
-def get_json(bucket: str, key: str) -> object:
+def get_json(bucket: str, key: str) -> Any:
     return json.loads(get_bytes(bucket, key))

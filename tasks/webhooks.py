@@ -44,7 +44,7 @@ def non_global_address(url: str, *, resolve: bool = True) -> str | None:
             infos = socket.getaddrinfo(host, None)
         except socket.gaierror:
             return None  # unresolvable: the POST fails on its own
-        candidates = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        candidates = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     for address in candidates:
         if not address.is_global:
             return str(address)

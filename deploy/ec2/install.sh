@@ -11,8 +11,10 @@
 #                     GPU needed); gpu-worker: GPU workers only.
 #   AVSR_CPU_WORKERS  number of avsr-cpu-worker@N units (default 2; each runs 2 processes)
 #   AVSR_WORK_BUCKET  written into a new /etc/avsr/avsr.env
-#   TORCH_INDEX_URL   where the torch wheel comes from (default: the CUDA 12.8 build; the CPU
-#                     build for AVSR_ROLE=cpu-worker)
+#   TORCH_INDEX_URL   where the torch wheel comes from (default: the CUDA 12.8 build); a
+#                     cpu-worker host installs no torch at all
+# The venv gets the extras of pyproject.toml that the host's processes need: all → api,cpu,gpu,flower;
+# cpu-worker → cpu; gpu-worker → gpu.
 set -euo pipefail
 
 ROLE="${AVSR_ROLE:-all}"
@@ -32,15 +34,16 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 case "${ROLE}" in
-  all | gpu-worker) NEED_GPU=1; DEFAULT_TORCH_INDEX=https://download.pytorch.org/whl/cu128 ;;
-  cpu-worker) NEED_GPU=0; DEFAULT_TORCH_INDEX=https://download.pytorch.org/whl/cpu ;;
+  all) NEED_GPU=1; EXTRAS=api,cpu,gpu,flower ;;
+  gpu-worker) NEED_GPU=1; EXTRAS=gpu ;;
+  cpu-worker) NEED_GPU=0; EXTRAS=cpu ;;
   *) die "AVSR_ROLE must be all, cpu-worker or gpu-worker (got '${ROLE}')" ;;
 esac
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-${DEFAULT_TORCH_INDEX}}"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}"
 [[ "${CPU_WORKERS}" =~ ^[0-9]+$ ]] || die "AVSR_CPU_WORKERS must be a number"
 
 [[ "${EUID}" -eq 0 ]] || die "run as root (sudo $0)"
-[[ -f "${REPO}/requirements.txt" && -d "${REPO}/tasks" ]] || die "run from a checkout of avsr-pipeline"
+[[ -f "${REPO}/pyproject.toml" && -d "${REPO}/tasks" ]] || die "run from a checkout of avsr-pipeline"
 
 # shellcheck source=/dev/null
 . /etc/os-release
@@ -85,15 +88,18 @@ log "code -> ${APP_DIR}"
 for package in api tasks cpu_worker gpu_worker; do
   rsync -a --delete --exclude '__pycache__' "${REPO}/${package}/" "${APP_DIR}/${package}/"
 done
-install -m 0644 "${REPO}/requirements.txt" "${APP_DIR}/requirements.txt"
+install -m 0644 "${REPO}/pyproject.toml" "${REPO}/README.md" "${APP_DIR}/"
 
-TORCH_PIN="$(grep -E '^torch==' "${REPO}/requirements.txt" | head -n1)"
-[[ -n "${TORCH_PIN}" ]] || die "requirements.txt pins no torch version"
-log "venv ${VENV}: ${TORCH_PIN} from ${TORCH_INDEX_URL}, then requirements.txt"
+log "venv ${VENV}: the extras ${EXTRAS} of pyproject.toml"
 [[ -x "${VENV}/bin/python" ]] || python3.11 -m venv "${VENV}"
 "${VENV}/bin/pip" install --quiet --upgrade pip
-"${VENV}/bin/pip" install --quiet --index-url "${TORCH_INDEX_URL}" "${TORCH_PIN}"
-"${VENV}/bin/pip" install --quiet -r "${APP_DIR}/requirements.txt"
+if [[ "${NEED_GPU}" -eq 1 ]]; then
+  TORCH_PIN="$(grep -oE '"torch==[^"]+"' "${REPO}/pyproject.toml" | tr -d '"' | head -n1)"
+  [[ -n "${TORCH_PIN}" ]] || die "pyproject.toml pins no torch version"
+  log "${TORCH_PIN} from ${TORCH_INDEX_URL} first"
+  "${VENV}/bin/pip" install --quiet --index-url "${TORCH_INDEX_URL}" "${TORCH_PIN}"
+fi
+"${VENV}/bin/pip" install --quiet "${APP_DIR}[${EXTRAS}]"
 if [[ "${NEED_GPU}" -eq 1 ]]; then
   "${VENV}/bin/python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
     || die "torch in ${VENV} does not see CUDA (driver too old for ${TORCH_INDEX_URL}?)"

@@ -87,7 +87,6 @@ class StackConfig:
             "AVHUBERT_MODEL_PATH": self.model_path,
             "FLOWER_BASIC_AUTH": self.flower_auth,
             "AVSR_HEARTBEAT_INTERVAL_S": env.get("AVSR_HEARTBEAT_INTERVAL_S", "2"),
-            "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)
@@ -124,7 +123,6 @@ class Stack:
 
     def __init__(self, config: StackConfig):
         self.config = config
-        self.procs: dict[str, subprocess.Popen] = {}
         self.pids: dict[str, int] = {}
         self.logs = config.state_dir / "logs"
 
@@ -134,7 +132,7 @@ class Stack:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(argv, cwd=ROOT, env=self.config.env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        self.procs[name], self.pids[name] = proc, proc.pid
+        self.pids[name] = proc.pid
         self._save()
         return proc
 
@@ -227,15 +225,10 @@ class Stack:
         _wait(lambda: requests.get(f"{self.config.api_url}/health", timeout=2).status_code in (200, 503),
               "API", 60, proc, self.logs / "api.log")
 
-    def _celery(self, *args: str) -> list[str]:
-        return [str(VENV_BIN / "celery"), "--app", "tasks.celery_app", *args]
-
     def start_worker(self, name: str, queue: str, concurrency: int = 1) -> subprocess.Popen:
-        """Start one Celery worker process (`name@host`) on `queue`: prefork for `cpu`-style queues,
-        the solo pool for `gpu` (the model process must not fork)."""
-        pool = ["--pool", "solo"] if queue == "gpu" else ["--pool", "prefork", "--concurrency", str(concurrency)]
-        return self._spawn(name, self._celery("worker", "--queues", queue, *pool, "--prefetch-multiplier", "1",
-                                              "--hostname", f"{name}@%h", "--loglevel", "INFO"))
+        """Start one Celery worker process (`name@host`) on `queue`: the CPU worker (`cpu_worker.worker`,
+        prefork) or the GPU worker (`gpu_worker.worker`, solo pool: the model process must not fork)."""
+        return self._spawn(name, worker_argv(name, queue, concurrency))
 
     def _start_workers(self) -> None:
         for i in range(self.config.cpu_workers):
@@ -248,8 +241,8 @@ class Stack:
         return health["model_loaded"] and health["workers"]["cpu"] >= self.config.cpu_workers
 
     def _start_flower(self) -> None:
-        proc = self._spawn("flower", self._celery("flower", f"--port={self.config.flower_port}",
-                                                  "--address=127.0.0.1"))
+        proc = self._spawn("flower", [str(VENV_BIN / "celery"), "--app", "tasks.celery_app", "flower",
+                                      f"--port={self.config.flower_port}", "--address=127.0.0.1"])
         auth = tuple(self.config.flower_auth.split(":", 1))
         _wait(lambda: requests.get(f"{self.config.flower_url}/api/workers", auth=auth, timeout=5).ok,
               "Flower", 60, proc, self.logs / "flower.log")
@@ -263,6 +256,16 @@ class Stack:
         stop_pids(self.pids, timeout)
         self.pids.clear()
         self._save()
+
+
+def worker_argv(name: str, queue: str, concurrency: int = 1, bin_dir: Path = VENV_BIN) -> list[str]:
+    """The command line of one worker process, as the images and systemd units run it."""
+    if queue == "gpu":
+        app, pool = "gpu_worker.worker", ["--pool", "solo"]
+    else:
+        app, pool = "cpu_worker.worker", ["--pool", "prefork", "--concurrency", str(concurrency)]
+    return [str(bin_dir / "celery"), "--app", app, "worker", "--queues", queue, *pool, "--prefetch-multiplier", "1",
+            "--hostname", f"{name}@%h", "--loglevel", "INFO"]
 
 
 def _alive(pid: int) -> bool:

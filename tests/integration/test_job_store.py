@@ -12,6 +12,8 @@ from tasks.settings import get_settings
 
 from .conftest import _unavailable
 
+pytestmark = pytest.mark.integration
+
 URL = "redis://127.0.0.1:6379/14"
 
 

@@ -158,7 +158,8 @@ def test_long_clip_fans_out_and_batches_segments(api, s3, tmp_path, engine):
     stored = work_arrays(s3, job["job_id"], "features.npz")
     whole = extract_mouth_rois(VideoFile(clip), fps=25.0)
     np.testing.assert_array_equal(stored["rois"], whole.rois)
-    plan = json.loads(s3.get_object(Bucket="avsr-test-work", Key=f"jobs/{job['job_id']}/plan.json")["Body"].read())
+    plan_key = f"jobs/{job['job_id']}/input_plan.json"
+    plan = json.loads(s3.get_object(Bucket="avsr-test-work", Key=plan_key)["Body"].read())
     assert len(plan["chunks"]) == 3
     segments = result["segments"]
     assert len(segments) >= 3 and job["segments_total"] == len(segments) == job["segments_done"]

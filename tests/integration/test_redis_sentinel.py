@@ -22,6 +22,8 @@ from tasks.settings import Settings, get_settings
 
 from .conftest import _unavailable
 
+pytestmark = pytest.mark.integration
+
 MASTER_NAME = "avsr-master"
 
 

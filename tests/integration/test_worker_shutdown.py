@@ -60,7 +60,7 @@ def chunk_job(stack, s3, tmp_path_factory, monkeypatch_module):
     chunk = {"index": 0, "start": 0, "end": 500, "core_start": 0, "core_end": 500}
     plan = {"type": "video", "bucket": INPUT_BUCKET, "key": "videos/drain.mp4", "num_frames": 500,
             "modality": "video", "has_audio": False, "chunks": [chunk]}
-    s3.put_object(Bucket=WORK_BUCKET, Key=f"jobs/{job['job_id']}/plan.json", Body=json.dumps(plan).encode())
+    s3.put_object(Bucket=WORK_BUCKET, Key=f"jobs/{job['job_id']}/input_plan.json", Body=json.dumps(plan).encode())
     yield job["job_id"], chunk
     jobs.update(job["job_id"], status=jobs.CANCELLED)
     get_settings.cache_clear()
@@ -78,7 +78,7 @@ def send_chunk(stack, job_id: str, chunk: dict, suffix: str) -> str:
     client = Celery(broker=stack.config.redis_url, backend=stack.config.redis_url)
     client.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
     task_id = f"{job_id}.chunk.0.{suffix}"
-    client.send_task("avsr.preprocess_chunk", args=(chunk, job_id), queue=QUEUE, task_id=task_id)
+    client.send_task("avsr.preprocess_chunk", args=(chunk["index"], job_id), queue=QUEUE, task_id=task_id)
     return task_id
 
 

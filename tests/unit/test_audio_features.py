@@ -7,13 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpu_worker.audio import (
-    align_audio_to_video,
-    audio_features,
-    frame_energy_db,
-    layer_norm_frames,
-    log_filterbank,
-)
+from cpu_worker.audio import audio_features, frame_energy_db, log_filterbank
+from gpu_worker.avhubert import audio_from_features
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +40,9 @@ def test_logfbank_and_stacked_match_official(utt: str, raw: dict, inter: dict) -
 @pytest.mark.parametrize("utt", UTTS)
 def test_layer_norm_matches_model_input(utt: str, raw: dict) -> None:
     model_in = np.load(INP / "inputs.npz")[f"{utt}__audio"][0].T  # (T, 104)
-    feats = align_audio_to_video(audio_features(raw[f"{utt}__wav_int16"]), model_in.shape[0])
-    np.testing.assert_allclose(layer_norm_frames(feats), model_in, atol=1e-5, rtol=0)
+    # CPU worker features → GPU worker alignment + normalisation = the official model input
+    feats = audio_from_features(audio_features(raw[f"{utt}__wav_int16"]), num_frames=model_in.shape[0])
+    np.testing.assert_allclose(feats, model_in, atol=1e-5, rtol=0)
 
 
 def test_stacking_pads_with_zero_rows() -> None:
@@ -64,9 +60,10 @@ def test_stacking_pads_with_zero_rows() -> None:
 
 def test_align_pads_and_trims() -> None:
     feats = np.ones((10, 104), np.float32)
-    assert align_audio_to_video(feats, 12).shape == (12, 104)
-    assert (align_audio_to_video(feats, 12)[10:] == 0).all()
-    np.testing.assert_array_equal(align_audio_to_video(feats, 7), feats[:7])
+    assert audio_from_features(feats, 12, normalize=False).shape == (12, 104)
+    assert (audio_from_features(feats, 12, normalize=False)[10:] == 0).all()
+    np.testing.assert_array_equal(audio_from_features(feats, 7, normalize=False), feats[:7])
+    assert audio_from_features(feats[10:], 3, normalize=False).shape == (3, 104)  # a segment past the sound
 
 
 def test_resampling_other_rates() -> None:

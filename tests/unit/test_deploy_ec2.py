@@ -133,8 +133,9 @@ def test_install_sh_syntax_shellcheck_and_what_it_does():
         assert result.returncode == 0, result.stdout
     assert "nvidia-smi" in text
     assert "python3.11 -m venv" in text
-    assert "grep -E '^torch==' \"${REPO}/requirements.txt\"" in text, "torch version comes from requirements.txt"
-    assert text.index("${TORCH_PIN}") < text.index('-r "${APP_DIR}/requirements.txt"'), "torch first"
+    assert "\"${REPO}/pyproject.toml\" | tr -d" in text, "torch version comes from pyproject.toml"
+    assert text.index('"${TORCH_PIN}"') < text.index('install --quiet "${APP_DIR}[${EXTRAS}]"'), "torch first"
+    assert "all) NEED_GPU=1; EXTRAS=api,cpu,gpu,flower ;;" in text and "cpu-worker) NEED_GPU=0; EXTRAS=cpu ;;" in text
     assert "set_conf appendonly yes" in text
     assert '"${HERE}"/*.service' in text, "every unit file is installed"
     assert '"${HERE}/avsr.env.example"' in text
@@ -225,12 +226,13 @@ grep -E '^append' /etc/redis/redis.conf
     assert env["AVSR_WORK_BUCKET"] == "my-work"
     for unit in [*UNITS, "avsr.target"]:
         assert unit in out.split()
-    for package in ("api", "tasks", "cpu_worker", "gpu_worker", "requirements.txt"):
+    for package in ("api", "tasks", "cpu_worker", "gpu_worker", "pyproject.toml", "README.md"):
         assert package in out.split()
     assert "appendonly yes" in out and "appendfsync everysec" in out
     calls = log.read_text().splitlines()
     pips = [c for c in calls if c.startswith("venv-pip install")]
-    assert "torch==" in pips[1] and "download.pytorch.org/whl/cu128" in pips[1] and "-r " in pips[2]
+    assert "torch==" in pips[1] and "download.pytorch.org/whl/cu128" in pips[1]
+    assert pips[2] == "venv-pip install --quiet /opt/avsr/app[api,cpu,gpu,flower]"
     enabled = [c for c in calls if c.startswith("systemctl enable")]
     assert enabled.count("systemctl enable --now avsr-api.service avsr-flower.service "
                          "avsr-cpu-worker@1.service avsr-cpu-worker@2.service avsr-cpu-worker@3.service") == 2

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cpu_worker.errors import BadMedia, PreprocessingError
+from cpu_worker.errors import BadMedia
 from cpu_worker.frames import ImageSequence, VideoFile, decode_image, resample_timed
+from tasks.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ def test_reference_clip_decodes_exactly_from_bytes() -> None:
 def test_bad_media_raises_with_code(tmp_path: Path) -> None:
     with pytest.raises(BadMedia) as info:
         VideoFile(b"this is not a video at all" * 100)
-    assert info.value.code == "bad_media" and isinstance(info.value, PreprocessingError)
+    assert info.value.code == "bad_media" and isinstance(info.value, JobError)
     wav_only = tmp_path / "a.wav"
     with av.open(str(wav_only), "w") as c:
         s = c.add_stream("pcm_s16le", rate=16000)

@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cpu_worker.errors import NoFaceDetected, NoFrames, PreprocessingError
+from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.landmarks import TrackerConfig
 from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
+from tasks.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +108,7 @@ def test_no_face_raises_with_code(frames: np.ndarray) -> None:
     blank = np.repeat(frames[:1], 4, axis=0)  # frame 0 has no face
     with pytest.raises(NoFaceDetected) as info:
         extract_mouth_rois(blank, config=TrackerConfig(use_cnn=False))
-    assert info.value.code == "no_face_detected" and isinstance(info.value, PreprocessingError)
+    assert info.value.code == "no_face_detected" and isinstance(info.value, JobError)
     with pytest.raises(NoFrames) as info2:
         extract_mouth_rois(np.zeros((0, 48, 64, 3), np.uint8))
     assert info2.value.code == "no_frames"

@@ -1,0 +1,254 @@
+"""The work of the CPU stages, as plain functions of the job record (Celery-free).
+
+Every intermediate goes to the job's work prefix in S3 (`tasks.storage.work_key` lists the keys);
+only the small typed records of `tasks.records` are returned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from cpu_worker import audio as audio_lib
+from cpu_worker import frames as frames_lib
+from cpu_worker import segmentation
+from cpu_worker.errors import NoFaceDetected, NoFrames
+from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
+from tasks import jobs, storage
+from tasks.errors import JobError, input_not_found, input_too_large
+from tasks.records import (
+    FPS,
+    ChunkSummary,
+    FramesInput,
+    InputPlan,
+    JobRequest,
+    JobResult,
+    Quality,
+    ResultSegment,
+    SegmentPlan,
+    SegmentSpan,
+    Transcript,
+    VideoInput,
+)
+from tasks.settings import get_settings
+from tasks.storage import work_bucket, work_key
+from tasks.subtitles import segments_to_srt, segments_to_vtt
+from tasks.webhooks import notify
+
+CHUNK_OVERLAP = 25  # frames each side, so chunks share 50 (stitch_results needs >= 38)
+INPUT_PLAN = "input_plan.json"
+
+
+# --- prepare -------------------------------------------------------------------------------
+
+def prepare(job: jobs.Job) -> InputPlan:
+    """Validate the input in S3, plan the preprocessing chunks, extract audio features."""
+    request: JobRequest = job["request"]
+    source = request["input"]
+    if source["type"] == "frames":
+        plan = _prepare_frames(source, request)
+    else:
+        plan = _prepare_video(job["job_id"], source, request)
+    plan["chunks"] = [c.to_dict() for c in segmentation.plan_chunks(  # type: ignore[misc]
+        plan["num_frames"], chunk_frames=get_settings().chunk_frames, overlap=CHUNK_OVERLAP)]
+    storage.put_json(work_bucket(), work_key(job["job_id"], INPUT_PLAN), plan)
+    jobs.update(job["job_id"], chunks_total=len(plan["chunks"]), num_frames=plan["num_frames"],
+                modality=plan["modality"], progress=0.05)
+    return plan
+
+
+def _prepare_frames(source: FramesInput, request: JobRequest) -> InputPlan:
+    settings = get_settings()
+    objects = storage.list_frames(source["bucket"], source["prefix"])
+    if not objects:
+        raise input_not_found(f"s3://{source['bucket']}/{source['prefix']} (no .jpg/.png frames)")
+    total = sum(o.size for o in objects)
+    if total > settings.max_input_bytes:
+        raise input_too_large(f"frames add up to {total} bytes, limit {settings.max_input_bytes}")
+    # Frames shot at `fps` mapped onto the 25 fps grid exactly as `ImageSequence` resamples them.
+    fps = float(source.get("fps") or FPS)
+    keys = [o.key for o in frames_lib.resample_timed(((i / fps, o) for i, o in enumerate(objects)), FPS)]
+    if len(keys) > settings.max_frames:
+        raise input_too_large(f"{len(keys)} frames at 25 fps, limit {settings.max_frames}")
+    if request["modality"] == "audio":
+        raise JobError("no_audio", "an image sequence has no audio; use modality video")
+    return {"type": "frames", "bucket": source["bucket"], "keys": keys, "num_frames": len(keys),
+            "source_frames": len(objects), "modality": "video", "has_audio": False, "chunks": []}
+
+
+def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> InputPlan:
+    settings = get_settings()
+    obj = storage.head(source["bucket"], source["key"])
+    if obj.size > settings.max_input_bytes:
+        raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
+    video = frames_lib.VideoFile(storage.cached_download(obj, source["bucket"]))
+    num_frames = video.num_frames()
+    if num_frames <= 0:
+        raise NoFrames("the video has no decodable frames")
+    if num_frames > settings.max_frames:
+        raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
+    has_audio = video.has_audio
+    if has_audio:
+        wave = video.audio()
+        assert wave is not None  # has_audio
+        storage.put_arrays(work_bucket(), work_key(job_id, "audio.npz"),
+                           features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),
+                           energy_db=audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS))
+    modality = request["modality"]
+    if modality == "auto":
+        modality = "audiovisual" if has_audio else "video"
+    if modality in ("audio", "audiovisual") and not has_audio:
+        raise JobError("no_audio", f"modality {modality} needs sound and the video has none")
+    return {"type": "video", "bucket": source["bucket"], "key": source["key"], "etag": obj.etag,
+            "size": obj.size, "num_frames": num_frames, "modality": modality, "has_audio": has_audio,
+            "chunks": []}
+
+
+# --- preprocess ----------------------------------------------------------------------------
+
+def _chunk_frames(plan: InputPlan, start: int, end: int) -> Iterable[np.ndarray]:
+    """Frames `[start, end)` at 25 fps, streamed (frames: concurrent GETs; video: the host's copy of
+    the version `prepare` saw, fetched once per host)."""
+    if plan["type"] == "frames":
+        return frames_lib.ImageSequence(storage.get_many(plan["bucket"], plan["keys"][start:end]), fps=FPS)
+    obj = storage.S3Object(plan["key"], plan.get("size", 0), plan.get("etag", ""))
+    return frames_lib.VideoFile(storage.cached_download(obj, plan["bucket"])).window(start, end)
+
+
+def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
+    """Download one chunk's frames and extract its mouth ROIs → `chunks/NNNN.npz`."""
+    job_id = job["job_id"]
+    plan: InputPlan = storage.get_json(work_bucket(), work_key(job_id, INPUT_PLAN))
+    chunk = plan["chunks"][chunk_index]
+    # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
+    roi = extract_mouth_rois(_chunk_frames(plan, chunk["start"], chunk["end"]), fps=FPS, start_frame=chunk["start"],
+                             require_face=False, workers=get_settings().cpu_threads or None)
+    storage.put_arrays(work_bucket(), work_key(job_id, f"chunks/{chunk_index:04d}.npz"), **roi.to_arrays())
+    return {"index": chunk_index, "frames": len(roi), "stats": _jsonable(roi.stats)}
+
+
+def chunk_progress(job: jobs.Job) -> float:
+    """Progress after one more chunk of `job` is done: preprocessing spans 0.05 → 0.6."""
+    done = jobs.increment(job["job_id"], "chunks_done")
+    total = max(1, job.get("chunks_total") or 1)  # set by `prepare` before the chunks were queued
+    return round(0.05 + 0.55 * min(1.0, done / total), 3)
+
+
+# --- assemble ------------------------------------------------------------------------------
+
+def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skipped: int, max_segment_s: float,
+              modality: Any) -> SegmentPlan:
+    """The segments and quality of a stitched clip (pure): cut at face-track breaks, pauses and
+    silence (`energy_db`, the audio's per-frame energy, when it has sound)."""
+    if len(clip) == 0:
+        raise NoFrames("no decodable frames in the input")
+    if not clip.detected.any():
+        raise NoFaceDetected("no face was found in any frame")
+    energy = None
+    if energy_db is not None:
+        energy = np.full(len(clip), energy_db.min(initial=-100.0), np.float32)
+        energy[:min(len(clip), len(energy_db))] = energy_db[:len(clip)]
+    face_track = np.ones(len(clip), bool)  # short gaps were interpolated; only breaks lack a face
+    for start, end in clip.breaks:
+        face_track[start:end] = False
+    segments = segmentation.plan_segments(
+        len(clip), FPS, face_present=face_track, mouth_motion=segmentation.mouth_motion(clip.rois),
+        audio_energy_db=energy, max_segment_s=max_segment_s)
+    quality: Quality = {
+        "frames": len(clip),
+        "frames_with_face": int(clip.detected.sum()),
+        "face_ratio": round(float(clip.detected.mean()), 4),
+        "face_breaks": [list(b) for b in clip.breaks],
+        "corrupt_frames_skipped": corrupt_skipped,
+    }
+    spans: list[SegmentSpan] = [{"id": s.id, "start_frame": s.start_frame, "end_frame": s.end_frame}
+                                for s in segments]
+    return {"num_frames": len(clip), "modality": modality, "quality": quality, "segments": spans}
+
+
+def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
+    """Stitch the chunks into one clip and plan its segments → `features.npz` (ROIs, audio features)."""
+    job_id = job["job_id"]
+    bucket = work_bucket()
+    plan: InputPlan = storage.get_json(bucket, work_key(job_id, INPUT_PLAN))
+    chunk_keys = [work_key(job_id, f"chunks/{i:04d}.npz") for i in range(len(plan["chunks"]))]
+    clip = stitch_results([MouthRoiResult.from_arrays(storage.get_arrays(bucket, key)) for key in chunk_keys])
+    sound = storage.get_arrays(bucket, work_key(job_id, "audio.npz")) if plan["has_audio"] else None
+    corrupt = sum(int(s["stats"].get("corrupt_skipped", 0)) for s in summaries)
+    segment_plan = plan_clip(clip, sound["energy_db"] if sound else None, corrupt, get_settings().max_segment_s,
+                             plan["modality"])
+    # The audio features stay at their own length: inference cuts or pads them to each segment.
+    storage.put_arrays(bucket, work_key(job_id, "features.npz"), rois=clip.rois,
+                       **({"audio": sound["features"]} if sound else {}))
+    jobs.update(job_id, segments_total=len(segment_plan["segments"]), quality=segment_plan["quality"],
+                num_frames=len(clip), progress=0.6)
+    return segment_plan
+
+
+# --- finalize ------------------------------------------------------------------------------
+
+def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult:
+    """The public result: text, confidence, timed segments, model and timings."""
+    plan = transcript["plan"]
+    segments: list[ResultSegment] = []
+    for span, hyp in zip(plan["segments"], transcript["decoded"], strict=True):
+        segments.append({
+            "id": span["id"],
+            "start": round(span["start_frame"] / FPS, 3),
+            "end": round(span["end_frame"] / FPS, 3),
+            "text": hyp["text"],
+            "confidence": round(hyp["confidence"], 4),
+        })
+    spoken = [s for s in segments if s["text"]]
+    weights = [s["end"] - s["start"] for s in spoken]
+    confidence = (sum(w * s["confidence"] for w, s in zip(weights, spoken, strict=True)) / sum(weights)
+                  if spoken and sum(weights) > 0 else 0.0)
+    return {
+        "text": " ".join(s["text"] for s in spoken),
+        "confidence": round(confidence, 4),
+        "num_frames": plan["num_frames"],
+        "duration_s": round(plan["num_frames"] / FPS, 3),
+        "modality": plan["modality"],
+        "segments": segments,
+        "quality": plan.get("quality", {}),
+        "model": transcript["model"],
+        "timings": timings,
+    }
+
+
+def result_location(job: jobs.Job) -> tuple[str, str]:
+    """(bucket, key prefix) where result.json/.srt/.vtt go."""
+    output = job["request"].get("output")
+    if output:
+        prefix = output["prefix"].rstrip("/")
+        return output["bucket"], f"{prefix}/{job['job_id']}/" if prefix else f"{job['job_id']}/"
+    return work_bucket(), work_key(job["job_id"], "")
+
+
+def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
+    """Write the result files, mark the job succeeded (once) and call its webhook (once)."""
+    if transcript.get("cancelled"):
+        return {"cancelled": True}
+    job_id = job["job_id"]
+    current = jobs.get(job_id) or job
+    result = build_result(transcript, dict(current.get("timings") or {}))
+    bucket, prefix = result_location(job)
+    storage.put_json(bucket, prefix + "result.json", result)
+    storage.put_bytes(bucket, prefix + "result.srt", segments_to_srt(result["segments"]).encode(),
+                      "application/x-subrip")
+    storage.put_bytes(bucket, prefix + "result.vtt", segments_to_vtt(result["segments"]).encode(), "text/vtt")
+    location = {"bucket": bucket, "json": prefix + "result.json", "srt": prefix + "result.srt",
+                "vtt": prefix + "result.vtt"}
+    done = jobs.update(job_id, status=jobs.SUCCEEDED, stage="done", progress=1.0, result=result,
+                       result_location=location, finished_at=time.time())
+    if done and done["status"] == jobs.SUCCEEDED:
+        notify(done)
+    return {"job_id": job_id, "status": done and done["status"]}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

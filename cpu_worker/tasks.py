@@ -1,0 +1,35 @@
+"""The CPU queue's Celery tasks: prepare, preprocess_chunk, assemble, finalize (see `tasks/chain.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cpu_worker import stages
+from tasks import chain, jobs
+from tasks.records import ChunkSummary, InputPlan, SegmentPlan, Transcript
+from tasks.stage_task import stage_task
+
+
+@stage_task(chain.PREPARE, "downloading")
+def prepare(job: jobs.Job) -> dict[str, int]:
+    plan: InputPlan = stages.prepare(job)
+    if jobs.once(job["job_id"], "launch"):
+        chain.launch(job["job_id"], plan["chunks"])
+    return {"chunks": len(plan["chunks"])}
+
+
+@stage_task(chain.PREPROCESS_CHUNK, "preprocessing")
+def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
+    summary = stages.preprocess_chunk(job, chunk_index)
+    jobs.update(job["job_id"], progress=stages.chunk_progress(job))
+    return summary
+
+
+@stage_task(chain.ASSEMBLE, "preprocessing")
+def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
+    return stages.assemble(job, summaries)
+
+
+@stage_task(chain.FINALIZE, "finalizing")
+def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
+    return stages.finalize(job, transcript)

@@ -1,0 +1,69 @@
+"""The GPU worker process's one inference engine: loaded once, warmed up, reported by its heartbeat.
+
+`load_engine` runs from `worker_process_init` (the solo pool sends it in the worker process
+itself, so CUDA never meets a fork). A model that fails to load is reported by `/health` and
+by every inference task (`model_unavailable`, retried).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from gpu_worker.engine import Engine
+from tasks.errors import JobError
+from tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_engine: Engine | None = None
+_engine_error: str | None = None
+_engine_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def load_engine() -> None:
+    """Load and warm up the AV-HuBERT engine in this process (GPU worker start-up)."""
+    global _engine, _engine_error
+    settings = get_settings()
+    with _engine_lock:
+        if _engine is not None:
+            return
+        started = time.time()
+        try:
+            if not settings.model_path:
+                raise FileNotFoundError("AVHUBERT_MODEL_PATH is not set")
+            engine = Engine(settings.model_path, spm_path=settings.spm_path or None,
+                            dict_path=settings.dict_path or None, device=settings.device,
+                            precision=settings.precision, max_batch_frames=settings.max_batch_frames)
+            loaded = time.time()
+            engine.warm_up()
+        except Exception as exc:  # reported by /health and by every inference task
+            _engine_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        _engine, _engine_error = engine, None
+        _state.update(loaded_at=loaded, load_seconds=round(loaded - started, 3),
+                      warmup_seconds=round(time.time() - loaded, 3))
+        log.info("model loaded", extra={"checkpoint": settings.model_path, **engine.describe()})
+
+
+def engine() -> Engine:
+    """This process's engine; loads it on first use (e.g. a worker started without the signal)."""
+    if _engine is None:
+        load_engine()
+    if _engine is None:
+        raise JobError("model_unavailable", f"the model is not loaded: {_engine_error}", retryable=True)
+    return _engine
+
+
+def model_state() -> dict[str, Any]:
+    """What the GPU worker's heartbeat adds: model loaded, device, GPU name and memory, load times."""
+    state: dict[str, Any] = {"model_loaded": _engine is not None, "model_error": _engine_error,
+                             "checkpoint": get_settings().model_path, **_state}
+    if _engine is not None:
+        state.update(_engine.describe())
+        state.update(_engine.memory())
+    return state

@@ -1,0 +1,62 @@
+"""The job pipeline as Celery task names and signatures, shared by the API and the workers.
+
+    prepare (cpu)      list/validate the input in S3, plan chunks, audio features → S3
+      └─ chord( preprocess_chunk × N (cpu)   download + mouth ROIs per chunk → S3 )
+           └─ assemble (cpu)   stitch chunks, plan segments → S3
+                └─ infer (gpu)    AV-HuBERT on every segment, batched
+                     └─ finalize (cpu)   result JSON/SRT/VTT → S3, job succeeded, webhook
+
+Tasks are addressed by name only (`app.signature`), so the API and each worker import none of
+the code that runs them: `cpu_worker/tasks.py` and `gpu_worker/tasks.py` register the names.
+Task ids are derived from the job id (`<job>.<stage>`), so a cancellation can revoke tasks that
+are not even queued yet.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery import chord, group
+from celery.canvas import Signature
+
+from tasks import jobs
+from tasks.celery_app import app
+from tasks.records import Chunk
+
+PREPARE, PREPROCESS_CHUNK, ASSEMBLE, INFER, FINALIZE = (
+    "avsr.prepare", "avsr.preprocess_chunk", "avsr.assemble", "avsr.infer", "avsr.finalize")
+STAGE_TASKS = ("prepare", "assemble", "infer", "finalize")
+
+
+def task_id(job_id: str, stage: str) -> str:
+    return f"{job_id}.{stage}"
+
+
+def _sig(name: str, *args: object, job_id: str, stage: str) -> Signature:
+    return app.signature(name, args=(*args, job_id), task_id=task_id(job_id, stage))
+
+
+def submit(job_id: str) -> None:
+    """Start the pipeline of a freshly created job (publishes `prepare`)."""
+    _sig(PREPARE, job_id=job_id, stage="prepare").apply_async()
+
+
+def launch(job_id: str, chunks: list[Chunk]) -> None:
+    """After `prepare`: the chunks as a chord, then assemble → infer → finalize."""
+    chunk_tasks = group(_sig(PREPROCESS_CHUNK, chunk["index"], job_id=job_id, stage=f"chunk.{chunk['index']}")
+                        for chunk in chunks)
+    (chord(chunk_tasks, _sig(ASSEMBLE, job_id=job_id, stage="assemble"))
+     | _sig(INFER, job_id=job_id, stage="infer")
+     | _sig(FINALIZE, job_id=job_id, stage="finalize")).apply_async()
+
+
+def cancel(job_id: str) -> jobs.Job | None:
+    """Mark the job cancelled and revoke its tasks (queued ones are dropped, running ones stop
+    at their next check)."""
+    job = jobs.update(job_id, status=jobs.CANCELLED, finished_at=time.time(), stage="cancelled")
+    if job is None:
+        return None
+    ids = [task_id(job_id, s) for s in STAGE_TASKS]
+    ids += [task_id(job_id, f"chunk.{i}") for i in range(job.get("chunks_total") or 0)]
+    app.control.revoke(ids)
+    return job

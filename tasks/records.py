@@ -1,0 +1,146 @@
+"""The typed records handed from one stage to the next (plain JSON for Celery and Redis).
+
+    JobRequest     api/ validation → the job record → every stage
+    InputPlan      prepare: what the input is and how it is cut into chunks (`input_plan.json` in S3)
+    ChunkSummary   preprocess_chunk → assemble
+    SegmentPlan    assemble → infer: the clip's segments (the arrays themselves are in S3)
+    Transcript     infer → finalize: the segment plan with each segment's decoded text
+    JobResult      finalize → the job record, `result.json`, the API
+
+Only keys and these small documents travel through Redis; arrays go by reference (S3 keys).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+FPS = 25.0
+"""AV-HuBERT's frame rate: every input is mapped onto this grid, and everything after `prepare` is at it."""
+
+Modality = Literal["auto", "video", "audio", "audiovisual"]
+
+
+class FramesInput(TypedDict):
+    type: Literal["frames"]
+    bucket: str
+    prefix: str
+    fps: float
+
+
+class VideoInput(TypedDict):
+    type: Literal["video"]
+    bucket: str
+    key: str
+
+
+class OutputLocation(TypedDict):
+    bucket: str
+    prefix: str
+
+
+class JobRequest(TypedDict):
+    """A validated submission, as stored with the job."""
+
+    input: FramesInput | VideoInput
+    modality: Modality
+    beam_size: int
+    output: OutputLocation | None
+    callback_url: str | None
+
+
+class Chunk(TypedDict):
+    """Frames `[start, end)` of the 25 fps clip, preprocessed by one task; it owns `[core_start, core_end)`."""
+
+    index: int
+    start: int
+    end: int
+    core_start: int
+    core_end: int
+
+
+class InputPlan(TypedDict):
+    """What `prepare` found: the input's objects at 25 fps, its modality and its chunks."""
+
+    type: Literal["frames", "video"]
+    bucket: str
+    num_frames: int
+    modality: Literal["video", "audio", "audiovisual"]
+    has_audio: bool
+    chunks: list[Chunk]
+    keys: NotRequired[list[str]]  # frames: one object per 25 fps frame
+    source_frames: NotRequired[int]  # frames: objects found before resampling
+    key: NotRequired[str]  # video
+    etag: NotRequired[str]  # video: the version every chunk must read
+    size: NotRequired[int]  # video
+
+
+class ChunkSummary(TypedDict):
+    index: int
+    frames: int
+    stats: dict[str, Any]
+
+
+class SegmentSpan(TypedDict):
+    """Frames `[start_frame, end_frame)` of the clip, decoded at once."""
+
+    id: int
+    start_frame: int
+    end_frame: int
+
+
+class Quality(TypedDict):
+    frames: int
+    frames_with_face: int
+    face_ratio: float
+    face_breaks: list[list[int]]
+    corrupt_frames_skipped: int
+
+
+class SegmentPlan(TypedDict):
+    """What `assemble` hands to inference: the clip's length, modality, quality and segments."""
+
+    num_frames: int
+    modality: Literal["video", "audio", "audiovisual"]
+    quality: Quality
+    segments: list[SegmentSpan]
+
+
+class DecodedSegment(TypedDict):
+    """The best hypothesis of one segment."""
+
+    id: int
+    text: str
+    confidence: float
+    score: float
+    num_tokens: int
+
+
+class Transcript(TypedDict):
+    """What inference hands to `finalize`: the plan, each segment's text (in plan order), the model."""
+
+    plan: SegmentPlan
+    decoded: list[DecodedSegment]
+    model: dict[str, Any]
+    cancelled: NotRequired[bool]
+
+
+class ResultSegment(TypedDict):
+    id: int
+    start: float
+    end: float
+    text: str
+    confidence: float
+
+
+class JobResult(TypedDict):
+    """The public result of a succeeded job."""
+
+    text: str
+    confidence: float
+    num_frames: int
+    duration_s: float
+    modality: str
+    segments: list[ResultSegment]
+    quality: Quality | dict[str, Any]
+    model: dict[str, Any]
+    timings: dict[str, float]
