@@ -7,6 +7,25 @@ containers in some files ...). This
 module unpickles it with :class:`RestrictedUnpickler`, which maps exactly those globals onto inert
 plain-data stand-ins defined here and refuses every other global with :class:`CheckpointError`
 *before* anything is called, so a malicious ``__reduce__`` payload never runs.
+
+What a pickle can reach, and what it may do with it:
+
+* ``find_class`` answers only from ``_ALLOWED_GLOBALS``: the stand-in classes of this module
+  (:class:`DictionaryState`, :class:`SentencepieceBPEState`, :class:`SentencePieceModelState`,
+  :class:`OmegaConfState`, :class:`NamespaceState` for ``argparse.Namespace`` and
+  :class:`OrderedDictState` for ``collections.OrderedDict``), the tensor/bytes rebuild functions of
+  this module, ``_StorageType`` markers and immutable builtin types. No real third-party or stdlib
+  class is handed out (``typing.Any`` is the only non-builtin class, kept as a type marker).
+* BUILD (``__setstate__``) is the one pickle opcode that mutates an existing object, so the unpickler
+  (the pure-Python ``pickle._Unpickler`` with its BUILD handler replaced) accepts it only on an
+  *instance* of exactly one of the stand-in classes, and calls that class's own ``__setstate__``
+  (never an attribute the instance could shadow). The state must be a dict (or ``(dict, slots)``)
+  with plain ``str`` keys that are not dunder names. BUILD on a class object, a function, a shared
+  allow-list object or any other instance is refused with :class:`CheckpointError` before anything
+  is written, so a crafted pickle cannot patch e.g. ``argparse.Namespace.__init__`` process-wide.
+* After unpickling, :class:`NamespaceState` and :class:`OrderedDictState` are rebuilt into fresh
+  ``argparse.Namespace`` / ``collections.OrderedDict`` instances from their data (the rest of the
+  package sees the real types); the other stand-ins stay as inert attribute bags.
 """
 
 from __future__ import annotations
@@ -15,10 +34,11 @@ import argparse
 import collections
 import io
 import pickle
+import types
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,15 +48,25 @@ class CheckpointError(RuntimeError):
     """The checkpoint is unreadable, unsafe or does not fit the model."""
 
 
+def _checked_state(owner: object, state: Any) -> dict[str, Any]:
+    """The attribute dict a stand-in takes from BUILD: ``state`` or the dict half of a
+    ``(dict, slot state)`` pair, with plain non-dunder ``str`` keys only (a dunder key such as
+    ``__setstate__`` or ``__class__`` would shadow the stand-in's own behaviour)."""
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict | type(None)):
+        state = state[0] or {}  # (dict state, slot state) form; slot state is ignored
+    if type(state) is not dict:
+        raise CheckpointError(f"unexpected pickled state for {type(owner).__name__}: {type(state)}")
+    for key in state:
+        if type(key) is not str or (key.startswith("__") and key.endswith("__")):
+            raise CheckpointError(f"refused pickled attribute {key!r:.80} for {type(owner).__name__}")
+    return state
+
+
 class _PickledState:
     """Base of the stand-ins: accepts pickle's ``NEWOBJ``/``BUILD`` and keeps the state as data."""
 
     def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict | type(None)):
-            state = state[0] or {}  # (dict state, slot state) form
-        if not isinstance(state, dict):
-            raise CheckpointError(f"unexpected pickled state for {type(self).__name__}: {type(state)}")
-        self.__dict__.update(state)
+        self.__dict__.update(_checked_state(self, state))
 
 
 class DictionaryState(_PickledState):
@@ -68,6 +98,19 @@ class SentencePieceModelState:
         if not isinstance(state, bytes | bytearray):
             raise CheckpointError("pickled SentencePieceProcessor state carries no serialized model proto")
         self.proto = bytes(state)
+
+
+class NamespaceState(_PickledState):
+    """Stand-in for ``argparse.Namespace`` (old-style fairseq ``args``); rebuilt into a fresh
+    ``argparse.Namespace`` once the pickle is read."""
+
+
+class OrderedDictState(collections.OrderedDict):
+    """Stand-in for ``collections.OrderedDict`` (torch ``state_dict()`` results, pickled with
+    ``BUILD({'_metadata': ...})``); rebuilt into a plain ``OrderedDict`` once the pickle is read."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(_checked_state(self, state))
 
 
 class OmegaConfState(_PickledState):
@@ -138,7 +181,7 @@ def _rebuild_parameter(data: torch.Tensor, *_: Any) -> torch.Tensor:
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): OrderedDictState,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("fairseq.data.dictionary", "Dictionary"): DictionaryState,
@@ -146,19 +189,43 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("sentencepiece", "SentencePieceProcessor"): SentencePieceModelState,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "long"): int,
-    ("argparse", "Namespace"): argparse.Namespace,
+    ("argparse", "Namespace"): NamespaceState,
     # inert builtin types (also the ref/key/element types in omegaconf metadata)
     **{(mod, t.__name__): t for mod in ("builtins", "__builtin__")
        for t in (set, frozenset, int, float, bool, str, dict, list, tuple, object)},
     ("__builtin__", "unicode"): str,  # protocol 2 name of str
-    ("typing", "Any"): Any,
+    ("typing", "Any"): Any,  # a type marker in omegaconf metadata; BUILD on it is refused
     **{(mod, name): OmegaConfState for mod, names in _OMEGACONF_CLASSES.items() for name in names},
     **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for torch zip checkpoints that only knows the globals listed in ``_ALLOWED_GLOBALS``."""
+# the only classes whose instances accept BUILD (exact type match, subclasses excluded)
+_STAND_INS = frozenset(
+    {DictionaryState, SentencepieceBPEState, SentencePieceModelState, OmegaConfState, NamespaceState, OrderedDictState}
+)
+_GLOBAL_NAMES = {id(value): f"{module}.{name}" for (module, name), value in reversed(_ALLOWED_GLOBALS.items())}
+
+
+def _describe(obj: Any) -> str:
+    """Name an object for an error message, by its pickle global name where it has one."""
+    name = _GLOBAL_NAMES.get(id(obj))
+    if isinstance(obj, type):
+        return f"class {name or f'{obj.__module__}.{obj.__qualname__}'}"
+    if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | types.MethodType):
+        return f"function {name or getattr(obj, '__qualname__', '?')}"
+    cls = type(obj)
+    return f"instance of {cls.__module__}.{cls.__qualname__}" + (f" (global {name})" if name else "")
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler for torch zip checkpoints that only knows the globals listed in ``_ALLOWED_GLOBALS``
+    and only lets BUILD set the state of stand-in instances (see the module docstring).
+
+    It is the pure-Python unpickler because the C one offers no hook on BUILD; a fairseq
+    checkpoint's pickle is small (hundreds of KB: tensor data lives in separate records)."""
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, file_map: np.ndarray) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
@@ -175,6 +242,19 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"checkpoint references the global '{module}.{name}', which is not allowed "
                 "(only tensors, builtin containers and the fairseq config/data classes are)"
             ) from None
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        cls = type(inst)
+        if cls not in _STAND_INS:
+            raise CheckpointError(
+                f"refused BUILD (__setstate__) on {_describe(inst)}: "
+                "only instances of this module's stand-in classes accept pickled state"
+            )
+        cls.__setstate__(inst, state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -207,6 +287,42 @@ class RestrictedUnpickler(pickle.Unpickler):
         return torch.frombuffer(bytearray(self._archive.read(name)), dtype=dtype)
 
 
+def _rebuild_containers(obj: Any, memo: dict[int, Any]) -> Any:
+    """Replace :class:`NamespaceState` / :class:`OrderedDictState` by fresh ``argparse.Namespace`` /
+    ``collections.OrderedDict`` built from their data, recursing through dicts, lists, tuples and
+    stand-in attributes (dicts, lists and stand-ins are edited in place; shared objects stay shared)."""
+    if isinstance(obj, str | bytes | int | float | torch.Tensor) or obj is None:
+        return obj
+    if id(obj) in memo:
+        return memo[id(obj)]
+    cls = type(obj)
+    if cls is NamespaceState:
+        memo[id(obj)] = result = argparse.Namespace()
+        for key, value in vars(obj).items():
+            setattr(result, key, _rebuild_containers(value, memo))
+    elif cls is OrderedDictState:
+        memo[id(obj)] = result = collections.OrderedDict()
+        for key, value in obj.items():
+            result[key] = _rebuild_containers(value, memo)
+        for key, value in vars(obj).items():  # e.g. _metadata, checked by _checked_state
+            setattr(result, key, _rebuild_containers(value, memo))
+    elif cls is dict or cls is list:
+        memo[id(obj)] = result = obj
+        for key, value in obj.items() if cls is dict else enumerate(obj):
+            obj[key] = _rebuild_containers(value, memo)
+    elif cls is tuple:
+        memo[id(obj)] = obj  # a cycle through a tuple keeps the original tuple
+        result = tuple(_rebuild_containers(value, memo) for value in obj)
+        memo[id(obj)] = result
+    elif cls in _STAND_INS:
+        memo[id(obj)] = result = obj
+        for key, value in vars(obj).items():
+            setattr(obj, key, _rebuild_containers(value, memo))
+    else:
+        result = obj
+    return result
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a fairseq checkpoint into plain data without executing any code from it.
 
@@ -230,10 +346,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         file_map = np.memmap(path, dtype=np.uint8, mode="c")
         unpickler = RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, file_map)
         try:
-            state = unpickler.load()
+            state = _rebuild_containers(unpickler.load(), {})
         except CheckpointError:
             raise
-        except Exception as exc:  # malformed pickle stream
+        except Exception as exc:  # malformed pickle stream (or nested too deep: RecursionError)
             raise CheckpointError(f"{path}: cannot read checkpoint pickle: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no top-level 'model' entry)")
