@@ -26,6 +26,18 @@ What a pickle can reach, and what it may do with it:
 * After unpickling, :class:`NamespaceState` and :class:`OrderedDictState` are rebuilt into fresh
   ``argparse.Namespace`` / ``collections.OrderedDict`` instances from their data (the rest of the
   package sees the real types); the other stand-ins stay as inert attribute bags.
+
+Memory: nothing is inflated or allocated beyond what the pickle declares, and that is capped.
+
+* Each storage's persistent id declares its element count; ``numel x element size`` must equal the
+  record's uncompressed size in the zip directory (``ZipInfo.file_size``), checked *before* the record
+  is read (zipfile never inflates past ``file_size``). The sum over distinct storages must stay within
+  ``max_bytes`` (default :data:`MAX_CHECKPOINT_BYTES`, 8 GiB: the Large model is ~1.3 GB fp32,
+  ~4 GB with its Adam ``last_optimizer_state``). Every tensor view must lie inside its storage.
+* Records must be stored or deflated, and claim no more than :data:`MAX_COMPRESSION_RATIO` (deflate
+  cannot exceed ~1032:1, so a bigger ratio is a lying header). ``data.pkl`` is limited to
+  :data:`MAX_PICKLE_BYTES`. Stored, aligned records (as torch writes them) are memory-mapped
+  copy-on-write; others are inflated into one buffer of the declared size.
 """
 
 from __future__ import annotations
@@ -42,6 +54,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+MAX_CHECKPOINT_BYTES = 8 << 30
+"""Default ``max_bytes`` of :func:`load_checkpoint`: the most tensor storage a checkpoint may declare."""
+MAX_PICKLE_BYTES = 256 << 20
+"""The largest ``data.pkl`` record read (real fairseq ones are well under 10 MB)."""
+MAX_COMPRESSION_RATIO = 1100
+"""Uncompressed / compressed size beyond which a record's zip header is refused as a lie."""
+_READ_CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -173,7 +193,17 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tup
     """Replacement for ``torch._utils._rebuild_tensor_v2`` on our flat storage tensors."""
     if not isinstance(storage, torch.Tensor):
         raise CheckpointError("tensor rebuild without a storage")
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride)):
+        raise CheckpointError(f"malformed tensor view: offset {offset!r:.40}, size {size!r:.80}, stride {stride!r:.80}")
+    if all(size):
+        end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+        if end > storage.numel():
+            raise CheckpointError(
+                f"tensor view (offset {offset}, size {size}, stride {stride}) reaches element {end}, "
+                f"outside its storage of {storage.numel()} elements"
+            )
+    return storage.as_strided(size, stride, offset)
 
 
 def _rebuild_parameter(data: torch.Tensor, *_: Any) -> torch.Tensor:
@@ -227,11 +257,15 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, file_map: np.ndarray) -> None:
+    def __init__(
+        self, data: bytes, archive: zipfile.ZipFile, prefix: str, file_map: np.ndarray, max_bytes: int
+    ) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._archive = archive
         self._prefix = prefix
         self._file_map = file_map
+        self._max_bytes = max_bytes
+        self._declared = 0  # bytes of all distinct storages declared so far
         self._storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -259,32 +293,75 @@ class RestrictedUnpickler(pickle._Unpickler):
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"unsupported persistent id in checkpoint: {pid!r:.80}")
-        storage_type, key = pid[1], str(pid[2])
+        storage_type, key, numel = pid[1], str(pid[2]), pid[4]
         if not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"unsupported storage type in checkpoint: {storage_type!r:.80}")
-        if key not in self._storages:
-            self._storages[key] = self._read_storage(f"{self._prefix}data/{key}", storage_type.dtype)
+        name = f"{self._prefix}data/{key}"
+        if type(numel) is not int or numel < 0:
+            raise CheckpointError(f"storage record {name} has a malformed element count {numel!r:.40}")
+        if key in self._storages:
+            storage = self._storages[key]
+            if storage.dtype != storage_type.dtype or storage.numel() != numel:
+                raise CheckpointError(f"storage record {name} is declared again with another type or size")
+            return storage
+        itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
+        self._declared += numel * itemsize
+        if self._declared > self._max_bytes:
+            raise CheckpointError(
+                f"storage record {name} ({numel} x {itemsize} bytes) takes the checkpoint's declared tensor "
+                f"storage to {self._declared} bytes, over the limit max_bytes={self._max_bytes}"
+            )
+        self._storages[key] = self._read_storage(name, storage_type.dtype, numel, itemsize)
         return self._storages[key]
 
-    def _read_storage(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Flat tensor over a storage record: memory-mapped (copy-on-write) when the record is
-        stored uncompressed and aligned, as torch writes them, else read into memory."""
-        try:
-            info = self._archive.getinfo(name)
-        except KeyError:
-            raise CheckpointError(f"checkpoint archive lacks the storage record {name}") from None
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if info.file_size % itemsize:
-            raise CheckpointError(f"storage record {name} has {info.file_size} bytes, not a multiple of {itemsize}")
-        if info.file_size == 0:
+    def _read_storage(self, name: str, dtype: torch.dtype, numel: int, itemsize: int) -> torch.Tensor:
+        """Flat tensor over a storage record of exactly ``numel`` elements: memory-mapped
+        (copy-on-write) when the record is stored uncompressed and aligned, as torch writes them,
+        else inflated into a buffer of the declared size. Sizes are checked before reading."""
+        nbytes = numel * itemsize
+        declared = f"the checkpoint declares {nbytes} ({numel} x {itemsize}-byte elements)"
+        info = _record_info(self._archive, "storage record", name, declared, exact=nbytes)
+        if nbytes == 0:
             return torch.empty(0, dtype=dtype)
         header = bytes(self._file_map[info.header_offset : info.header_offset + 30])
         if info.compress_type == zipfile.ZIP_STORED and header[:4] == b"PK\x03\x04":
             start = info.header_offset + 30 + int.from_bytes(header[26:28], "little")
             start += int.from_bytes(header[28:30], "little")
+            if start + nbytes > len(self._file_map):
+                raise CheckpointError(f"storage record {name} runs past the end of the file")
             if start % itemsize == 0:
-                return torch.from_numpy(self._file_map[start : start + info.file_size]).view(dtype)
-        return torch.frombuffer(bytearray(self._archive.read(name)), dtype=dtype)
+                return torch.from_numpy(self._file_map[start : start + nbytes]).view(dtype)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        with self._archive.open(info) as record:
+            while done < nbytes and (count := record.readinto(view[done : done + _READ_CHUNK])):
+                done += count
+        if done != nbytes:
+            raise CheckpointError(f"storage record {name} is truncated: {done} of {nbytes} bytes")
+        return buffer.view(dtype)
+
+
+def _record_info(
+    archive: zipfile.ZipFile, kind: str, name: str, expected: str, *, exact: int = -1, limit: int = -1
+) -> zipfile.ZipInfo:
+    """The zip directory entry of record ``name``, refused before anything is read when its
+    uncompressed size differs from ``exact`` or exceeds ``limit`` (``expected`` says which, for the
+    message), or its compression is unknown or claims an impossible ratio."""
+    record = f"{kind} {name}"
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise CheckpointError(f"checkpoint archive lacks the {record}") from None
+    if (exact >= 0 and info.file_size != exact) or (limit >= 0 and info.file_size > limit):
+        raise CheckpointError(f"{record} holds {info.file_size} bytes but {expected}")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"{record} uses the unsupported zip compression method {info.compress_type}")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise CheckpointError(
+            f"{record} claims {info.file_size} bytes from {info.compress_size} compressed, a compression ratio "
+            f"over MAX_COMPRESSION_RATIO={MAX_COMPRESSION_RATIO}"
+        )
+    return info
 
 
 def _rebuild_containers(obj: Any, memo: dict[int, Any]) -> Any:
@@ -323,14 +400,17 @@ def _rebuild_containers(obj: Any, memo: dict[int, Any]) -> Any:
     return result
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Read a fairseq checkpoint into plain data without executing any code from it.
 
     Returns the top-level dict (``args``, ``cfg``, ``model``, ``task_state`` ...), tensors on CPU
     in their stored dtype and ``cfg`` as plain nested dicts (omegaconf containers converted).
-    Raises :class:`CheckpointError` for non-zip (legacy) files, big-endian archives and any pickle
-    global outside the allow-list.
+    ``max_bytes`` (default :data:`MAX_CHECKPOINT_BYTES`) bounds the total tensor storage the
+    checkpoint may declare. Raises :class:`CheckpointError` for non-zip (legacy) files, big-endian
+    archives, any pickle global outside the allow-list, BUILD on anything but a stand-in, and storage
+    records whose sizes disagree with the pickle or exceed the limits (see the module docstring).
     """
+    max_bytes = MAX_CHECKPOINT_BYTES if max_bytes is None else max_bytes
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -341,10 +421,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected exactly one <top>/data.pkl record, found {pickles}")
         prefix = pickles[0][: -len("data.pkl")]
-        if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
-            raise CheckpointError(f"{path}: big-endian checkpoints are unsupported")
+        if f"{prefix}byteorder" in archive.namelist():
+            info = _record_info(archive, "record", f"{prefix}byteorder", "at most 16 are read", limit=16)
+            if archive.read(info) != b"little":
+                raise CheckpointError(f"{path}: big-endian checkpoints are unsupported")
+        limit = MAX_PICKLE_BYTES
+        info = _record_info(archive, "record", pickles[0], f"at most MAX_PICKLE_BYTES={limit} are read", limit=limit)
         file_map = np.memmap(path, dtype=np.uint8, mode="c")
-        unpickler = RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, file_map)
+        unpickler = RestrictedUnpickler(archive.read(info), archive, prefix, file_map, max_bytes)
         try:
             state = _rebuild_containers(unpickler.load(), {})
         except CheckpointError:

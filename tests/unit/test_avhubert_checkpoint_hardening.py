@@ -185,3 +185,116 @@ def test_ordered_dict_state_is_kept_as_plain_data(tmp_path: Path) -> None:
     assert type(model) is collections.OrderedDict and model == {"a": 1}
     assert model._metadata == {"": {"version": 1}}
 
+
+# ---------------------------------------------------------------- storage record sizes
+
+
+def _tensor_pickle(numel: int, size: tuple[int, ...], key: str = "0", storage: str = "FloatStorage") -> bytes:
+    """``{'model': {'w': _rebuild_tensor_v2(<storage key: numel elements>, 0, size, contiguous stride)}}``."""
+    strides, step = [], 1
+    for dim in reversed(size):
+        strides.insert(0, step)
+        step *= dim
+    persid = (
+        pickle.MARK + _str("storage") + _global("torch", storage) + _str(key) + _str("cpu")
+        + pickle.LONG1 + bytes([8]) + numel.to_bytes(8, "little", signed=True)
+        + pickle.TUPLE + pickle.BINPERSID
+    )
+    tensor = (
+        _global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK + persid + _int(0)
+        + pickle.MARK + b"".join(_int(d) for d in size) + pickle.TUPLE
+        + pickle.MARK + b"".join(_int(s) for s in strides) + pickle.TUPLE
+        + pickle.NEWFALSE + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE
+        + pickle.TUPLE + pickle.REDUCE
+    )
+    return (
+        pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _str("model") + pickle.EMPTY_DICT
+        + _str("w") + tensor + pickle.SETITEM + pickle.SETITEM + pickle.STOP
+    )
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the archive records the loader opens (reads), in order."""
+    names: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):
+        names.append(name.filename if isinstance(name, zipfile.ZipInfo) else name)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    return names
+
+
+def test_crafted_pickle_tensor_round_trip(tmp_path: Path) -> None:
+    """The hand-assembled tensor pickle below is what torch writes: it loads when sizes agree."""
+    data = torch.arange(6, dtype=torch.float32)
+    path = _write_archive(
+        tmp_path / "ok.pt", _tensor_pickle(6, (2, 3)), {"0": (data.numpy().tobytes(), zipfile.ZIP_DEFLATED)}
+    )
+    assert torch.equal(load_checkpoint(path)["model"]["w"], data.view(2, 3))
+
+
+def test_deflated_record_larger_than_declared_is_refused_unread(tmp_path: Path, opened: list[str]) -> None:
+    """64 MiB of deflated zeros (64 KB on disk) behind a storage declared as 4 floats."""
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("top/data.pkl", _tensor_pickle(4, (4,)))
+        info = zipfile.ZipInfo("top/data/0")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as record:
+            for _ in range(64):
+                record.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    opened.clear()
+    with pytest.raises(CheckpointError, match=r"storage record top/data/0 holds 67108864 bytes.* declares 16"):
+        load_checkpoint(path)
+    assert "top/data/0" not in opened
+
+
+def test_stored_record_larger_than_declared_is_refused(tmp_path: Path) -> None:
+    path = _write_archive(tmp_path / "big.pt", _tensor_pickle(4, (4,)), {"0": (bytes(64), zipfile.ZIP_STORED)})
+    with pytest.raises(CheckpointError, match=r"top/data/0 holds 64 bytes.* declares 16"):
+        load_checkpoint(path)
+
+
+def test_declared_sizes_are_capped(tmp_path: Path, opened: list[str]) -> None:
+    """A pickle declaring a huge storage (2**40 floats) is refused by the limit, nothing is read."""
+    path = _write_archive(tmp_path / "huge.pt", _tensor_pickle(1 << 40, (4,)), {"0": (bytes(16), zipfile.ZIP_STORED)})
+    opened.clear()
+    with pytest.raises(CheckpointError, match=r"storage record top/data/0 .*max_bytes=8589934592"):
+        load_checkpoint(path)
+    assert "top/data/0" not in opened
+    assert ckpt.MAX_CHECKPOINT_BYTES == 8 << 30
+    ok = _write_archive(tmp_path / "ok.pt", _tensor_pickle(4, (4,)), {"0": (bytes(16), zipfile.ZIP_STORED)})
+    assert load_checkpoint(ok, max_bytes=16)["model"]["w"].shape == (4,)
+    with pytest.raises(CheckpointError, match=r"max_bytes=15"):
+        load_checkpoint(ok, max_bytes=15)
+
+
+def test_tensor_view_outside_its_storage_is_refused(tmp_path: Path) -> None:
+    path = _write_archive(tmp_path / "view.pt", _tensor_pickle(4, (1000,)), {"0": (bytes(16), zipfile.ZIP_STORED)})
+    with pytest.raises(CheckpointError, match=r"tensor view .*outside its storage of 4 elements"):
+        load_checkpoint(path)
+
+
+def test_impossible_compression_ratio_is_refused_unread(tmp_path: Path, opened: list[str]) -> None:
+    """Deflate cannot exceed about 1032:1, so a header claiming more (MAX_COMPRESSION_RATIO) lies;
+    here the bound is lowered to 100 to trip it with an honest 4 MiB of deflated zeros."""
+    records = {"0": (bytes(4 << 20), zipfile.ZIP_DEFLATED)}
+    path = _write_archive(tmp_path / "lie.pt", _tensor_pickle(1 << 20, (4,)), records)
+    opened.clear()
+    with pytest.raises(CheckpointError, match=r"top/data/0 .*compression ratio"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ckpt, "MAX_COMPRESSION_RATIO", 100)
+        load_checkpoint(path)
+    assert "top/data/0" not in opened
+
+
+def test_oversized_pickle_record_is_refused_unread(tmp_path: Path, opened: list[str], monkeypatch) -> None:
+    path = _write_archive(tmp_path / "pkl.pt", _checkpoint_pickle(_int(1)))
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_BYTES", 16)
+    opened.clear()
+    with pytest.raises(CheckpointError, match=r"top/data\.pkl holds \d+ bytes"):
+        load_checkpoint(path)
+    assert "top/data.pkl" not in opened
