@@ -32,8 +32,9 @@ Memory: nothing is inflated or allocated beyond what the pickle declares, and th
 * Each storage's persistent id declares its element count; ``numel x element size`` must equal the
   record's uncompressed size in the zip directory (``ZipInfo.file_size``), checked *before* the record
   is read (zipfile never inflates past ``file_size``). The sum over distinct storages must stay within
-  ``max_bytes`` (default :data:`MAX_CHECKPOINT_BYTES`, 8 GiB: the Large model is ~1.3 GB fp32,
-  ~4 GB with its Adam ``last_optimizer_state``). Every tensor view must lie inside its storage.
+  ``max_bytes`` (default :data:`MAX_CHECKPOINT_BYTES`, 8 GiB: the Large seq2seq model is ~2 GB
+  fp32, ~6 GB with the two fp32 Adam moments of a ``last_optimizer_state``). Every tensor view
+  must lie inside its storage.
 * Records must be stored or deflated, and claim no more than :data:`MAX_COMPRESSION_RATIO` (deflate
   cannot exceed ~1032:1, so a bigger ratio is a lying header). ``data.pkl`` is limited to
   :data:`MAX_PICKLE_BYTES`. Stored, aligned records (as torch writes them) are memory-mapped
