@@ -126,7 +126,7 @@ class NamespaceState(_PickledState):
     ``argparse.Namespace`` once the pickle is read."""
 
 
-class OrderedDictState(collections.OrderedDict):
+class OrderedDictState(collections.OrderedDict[Any, Any]):
     """Stand-in for ``collections.OrderedDict`` (torch ``state_dict()`` results, pickled with
     ``BUILD({'_metadata': ...})``); rebuilt into a plain ``OrderedDict`` once the pickle is read."""
 
@@ -190,7 +190,8 @@ _STORAGE_DTYPES = {
 }
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                    *_: Any) -> torch.Tensor:
     """Replacement for ``torch._utils._rebuild_tensor_v2`` on our flat storage tensors."""
     if not isinstance(storage, torch.Tensor):
         raise CheckpointError("tensor rebuild without a storage")
@@ -279,8 +280,9 @@ class RestrictedUnpickler(pickle._Unpickler):
             ) from None
 
     def load_build(self) -> None:
-        state = self.stack.pop()
-        inst = self.stack[-1]
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]  # pickle._Unpickler's own stack
+        state = stack.pop()
+        inst = stack[-1]
         cls = type(inst)
         if cls not in _STAND_INS:
             raise CheckpointError(
@@ -333,9 +335,9 @@ class RestrictedUnpickler(pickle._Unpickler):
             if start % itemsize == 0:
                 return torch.from_numpy(self._file_map[start : start + nbytes]).view(dtype)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view, done = memoryview(buffer.numpy()), 0
+        view, done = memoryview(buffer.numpy()), 0  # type: ignore[arg-type]  # ndarray is a buffer
         with self._archive.open(info) as record:
-            while done < nbytes and (count := record.readinto(view[done : done + _READ_CHUNK])):
+            while done < nbytes and (count := record.readinto(view[done : done + _READ_CHUNK])):  # type: ignore[attr-defined]
                 done += count
         if done != nbytes:
             raise CheckpointError(f"storage record {name} is truncated: {done} of {nbytes} bytes")
@@ -374,6 +376,7 @@ def _rebuild_containers(obj: Any, memo: dict[int, Any]) -> Any:
     if id(obj) in memo:
         return memo[id(obj)]
     cls = type(obj)
+    result: Any
     if cls is NamespaceState:
         memo[id(obj)] = result = argparse.Namespace()
         for key, value in vars(obj).items():

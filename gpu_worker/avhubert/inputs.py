@@ -108,7 +108,7 @@ def collate(
                     f"item {i}: video has {len(v)} frames, audio {len(a)}; "
                     "align with audio_from_features(..., num_frames=len(video))"
                 )
-    lengths = [len(x) for x in (videos or audios)]
+    lengths = [len(x) for x in (videos or audios or [])]
     longest = max(lengths) if pad_audio else min(lengths)
     if max_sample_size is not None:
         longest = min(longest, max_sample_size)
