@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
 
-# keys that only serve pretraining / training and have no role at inference
-_IGNORED = re.compile(
-    r"^(mask_emb|label_embs_concat|final_proj\..*|target_glu\..*|embed_positions\._float_tensor)$"
-)
+# keys that only serve pretraining / training (encoder: the AV-HuBERT pretraining head, which the
+# official fine-tuned files keep as encoder.w2v_model.*) or are empty buffers (decoder), no role at
+# inference; matched on the key without its encoder./decoder. prefix, each on its own side only
+_IGNORED_ENCODER = re.compile(r"^(mask_emb|label_embs_concat|final_proj\..*|target_glu\..*)$")
+_IGNORED_DECODER = re.compile(r"^embed_positions\._float_tensor$")
 
 # Name fragments (fairseq, ours); "^" anchors a fragment at the start of the key, "$" at its end.
 # Both directions are derived from these tables (`_rules`): load = fairseq -> ours, and the
@@ -92,13 +93,13 @@ def rename_fairseq_state(
     origin: dict[str, str] = {}
     for key, value in state.items():
         if key.startswith(encoder_prefix) and not (seq2seq and key.startswith("decoder.")):
-            local, rules, target = key[len(encoder_prefix):], _ENCODER_RULES, "encoder."
+            local, rules, target, ignored = key[len(encoder_prefix):], _ENCODER_RULES, "encoder.", _IGNORED_ENCODER
             local = _trunk_rule(local)
         elif seq2seq and key.startswith("decoder."):
-            local, rules, target = key[len("decoder."):], _DECODER_RULES, "decoder."
+            local, rules, target, ignored = key[len("decoder."):], _DECODER_RULES, "decoder.", _IGNORED_DECODER
         else:
             raise CheckpointError(f"unexpected key in checkpoint: {key}")
-        if _IGNORED.match(local):
+        if ignored.match(local):
             continue
         new = target + _apply(_apply(local, rules), _LAYER_RULES)
         out[new], origin[new] = value, key

@@ -6,6 +6,9 @@ dict with ``cfg['model']['w2v_args']`` holding the pretraining config, fairseq p
 positional-conv weight norm as ``weight_g``/``weight_v``) plus a sentencepiece unigram model
 ``spm_unigram<V>.model`` and the matching fairseq ``dict.wrd.txt`` next to it.
 
+Like the official fine-tuned files, the seq2seq checkpoint carries the pretraining-only
+``encoder.w2v_model.mask_emb`` and ``encoder.w2v_model.label_embs_concat`` ``[len(km dict), final_dim]``.
+
 Difference from a fairseq-written file: ``task_state`` carries plain data instead of pickled
 fairseq objects, i.e. ``{'dictionaries': [{...}], 'target_dictionary': {'symbols': [...],
 'count': [...], 'bos_index': 0, 'pad_index': 1, 'eos_index': 2, 'unk_index': 3, ...},
@@ -179,6 +182,11 @@ def make_random_checkpoint(
         _randomise(network, generator)
         state = to_fairseq_state(network.state_dict(), seq2seq=True)
         state["encoder.w2v_model.mask_emb"] = torch.rand(mask_dim, generator=generator)
+        # the pretraining label embeddings the official fine-tuned model keeps (AVHubertModel builds
+        # them from the km dictionaries of the nested task; its strict load fails without them;
+        # unused at inference, ignored by our importer)
+        final_dim = encoder.final_dim if encoder.final_dim > 0 else encoder.encoder_embed_dim
+        state["encoder.w2v_model.label_embs_concat"] = torch.rand(len(km_symbols), final_dim, generator=generator)
         if decoder.decoder_learned_pos is False and not decoder.no_token_positional_embeddings:
             state["decoder.embed_positions._float_tensor"] = torch.zeros(1)
         model_cfg = {**decoder_cfg, "w2v_args": pretrain_cfg}

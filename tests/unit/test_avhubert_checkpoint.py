@@ -336,3 +336,19 @@ def test_config_defaults_and_old_style_args() -> None:
     )
     with pytest.raises(CheckpointError, match="unsupported model 'av_hubert_ctc'"):
         config_from_checkpoint({"cfg": {"model": {"_name": "av_hubert_ctc"}, "task": {}}})
+
+
+def test_random_seq2seq_checkpoint_has_official_pretraining_keys(tiny: Path) -> None:
+    """The official fine-tuned model keeps ``label_embs_concat`` [len(km dict), final_dim] (its
+    strict load fails without it); our importer ignores it and ``mask_emb``, as training-only."""
+    state = torch.load(tiny, map_location="cpu", weights_only=False)
+    km = state["task_state"]["dictionaries"][0]["symbols"]
+    final_dim = state["cfg"]["model"]["w2v_args"]["model"]["final_dim"]
+    assert tuple(state["model"]["encoder.w2v_model.label_embs_concat"].shape) == (len(km), final_dim)
+    assert "encoder.w2v_model.mask_emb" in state["model"]
+    model = load_model(tiny)
+    assert not any("label_embs" in k or "mask_emb" in k for k in model.network.state_dict())
+    # a decoder key of that name is not training-only: still refused
+    state["model"]["decoder.label_embs_concat"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match=r"unexpected key: decoder\.label_embs_concat"):
+        load_model(_resave(state, tiny.parent / "bad.pt"))
