@@ -15,7 +15,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig, config_from_checkpoint
 from .importer import load_fairseq_weights
-from .model import AVHubertModel
+from .model import AVHubertModel, TransformerDecoder
 from .search import GenerationConfig, RawHypothesis, beam_search, length_caps
 from .tokenizer import Tokenizer, TokenizerError, build_tokenizer
 
@@ -102,7 +102,7 @@ class AVHubert:
         }
 
     # ------------------------------------------------------------------ helpers
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """CUDA autocast context for the configured ``dtype`` (no-op for fp32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -130,7 +130,7 @@ class AVHubert:
             video.size(0) != audio.size(0) or video.size(2) != audio.size(1)
         ):
             raise ValueError(f"video {tuple(video.shape)} and audio {tuple(audio.shape)} disagree on B or T")
-        bsz, frames = (video.size(0), video.size(2)) if video is not None else audio.shape[:2]
+        bsz, frames = _batch_shape(video, audio)
         if padding_mask is not None and tuple(padding_mask.shape) != (bsz, frames):
             raise ValueError(f"padding_mask must be [{bsz}, {frames}], got {tuple(padding_mask.shape)}")
         return video, audio, padding_mask
@@ -145,7 +145,8 @@ class AVHubert:
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
         with self.autocast():
             out, _ = self.network.encoder(video, audio, padding_mask)
-        return out.float()
+        result: Tensor = out.float()
+        return result
 
     @torch.inference_mode()
     def extract_features(
@@ -175,9 +176,10 @@ class AVHubert:
                 out, _ = encoder(video, audio, padding_mask, None if layer is None else layer - 1)
         return out.float()
 
-    def _require_decoder(self) -> None:
+    def _require_decoder(self) -> TransformerDecoder:
         if self.network.decoder is None:
             raise RuntimeError(f"{self.checkpoint} is a pretraining checkpoint: it has no decoder")
+        return self.network.decoder
 
     @torch.inference_mode()
     def decoder_log_probs(
@@ -189,14 +191,14 @@ class AVHubert:
     ) -> Tensor:
         """Teacher-forced ``log_softmax`` of the decoder, ``float32 [B, L, V]`` for
         ``prev_output_tokens`` ``[B, L]`` (``</s>`` first, as the official collater builds them)."""
-        self._require_decoder()
+        decoder = self._require_decoder()
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
         if not isinstance(prev_output_tokens, Tensor):
             prev_output_tokens = torch.from_numpy(np.asarray(prev_output_tokens))
         tokens = prev_output_tokens.to(self.device, torch.long)
         with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
-            logits = self.network.decoder(tokens, memory, mask)
+            logits = decoder(tokens, memory, mask)
         return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.inference_mode()
@@ -216,12 +218,13 @@ class AVHubert:
         ``max_len``, ``max_len_from`` = ``"padded"`` (official default) | ``"item"`` |
         ``"frames"``, ``incremental``). ``prefix_tokens`` ``[B, P]`` forces the first tokens as the
         official ``prefix_size`` does (``target[:, :prefix_size]``, ``<pad>`` = unconstrained)."""
-        self._require_decoder()
-        if self.tokenizer is None:
+        decoder = self._require_decoder()
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise self._tokenizer_error or TokenizerError("no tokenizer")
         cfg = GenerationConfig(beam_size=beam_size, **generation)
         video, audio, padding_mask = self._prepare(video, audio, padding_mask)
-        bsz, frames = (video.size(0), video.size(2)) if video is not None else audio.shape[:2]
+        bsz, frames = _batch_shape(video, audio)
         valid = [frames] * bsz if padding_mask is None else (frames - padding_mask.sum(1)).tolist()
         if cfg.max_len_from == "padded":
             # official quirk: src_len is source['audio'].size(1) of the [B, F, T] batch = F
@@ -237,29 +240,39 @@ class AVHubert:
             if cfg.min_len > min(caps):
                 raise ValueError(f"min_len {cfg.min_len} cannot be larger than max_len {min(caps)}")
         else:
-            caps = length_caps(src_lens, cfg, self.network.decoder.max_positions())
+            caps = length_caps(src_lens, cfg, decoder.max_positions())
         prefix = None
         if prefix_tokens is not None:
             prefix = prefix_tokens if isinstance(prefix_tokens, Tensor) else torch.from_numpy(np.asarray(prefix_tokens))
             prefix = prefix.to(self.device, torch.long)
             if prefix.dim() != 2 or prefix.size(0) != bsz:
                 raise ValueError(f"prefix_tokens must be [{bsz}, P], got {tuple(prefix.shape)}")
-        d = self.tokenizer.dictionary
+        d = tokenizer.dictionary
         eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
             memory, mask = self.network.encoder(video, audio, padding_mask)
-            raw = beam_search(self.network.decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix)
-        return [[self._hypothesis(h) for h in hyps] for hyps in raw]
+            raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix)
+        return [[self._hypothesis(h, tokenizer) for h in hyps] for hyps in raw]
 
-    def _hypothesis(self, raw: RawHypothesis) -> Hypothesis:
+    @staticmethod
+    def _hypothesis(raw: RawHypothesis, tokenizer: Tokenizer) -> Hypothesis:
         mean = sum(raw.positional_scores) / len(raw.positional_scores)
         return Hypothesis(
             tokens=raw.tokens,
             score=raw.score,
             token_logprobs=raw.positional_scores,
             confidence=math.exp(mean) if math.isfinite(mean) else 0.0,
-            text=self.tokenizer.decode(raw.tokens),
+            text=tokenizer.decode(raw.tokens),
         )
+
+
+def _batch_shape(video: Tensor | None, audio: Tensor | None) -> tuple[int, int]:
+    """(B, T) of video ``[B, 1, T, H, W]`` or else audio ``[B, T, F]``."""
+    if video is not None:
+        return video.size(0), video.size(2)
+    if audio is None:
+        raise ValueError("give video and/or audio")
+    return audio.size(0), audio.size(1)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -314,5 +327,6 @@ def load_model(
     network = AVHubertModel(config.encoder, config.decoder, vocab_size, padding_idx)
     load_fairseq_weights(network, state["model"], seq2seq=config.kind == "seq2seq")
     network.eval().to(torch_device)
-    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, _DTYPES.get(dtype))
+    autocast_dtype = _DTYPES[dtype] if dtype else None
+    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, autocast_dtype)
 
