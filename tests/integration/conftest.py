@@ -26,7 +26,13 @@ CHECKPOINT = REFERENCE / "checkpoints" / "finetune_s2s.pt"
 INPUT_BUCKET = "avsr-test-inputs"
 OUTPUT_BUCKET = "avsr-test-outputs"
 API_KEY = "test-key-123"
-REDIS_URL = os.environ.get("AVSR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Test runs side by side (e.g. two checkouts) need their own ports and Redis DBs: AVSR_TEST_PORT_BASE
+# moves every port of the stack, AVSR_TEST_REDIS_DB the stack's DB (the next two below it are scratch DBs).
+PORT_BASE = int(os.environ.get("AVSR_TEST_PORT_BASE", "21000"))
+REDIS_DB = int(os.environ.get("AVSR_TEST_REDIS_DB", "15"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+SCRATCH_REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB - 1}"  # store and webhook tests
+ROLE_REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB - 2}"  # the per-role image workers
 
 
 def _unavailable(reason: str):
@@ -43,8 +49,8 @@ def stack():
     with contextlib.suppress(redis.RedisError):  # Stack starts a private redis-server if none answers
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
     config = StackConfig(
-        state_dir=state_dir, redis_url=REDIS_URL, s3_port=21333, weed_base_port=22333, api_port=21000,
-        flower_port=21555, api_key=API_KEY, flower_auth="flower:flower-pass",
+        state_dir=state_dir, redis_url=REDIS_URL, s3_port=PORT_BASE + 333, weed_base_port=PORT_BASE + 1333,
+        api_port=PORT_BASE, flower_port=PORT_BASE + 555, api_key=API_KEY, flower_auth="flower:flower-pass",
         work_bucket="avsr-test-work", buckets=(INPUT_BUCKET, OUTPUT_BUCKET, "avsr-test-forbidden"),
         model_path=str(CHECKPOINT),
         extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",

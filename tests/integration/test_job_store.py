@@ -10,11 +10,11 @@ import redis
 from tasks import jobs
 from tasks.settings import get_settings
 
-from .conftest import _unavailable
+from .conftest import SCRATCH_REDIS_URL, _unavailable
 
 pytestmark = pytest.mark.integration
 
-URL = "redis://127.0.0.1:6379/14"
+URL = SCRATCH_REDIS_URL
 
 
 @pytest.fixture(autouse=True)

@@ -25,11 +25,11 @@ import requests
 
 from tests.conftest import REFERENCE, ROOT
 
-from .conftest import _unavailable
+from .conftest import ROLE_REDIS_URL, _unavailable
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = os.environ.get("AVSR_ROLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = ROLE_REDIS_URL
 ROLES = ("api", "cpu", "gpu", "flower")
 # Modules each role's venv must not even have installed.
 FORBIDDEN = {
