@@ -2,7 +2,10 @@
 
 Frames are placed on a constant 25 fps grid from their real timestamps (nearest frame in time), so
 variable-frame-rate phone videos and 30/50/60 fps sources come out at the model's rate.  Corrupt
-images / packets / frames are skipped and counted (``corrupt_skipped``) rather than aborting the clip.
+images / packets / frames are skipped and counted (``corrupt_skipped``) rather than aborting the clip,
+and so are frames too small to hold a face (``AVSR_MIN_FRAME_SIDE``). Image and video dimensions are
+read from their headers before anything is decoded: a frame over ``AVSR_MAX_FRAME_PIXELS`` fails the
+job with ``input_too_large`` (a 875 KB PNG can declare 30000×30000 pixels).
 """
 
 from __future__ import annotations
@@ -11,15 +14,21 @@ import io
 import itertools
 import logging
 from collections.abc import Generator, Iterable, Iterator, Sized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import av
 import cv2
 import numpy as np
+from PIL import Image
 
 from cpu_worker.errors import BadMedia
+from tasks.errors import input_too_large
 from tasks.records import FPS
+from tasks.settings import get_settings
+
+Image.MAX_IMAGE_PIXELS = None  # our own cap (FrameLimits) applies, before decoding, with our error code
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +94,46 @@ def count_slots(t0: float, stop: float, fps: float = FPS) -> int:
     return k
 
 
-def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray | None:
-    """Encoded image (JPEG/PNG/…, any depth/channels) → BGR uint8, EXIF orientation applied; None if corrupt.
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a frame may be before it is decoded: at most `max_pixels`, each side at least `min_side`."""
+
+    max_pixels: int = 4096 * 2304
+    min_side: int = 32
+
+    @classmethod
+    def from_settings(cls) -> FrameLimits:
+        settings = get_settings()
+        return cls(max_pixels=settings.max_frame_pixels, min_side=settings.min_frame_side)
+
+    def check(self, width: int, height: int, what: str) -> bool:
+        """True if a `width`×`height` frame may be decoded; False if too small to hold a face (skip it);
+        `input_too_large` if it is over the pixel cap (a decompression bomb must never be decoded)."""
+        if width * height > self.max_pixels:
+            raise input_too_large(f"{what} is {width}×{height} px, over AVSR_MAX_FRAME_PIXELS={self.max_pixels}")
+        return width >= self.min_side and height >= self.min_side
+
+
+def image_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding it; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def decode_image(data: bytes | bytearray | memoryview, limits: FrameLimits | None = None) -> np.ndarray | None:
+    """Encoded image (JPEG/PNG/…, any depth/channels) → BGR uint8, EXIF orientation applied; None if corrupt
+    or too small to hold a face. Its header is checked against `limits` before anything is decoded.
 
     ``cv2.IMREAD_COLOR`` converts grey/RGBA/16-bit to 8-bit BGR and honours the EXIF orientation tag.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
+        return None
+    size = image_size(data)
+    if size is None or not (limits or FrameLimits()).check(*size, "an image"):
         return None
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -107,13 +149,14 @@ class ImageSequence:
         if fps <= 0:
             raise ValueError("fps must be positive")
         self.images, self.fps = images, fps
-        self.corrupt_skipped = 0
+        self.limits = FrameLimits.from_settings()
+        self.corrupt_skipped = 0  # corrupt images, and images too small to hold a face
         self.frames_decoded = 0
 
     def _timed(self) -> Generator[tuple[float, np.ndarray]]:
         for i, item in enumerate(self.images):
             data = Path(item).read_bytes() if isinstance(item, str | Path) else item
-            img = decode_image(data)
+            img = decode_image(data, self.limits)
             if img is None:
                 self.corrupt_skipped += 1
                 log.debug("image %d is corrupt, skipped", i)
@@ -148,8 +191,9 @@ class VideoFile:
         if hasattr(source, "read"):  # a file object is read once so the file can be opened several times
             source = source.read()
         self.source: str | Path | bytes = source
-        self.corrupt_skipped = 0
+        self.corrupt_skipped = 0  # undecodable packets, corrupt frames, frames too small to hold a face
         self.frames_decoded = 0
+        self.limits = FrameLimits.from_settings()
         with _open(source) as c:
             if not c.streams.video:
                 raise BadMedia("no video stream")
@@ -158,6 +202,7 @@ class VideoFile:
             self.source_fps = float(rate) if rate else FPS
             self.has_audio = bool(c.streams.audio)
             self.width, self.height = vs.codec_context.width, vs.codec_context.height
+            self.limits.check(self.width, self.height, "the video")  # before any frame is decoded
         self._t0: float | None = None  # timestamp of the first decodable frame: origin of the 25 fps grid
         probe = self._timed()
         first = next(probe, None)
@@ -179,7 +224,8 @@ class VideoFile:
                     self.corrupt_skipped += 1
                     continue
                 for frame in decoded:
-                    if getattr(frame, "is_corrupt", False):
+                    if getattr(frame, "is_corrupt", False) or not self.limits.check(frame.width, frame.height,
+                                                                                    "a video frame"):
                         self.corrupt_skipped += 1
                         continue
                     t = frame.time if frame.time is not None else n / self.source_fps

@@ -72,6 +72,15 @@ class Settings:
     max_frames: int = setting("AVSR_MAX_FRAMES", 30000, kind=int, doc="longest accepted input, in frames")
     max_input_bytes: int = setting("AVSR_MAX_INPUT_BYTES", 2 * 1024**3, kind=int,
                                    doc="largest accepted input (sum of S3 objects)")
+    max_frame_pixels: int = setting("AVSR_MAX_FRAME_PIXELS", 4096 * 2304, kind=int,
+                                    doc="largest frame (width × height, read from the header before decoding); "
+                                        "larger fails the job with input_too_large")
+    min_frame_side: int = setting("AVSR_MIN_FRAME_SIDE", 32, kind=int,
+                                  doc="frames narrower or lower than this cannot hold a face: skipped and "
+                                      "counted with the corrupt ones")
+    worker_max_memory_mb: int = setting("AVSR_WORKER_MAX_MEMORY_MB", 4096, kind=int,
+                                        doc="a CPU pool child above this resident memory is replaced after its "
+                                            "task (Celery worker_max_memory_per_child)")
     predict_timeout_s: float = setting("AVSR_PREDICT_TIMEOUT_S", 300.0, kind=float,
                                        doc="how long POST /predict waits for its job")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")

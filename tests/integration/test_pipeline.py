@@ -122,6 +122,8 @@ def test_predict_keeps_the_old_contract(api, frames_job):
     ("no face", "noise", "no_face_detected"),
     ("corrupt video", "garbage", "bad_media"),
     ("audio from frames", "frames-audio", "no_audio"),
+    ("1x1 frames", "tiny", "no_frames"),
+    ("decompression bomb", "bomb", "input_too_large"),
 ])
 def test_bad_inputs_fail_with_a_reason(api, s3, jpeg_frames, name, setup, code):
     if setup is None:
@@ -131,6 +133,14 @@ def test_bad_inputs_fail_with_a_reason(api, s3, jpeg_frames, name, setup, code):
         noise = [cv2.imencode(".png", rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))[1].tobytes()
                  for _ in range(10)]
         body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/noise/", noise, "png")}
+    elif setup == "tiny":
+        tiny = [cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes()] * 5
+        body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/tiny/", tiny, "png")}
+    elif setup == "bomb":
+        from tests.unit.test_frames_sources import _png_header
+
+        bomb = [_png_header(30000, 30000)] * 2
+        body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/bomb/", bomb, "png")}
     elif setup == "garbage":
         s3.put_object(Bucket=INPUT_BUCKET, Key="videos/garbage.mp4", Body=b"\x00not a video" * 100)
         body = {"s3_bucket": INPUT_BUCKET, "s3_key": "videos/garbage.mp4"}

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from cpu_worker.errors import BadMedia
-from cpu_worker.frames import ImageSequence, VideoFile, decode_image, resample_timed
+from cpu_worker.frames import ImageSequence, VideoFile, decode_image, image_size, resample_timed
 from tasks.errors import JobError
+from tasks.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +175,7 @@ def test_num_frames_and_windows_match_full_iteration(tmp_path: Path, ext: str, c
 
 
 def test_image_sequence_with_corrupt_first_and_last_images_keeps_its_length() -> None:
-    imgs = [_png(np.full((16, 16, 3), 10 * i, np.uint8)) for i in range(8)]
+    imgs = [_png(np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(8)]
     imgs[0] = imgs[-1] = b"broken"
     frames = list(ImageSequence(imgs, fps=25.0))
     assert [int(f[0, 0, 0]) for f in frames] == [10, 10, 20, 30, 40, 50, 60, 60]
@@ -200,3 +201,54 @@ def test_corrupt_video_packets_are_skipped_and_counted(tmp_path: Path) -> None:
     assert video.corrupt_skipped >= 1
     assert 8 <= len(frames) <= 10 and video.frames_decoded <= 9
     assert all(f.shape == (48, 64, 3) for f in frames)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width`×`height` and holds a few deflated rows (a decompression bomb's shape)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    rows = zlib.compress(b"\x00" * (width + 1) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_an_image_over_the_pixel_cap_fails_before_it_is_decoded(monkeypatch) -> None:
+    bomb = _png_header(30000, 30000)
+    assert len(bomb) < 200_000 and image_size(bomb) == (30000, 30000)
+    decoded = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(a))
+    with pytest.raises(JobError) as info:
+        list(ImageSequence([bomb], fps=25.0))
+    assert info.value.code == "input_too_large" and "30000×30000" in info.value.message
+    assert decoded == []  # refused from the header alone
+
+
+def test_frames_too_small_for_a_face_are_skipped_and_counted() -> None:
+    imgs = [_png(np.full((1, 1, 3), 10, np.uint8)), _png(np.full((48, 48, 3), 20, np.uint8)),
+            _png(np.full((8, 200, 3), 30, np.uint8))]
+    source = ImageSequence(imgs, fps=25.0)
+    frames = list(source)
+    assert {int(f[0, 0, 0]) for f in frames} == {20}
+    assert source.corrupt_skipped == 2
+
+
+def test_a_video_over_the_pixel_cap_fails_from_its_header(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "big.mkv"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("ffv1", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 320, 240, "yuv420p"
+        for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((240, 320, 3), np.uint8), format="bgr24")):
+            c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    monkeypatch.setenv("AVSR_MAX_FRAME_PIXELS", str(320 * 240 - 1))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(JobError) as info:
+            VideoFile(path)
+        assert info.value.code == "input_too_large" and "320×240" in info.value.message
+    finally:
+        get_settings.cache_clear()
