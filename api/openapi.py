@@ -102,7 +102,13 @@ def openapi_spec() -> dict:
                     "job_id": {"type": "string"}, "status": {"type": "string"}, "links": {"type": "object"}}},
                 "Segment": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
-                    "text": {"type": "string"}, "confidence": {"type": "number"}}},
+                    "text": {"type": "string"}, "confidence": {"type": "number"},
+                    "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}}}},
+                "Word": {"type": "object", "description": (
+                    "A word of the segment's text; confidence = exp(mean log-prob of its sentencepiece pieces). "
+                    "No times: no audio-visual alignment is computed."), "properties": {
+                    "word": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                    "tokens": {"type": "integer", "minimum": 1}}},
                 "Result": {"type": "object", "properties": {
                     "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                     "num_frames": {"type": "integer"}, "duration_s": {"type": "number"},

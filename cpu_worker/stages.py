@@ -202,6 +202,7 @@ def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult
             "end": round(span["end_frame"] / FPS, 3),
             "text": hyp["text"],
             "confidence": round(hyp["confidence"], 4),
+            "words": [{**w, "confidence": round(w["confidence"], 4)} for w in hyp.get("words", [])],
         })
     spoken = [s for s in segments if s["text"]]
     weights = [s["end"] - s["start"] for s in spoken]

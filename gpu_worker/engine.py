@@ -14,6 +14,7 @@ still runs out of GPU memory is split in halves and retried.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from gpu_worker.avhubert import Hypothesis, audio_from_features, collate, load_model, video_from_rois
 from gpu_worker.batching import batch_segments
-from tasks.records import DecodedSegment, SegmentSpan
+from tasks.records import DecodedSegment, SegmentSpan, Word
 
 MODALITIES = ("video", "audio", "audiovisual")
 
@@ -67,11 +68,22 @@ class Engine:
             for i, best in self._decode(batch, segments, rois if use_video else None,
                                         audio if use_audio else None, beam_size):
                 results[i] = {"id": segments[i]["id"], "text": best.text, "confidence": float(best.confidence),
-                              "score": float(best.score), "num_tokens": len(best.tokens)}
+                              "score": float(best.score), "num_tokens": len(best.tokens),
+                              "words": self.words(best), "end_logprob": float(best.token_logprobs[-1])}
             done += len(batch)
             if on_progress is not None:
                 on_progress(done)
         return [r for r in results if r is not None]
+
+    def words(self, hyp: Hypothesis) -> list[Word]:
+        """Each word of `hyp` with its confidence: exp(mean log-prob of the pieces that spell it).
+
+        The segment's confidence recombines from them: exp((Σ tokens·ln confidence + ln p(</s>)) / num_tokens).
+        """
+        tokenizer = self.model.tokenizer
+        assert tokenizer is not None  # generate() needs it too
+        return [{"word": word, "confidence": math.exp(sum(lps) / len(lps)), "tokens": len(lps)}
+                for word, lps in tokenizer.words(hyp.tokens, hyp.token_logprobs)]
 
     def _decode(self, batch: list[int], segments: Sequence[SegmentSpan], rois: np.ndarray | None,
                 audio: np.ndarray | None,

@@ -105,14 +105,25 @@ class SegmentPlan(TypedDict):
     segments: list[SegmentSpan]
 
 
+class Word(TypedDict):
+    """A word of a segment's text: `confidence` = exp(mean log-prob of its `tokens` sentencepiece pieces)."""
+
+    word: str
+    confidence: float
+    tokens: int
+
+
 class DecodedSegment(TypedDict):
-    """The best hypothesis of one segment."""
+    """The best hypothesis of one segment: `confidence` = exp(mean token log-prob, `</s>` included), so
+    exp((Σ words' tokens·ln confidence + end_logprob) / num_tokens) gives it back."""
 
     id: int
     text: str
     confidence: float
     score: float
     num_tokens: int
+    words: list[Word]
+    end_logprob: float  # ln p(</s>)
 
 
 class Transcript(TypedDict):
@@ -130,6 +141,7 @@ class ResultSegment(TypedDict):
     end: float
     text: str
     confidence: float
+    words: list[Word]  # no word times: no alignment is computed (see the README)
 
 
 class JobResult(TypedDict):

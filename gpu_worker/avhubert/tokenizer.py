@@ -8,7 +8,7 @@ sentencepiece model (``EncodeAsPieces``) and ``Dictionary.encode_line``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,36 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids -> text as ``infer_s2s.py`` prints it."""
         return bpe_decode(self.dictionary.string(int(i) for i in ids))
+
+    def words(self, ids: Sequence[int], logprobs: Sequence[float]) -> list[tuple[str, list[float]]]:
+        """The words of a hypothesis, each with the log-probs of the pieces that spell it.
+
+        A word starts at a piece beginning with ``▁`` (sentencepiece's word boundary), so the words
+        joined by spaces are exactly ``decode(ids)``; ``</s>``, ``<pad>`` and ``<s>`` belong to no word.
+        """
+        d = self.dictionary
+        skip = {d.eos_index, d.pad_index, d.bos_index}
+        words: list[tuple[list[str], list[float]]] = []
+        for token, logprob in zip(ids, logprobs, strict=True):
+            if int(token) in skip:
+                continue
+            piece = "<unk>" if int(token) == d.unk_index else d.symbols[int(token)]
+            if piece.startswith("\u2581") or not words:
+                words.append(([], []))
+            words[-1][0].append(piece)
+            words[-1][1].append(float(logprob))
+        spelled: list[tuple[str, list[float]]] = []
+        carried: list[float] = []  # a bare "▁" piece spells nothing: its log-prob joins the next word
+        for pieces, lps in words:
+            word = bpe_decode(" ".join(pieces))
+            if word:
+                spelled.append((word, carried + lps))
+                carried = []
+            else:
+                carried += lps
+        if carried and spelled:
+            spelled[-1][1].extend(carried)
+        return spelled
 
     def encode(self, text: str, append_eos: bool = True) -> list[int]:
         """Text -> ids as the official label processor does (``EncodeAsPieces`` + ``encode_line``)."""

@@ -75,3 +75,15 @@ def test_modality_needs_its_input(engine, clip):
         engine.transcribe(rois=rois, audio=None, segments=SEGMENTS, modality="audio")
     with pytest.raises(ValueError, match="modality"):
         engine.transcribe(rois=rois, audio=None, segments=SEGMENTS, modality="lips")
+
+
+def test_words_spell_the_text_and_recombine_into_the_segment_confidence(engine, clip, single_torch_thread):
+    rois, audio = clip
+    decoded = engine.transcribe(rois=rois, audio=audio, segments=SEGMENTS, modality="audiovisual", beam_size=3)
+    assert any(len(d["words"]) > 1 for d in decoded)
+    for d in decoded:
+        assert " ".join(w["word"] for w in d["words"]) == d["text"]
+        assert all(0.0 <= w["confidence"] <= 1.0 and w["tokens"] >= 1 for w in d["words"])
+        assert sum(w["tokens"] for w in d["words"]) + 1 == d["num_tokens"]  # + </s>
+        log_conf = (sum(w["tokens"] * np.log(w["confidence"]) for w in d["words"]) + d["end_logprob"]) / d["num_tokens"]
+        assert np.exp(log_conf) == pytest.approx(d["confidence"], rel=1e-9)
