@@ -10,9 +10,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from api.auth import require_api_key
 from api.errors import ApiError, error_response
-from api.validation import check_job_id, idempotency_key, parse_job_request
+from api.validation import check_job_id, idempotency_key, parse_job_request, query_int
 from tasks import chain, jobs
-from tasks.subtitles import render_result
+from tasks.subtitles import LINE_CHARS, MAX_LINES, render_result
 
 bp = Blueprint("jobs", __name__)
 
@@ -104,8 +104,10 @@ def get_result(job_id: str):
     if job["status"] != jobs.SUCCEEDED:
         raise ApiError("job_not_finished", f"job is {job['status']}", job_status=job["status"])
     fmt = request.args.get("format", "json")
+    width = query_int("line_chars", LINE_CHARS, 10, 200)
+    max_lines = query_int("max_lines", MAX_LINES, 1, 6)
     try:
-        body, mimetype = render_result(job["result"], fmt)
+        body, mimetype = render_result(job["result"], fmt, width, max_lines)
     except ValueError as exc:
         raise ApiError("invalid_format", str(exc)) from exc
     return Response(body, mimetype=mimetype)

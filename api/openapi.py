@@ -5,6 +5,7 @@ from __future__ import annotations
 from api.validation import MAX_BEAM, MODALITIES
 from tasks.errors import ERROR_CODES
 from tasks.jobs import JOB_ID_PATTERN, STAGES, STATUSES
+from tasks.subtitles import LINE_CHARS, MAX_LINES
 
 
 def _error(description: str) -> dict:
@@ -49,7 +50,11 @@ def openapi_spec() -> dict:
             "/v1/jobs/{job_id}/result": {"get": {
                 "summary": "The result as JSON, SRT or WebVTT",
                 "parameters": [job_id, {"name": "format", "in": "query", "schema": {
-                    "type": "string", "enum": ["json", "srt", "vtt"], "default": "json"}}],
+                    "type": "string", "enum": ["json", "srt", "vtt"], "default": "json"}},
+                    {"name": "line_chars", "in": "query", "description": "subtitle line width (srt, vtt)",
+                     "schema": {"type": "integer", "minimum": 10, "maximum": 200, "default": LINE_CHARS}},
+                    {"name": "max_lines", "in": "query", "description": "lines per subtitle cue (srt, vtt)",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 6, "default": MAX_LINES}}],
                 "responses": {"200": {"description": "The result", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
                     "application/x-subrip": {"schema": {"type": "string"}},

@@ -9,6 +9,8 @@ import re
 from typing import Any
 from urllib.parse import urlparse
 
+from flask import request
+
 from api.errors import ApiError
 from tasks.jobs import is_job_id
 from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, VideoInput
@@ -111,6 +113,16 @@ def _callback(value: Any, allow_private: bool) -> str | None:
     if not allow_private and (address := non_global_address(value, resolve=False)):
         raise bad("callback_not_allowed", f"'callback_url' points at a non-global address ({address})")
     return value
+
+
+def query_int(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter of the current request in [low, high], else 400 `invalid_field`."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise bad("invalid_field", f"'{name}' must be an integer from {low} to {high}")
+    return int(raw)
 
 
 def check_job_id(job_id: str) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import srt
 import webvtt
@@ -53,36 +54,37 @@ def _to_ms(seconds: float) -> int:
     return int((Decimal(repr(value)) * 1000).to_integral_value(rounding=ROUND_HALF_UP))
 
 
-def wrap_lines(text: str, width: int = LINE_CHARS) -> list[list[str]]:
-    """Text → groups of at most ``MAX_LINES`` lines of at most ``width`` characters (long words
+def wrap_lines(text: str, width: int = LINE_CHARS, max_lines: int = MAX_LINES) -> list[list[str]]:
+    """Text → groups of at most ``max_lines`` lines of at most ``width`` characters (long words
     are broken), the lines of a group balanced in length."""
     words = " ".join(text.split())
     if not words:
         return []
     lines = textwrap.wrap(words, width, break_on_hyphens=False)
-    groups = [lines[i : i + MAX_LINES] for i in range(0, len(lines), MAX_LINES)]
-    return [_balanced(" ".join(group), width) for group in groups]
+    groups = [lines[i : i + max_lines] for i in range(0, len(lines), max_lines)]
+    return [_balanced(" ".join(group), width, max_lines) for group in groups]
 
 
-def _balanced(text: str, width: int) -> list[str]:
-    """The narrowest wrap of ``text`` into at most ``MAX_LINES`` lines (≤ ``width`` each)."""
+def _balanced(text: str, width: int, max_lines: int) -> list[str]:
+    """The narrowest wrap of ``text`` into at most ``max_lines`` lines (≤ ``width`` each)."""
     if len(text) <= width:
         return [text]
-    for w in range(math.ceil(len(text) / MAX_LINES), width + 1):
+    for w in range(math.ceil(len(text) / max_lines), width + 1):
         lines = textwrap.wrap(text, w, break_on_hyphens=False)
-        if len(lines) <= MAX_LINES:
+        if len(lines) <= max_lines:
             return lines
     return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
-def segments_to_cues(segments: Iterable[Mapping]) -> list[Cue]:
+def segments_to_cues(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHARS,
+                     max_lines: int = MAX_LINES) -> list[Cue]:
     """Segments → cues in time order; empty texts skipped, long texts split over several cues."""
     cues: list[Cue] = []
     for seg in sorted(segments, key=lambda s: (_to_ms(s["start"]), _to_ms(s["end"]))):
         start, end = _to_ms(seg["start"]), _to_ms(seg["end"])
         if end < start:
             raise ValueError(f"segment {seg.get('id')!r} ends before it starts")
-        groups = wrap_lines(str(seg.get("text") or ""))
+        groups = wrap_lines(str(seg.get("text") or ""), width, max_lines)
         weights = [sum(len(line) for line in g) for g in groups]
         total, done = sum(weights), 0
         for k, (group, weight) in enumerate(zip(groups, weights, strict=True)):
@@ -94,7 +96,7 @@ def segments_to_cues(segments: Iterable[Mapping]) -> list[Cue]:
     return cues
 
 
-def segments_to_srt(segments: Iterable[Mapping]) -> str:
+def segments_to_srt(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHARS, max_lines: int = MAX_LINES) -> str:
     """SubRip text of the segments (indices 1..n, ``HH:MM:SS,mmm``)."""
     subs = [
         srt.Subtitle(
@@ -103,7 +105,7 @@ def segments_to_srt(segments: Iterable[Mapping]) -> str:
             end=timedelta(milliseconds=c.end_ms),
             content="\n".join(c.lines),
         )
-        for i, c in enumerate(segments_to_cues(segments), start=1)
+        for i, c in enumerate(segments_to_cues(segments, width, max_lines), start=1)
     ]
     return srt.compose(subs, reindex=False)
 
@@ -119,7 +121,7 @@ def _vtt_escape(line: str) -> str:
     return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def segments_to_vtt(segments: Iterable[Mapping]) -> str:
+def segments_to_vtt(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHARS, max_lines: int = MAX_LINES) -> str:
     """WebVTT text of the segments (cue identifiers are the segment ids)."""
     captions = [
         webvtt.Caption(
@@ -128,18 +130,20 @@ def segments_to_vtt(segments: Iterable[Mapping]) -> str:
             text=[_vtt_escape(line) for line in c.lines],
             identifier=c.identifier,
         )
-        for c in segments_to_cues(segments)
+        for c in segments_to_cues(segments, width, max_lines)
     ]
     return webvtt.WebVTT(captions=captions).content
 
 
-def render_result(result: Mapping, fmt: str) -> tuple[str, str]:
-    """``(body, mimetype)`` of a job result in ``json``, ``srt`` or ``vtt``; ValueError otherwise."""
+def render_result(result: Mapping[str, Any], fmt: str, width: int = LINE_CHARS,
+                  max_lines: int = MAX_LINES) -> tuple[str, str]:
+    """``(body, mimetype)`` of a job result in ``json``, ``srt`` or ``vtt`` (cues of at most
+    ``max_lines`` lines of ``width`` characters); ValueError otherwise."""
     fmt = (fmt or "").strip().lower()
     if fmt not in MIMETYPES:
         raise ValueError(f"unknown result format {fmt!r}; expected one of {', '.join(MIMETYPES)}")
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False), MIMETYPES[fmt]
     segments = result.get("segments") or []
-    body = segments_to_srt(segments) if fmt == "srt" else segments_to_vtt(segments)
+    body = (segments_to_srt if fmt == "srt" else segments_to_vtt)(segments, width, max_lines)
     return body, MIMETYPES[fmt]

@@ -80,6 +80,14 @@ def test_result_files_in_s3_and_formats(frames_job, api, s3):
     vtt = api.request("GET", f"/v1/jobs/{job_id}/result?format=vtt")
     assert vtt.headers["Content-Type"].startswith("text/vtt") and vtt.text.startswith("WEBVTT")
     assert api.request("GET", f"/v1/jobs/{job_id}/result?format=doc").json()["error"]["code"] == "invalid_format"
+    narrow = api.request("GET", f"/v1/jobs/{job_id}/result?format=srt&line_chars=16&max_lines=1")
+    cues = list(srt.parse(narrow.text))
+    assert all("\n" not in c.content and len(c.content) <= 16 for c in cues)
+    assert squeeze(c.content for c in cues) == squeeze(s["text"] for s in result["segments"])
+    bad = api.request("GET", f"/v1/jobs/{job_id}/result?format=srt&max_lines=0")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_field"
+    words = [w["word"] for s in result["segments"] for w in s["words"]]
+    assert " ".join(words) == " ".join(s["text"] for s in result["segments"] if s["text"])
 
 
 def test_video_with_audio_runs_audiovisual(api, s3, tmp_path, engine):

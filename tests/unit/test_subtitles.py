@@ -14,6 +14,7 @@ import webvtt
 from tasks.subtitles import (
     LINE_CHARS,
     render_result,
+    segments_to_cues,
     segments_to_srt,
     segments_to_vtt,
     wrap_lines,
@@ -127,3 +128,13 @@ def test_mimetypes_make_single_charset_flask_headers() -> None:
         _, mime = render_result({"segments": SEGMENTS}, fmt)
         header = flask.Response("x", mimetype=mime).headers["Content-Type"]
         assert header.count("charset") <= 1, header
+
+
+def test_line_width_and_count_are_configurable():
+    segments = [{"id": 0, "start": 0.0, "end": 6.0, "text": "one two three four five six seven eight nine ten"}]
+    cues = segments_to_cues(segments, width=12, max_lines=1)
+    assert all(len(c.lines) == 1 and len(c.lines[0]) <= 12 for c in cues) and len(cues) >= 4
+    assert " ".join(line for c in cues for line in c.lines) == segments[0]["text"]
+    assert cues[0].start_ms == 0 and cues[-1].end_ms == 6000
+    three = segments_to_cues(segments, width=20, max_lines=3)
+    assert len(three) == 1 and len(three[0].lines) == 3
