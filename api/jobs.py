@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from api.auth import require_api_key
 from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request
 from tasks import chain, jobs
+from tasks.records import JobRequest
 from tasks.subtitles import render_result
 
 bp = Blueprint("jobs", __name__)
@@ -57,21 +59,51 @@ def _load(job_id: str) -> jobs.Job:
     return job
 
 
-def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
-    """Validate, create and enqueue a job; honours `Idempotency-Key`. Returns (job, created)."""
+def _claim(key: str, job_request: JobRequest, job_id: str, namespace: str) -> jobs.Job | None:
+    """Bind `key` to `job_id`: None when this request owns it, else the job it is bound to.
+
+    A racing request with the same key waits (briefly) for the winner's record; a claim whose
+    submission failed frees the key within `jobs.CLAIM_TTL_S`, and this request takes it over.
+    """
+    deadline = time.monotonic() + jobs.CLAIM_TTL_S + 1
+    while True:
+        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id, namespace)
+        if not same:
+            raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
+        if bound_id == job_id:
+            return None
+        existing = jobs.get(bound_id)
+        if existing is not None:
+            return existing
+        if time.monotonic() > deadline:
+            raise ApiError("broker_unavailable", "a submission with this Idempotency-Key is in progress; retry later")
+        time.sleep(0.05)
+
+
+def submit(body: object, *, legacy: bool = False, namespace: str = "") -> tuple[jobs.Job, bool]:
+    """Validate, publish and store a job; honours `Idempotency-Key` (within `namespace`).
+    Returns (job, created).
+
+    The first task is published before the record is stored (its worker waits for the record), so
+    a publish failure leaves nothing behind: 503 `broker_unavailable`, and the key is free again.
+    """
     job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], legacy=legacy)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     job_id = jobs.new_job_id()
-    if key is not None:
-        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id)
-        if not same:
-            raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
-        if bound_id != job_id:
-            existing = jobs.get(bound_id)
-            if existing is not None:
-                return existing, False
-    job = jobs.create(job_request, job_id=job_id)
-    chain.submit(job_id)
+    if key is not None and (existing := _claim(key, job_request, job_id, namespace)) is not None:
+        return existing, False
+    try:
+        chain.submit(job_id)
+    except Exception as exc:  # kombu/redis errors after the bounded publish retries
+        current_app.logger.error("publish failed: %s: %s", type(exc).__name__, exc, extra={"job_id": job_id})
+        if key is not None:
+            with contextlib.suppress(Exception):  # else the claim expires by itself
+                jobs.release_idempotency_key(key, job_request, job_id, namespace)
+        raise ApiError("broker_unavailable", "the job queue is unavailable; retry later") from exc
+    try:
+        job = jobs.create(job_request, job_id=job_id, idempotency_key=key, namespace=namespace)
+    except jobs.ClaimLost as exc:  # the claim expired during a slow publish and another request took it
+        raise ApiError("broker_unavailable", "the job queue was too slow; retry later") from exc
     current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
     return job, True
 

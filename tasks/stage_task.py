@@ -43,7 +43,7 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
             job_id = args[-1]
             token = current_job_id.set(job_id)
             try:
-                job = jobs.get(job_id)
+                job = _await_record(job_id)
                 if job is None or jobs.is_terminal(job):
                     log.info("skipping %s: job is %s", short, job and job["status"])
                     raise Ignore()
@@ -77,6 +77,18 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
         return run
 
     return decorate
+
+
+RECORD_WAIT_S = 10.0
+
+
+def _await_record(job_id: str) -> jobs.Job | None:
+    """The job's record; the API stores it just after publishing the first task, so wait a little.
+    None after `RECORD_WAIT_S`: the submission failed (its client got a 503) or the record expired."""
+    deadline = time.monotonic() + RECORD_WAIT_S
+    while (job := jobs.get(job_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return job
 
 
 def as_job_error(exc: Exception) -> JobError:
