@@ -12,7 +12,8 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from api.auth import require_api_key
 from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request
-from tasks import chain, jobs
+from tasks import chain, heartbeat, jobs
+from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 from tasks.records import JobRequest
 from tasks.subtitles import render_result
 
@@ -49,7 +50,22 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
         view["result_location"] = job.get("result_location")
     if job.get("error"):
         view["error"] = job["error"]
+    if job["status"] not in jobs.TERMINAL:
+        queue = GPU_QUEUE if job["stage"] == "inference" else CPU_QUEUE
+        if queue not in _live_roles():
+            view["waiting_for"] = f"{queue} worker"
     return view
+
+
+_roles_seen: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+
+def _live_roles(max_age_s: float = 2.0) -> frozenset[str]:
+    """The queues with a live worker heartbeat (cached briefly: it is a scan of Redis)."""
+    global _roles_seen
+    if time.monotonic() - _roles_seen[0] > max_age_s:
+        _roles_seen = (time.monotonic(), frozenset(w["role"] for w in heartbeat.heartbeats()))
+    return _roles_seen[1]
 
 
 def _load(job_id: str) -> jobs.Job:

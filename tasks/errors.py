@@ -54,6 +54,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "model_unavailable": ErrorCode(503, "the GPU worker has no model loaded", job=True),
     "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
     "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
+    "worker_lost": ErrorCode(503, "a stage's worker died AVSR_MAX_DELIVERIES times running it", job=True),
 }
 
 
