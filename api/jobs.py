@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -159,9 +160,36 @@ def get_result(job_id: str):
     return Response(body, mimetype=mimetype)
 
 
+def _predict_waiters() -> threading.BoundedSemaphore:
+    """This API process's slots for /predict callers waiting on their job (AVSR_PREDICT_MAX_WAITERS)."""
+    limit = current_app.config["AVSR_SETTINGS"].predict_max_waiters
+    return current_app.extensions.setdefault("avsr_predict_waiters", threading.BoundedSemaphore(limit))
+
+
+PREDICT_RETRY_AFTER_S = 5
+
+
 @bp.post("/predict")
 def predict():
-    """The old single-server contract: frames in, waits for the transcript (bounded)."""
+    """The old single-server contract: frames in, waits for the transcript (bounded).
+
+    A waiting caller holds a server thread, so at most AVSR_PREDICT_MAX_WAITERS wait per API process
+    (fewer than its threads: /health and the job routes always find one); the next is refused with
+    503 `predict_busy` and Retry-After before any job is made.
+    """
+    waiters = _predict_waiters()
+    if not waiters.acquire(blocking=False):
+        response, status = error_response("predict_busy", "too many /predict calls are waiting; retry later, "
+                                          "or submit with POST /v1/jobs and poll")
+        response.headers["Retry-After"] = str(PREDICT_RETRY_AFTER_S)
+        return response, status
+    try:
+        return _predict()
+    finally:
+        waiters.release()
+
+
+def _predict():
     job, _ = submit(request.get_json(silent=True), legacy=True)
     deadline = time.monotonic() + current_app.config["AVSR_SETTINGS"].predict_timeout_s
     delay = 0.05

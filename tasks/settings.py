@@ -74,6 +74,9 @@ class Settings:
                                    doc="largest accepted input (sum of S3 objects)")
     predict_timeout_s: float = setting("AVSR_PREDICT_TIMEOUT_S", 300.0, kind=float,
                                        doc="how long POST /predict waits for its job")
+    predict_max_waiters: int = setting("AVSR_PREDICT_MAX_WAITERS", 16, kind=int,
+                                       doc="POST /predict callers one API process lets wait (keep below "
+                                           "gunicorn --threads); more get 503 predict_busy")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
     callback_allow_private: bool = setting("AVSR_CALLBACK_ALLOW_PRIVATE", False, kind=bool,
                                            doc="allow webhooks to loopback/private/link-local addresses")
