@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +13,9 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from api.auth import require_api_key
 from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request, query_int
-from tasks import chain, jobs
+from tasks import chain, heartbeat, jobs
+from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
+from tasks.records import JobRequest
 from tasks.subtitles import LINE_CHARS, MAX_LINES, render_result
 
 bp = Blueprint("jobs", __name__)
@@ -47,7 +51,22 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
         view["result_location"] = job.get("result_location")
     if job.get("error"):
         view["error"] = job["error"]
+    if job["status"] not in jobs.TERMINAL:
+        queue = GPU_QUEUE if job["stage"] == "inference" else CPU_QUEUE
+        if queue not in _live_roles():
+            view["waiting_for"] = f"{queue} worker"
     return view
+
+
+_roles_seen: tuple[float, frozenset[str]] = (0.0, frozenset())
+
+
+def _live_roles(max_age_s: float = 2.0) -> frozenset[str]:
+    """The queues with a live worker heartbeat (cached briefly: it is a scan of Redis)."""
+    global _roles_seen
+    if time.monotonic() - _roles_seen[0] > max_age_s:
+        _roles_seen = (time.monotonic(), frozenset(w["role"] for w in heartbeat.heartbeats()))
+    return _roles_seen[1]
 
 
 def _load(job_id: str) -> jobs.Job:
@@ -57,21 +76,51 @@ def _load(job_id: str) -> jobs.Job:
     return job
 
 
-def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
-    """Validate, create and enqueue a job; honours `Idempotency-Key`. Returns (job, created)."""
+def _claim(key: str, job_request: JobRequest, job_id: str, namespace: str) -> jobs.Job | None:
+    """Bind `key` to `job_id`: None when this request owns it, else the job it is bound to.
+
+    A racing request with the same key waits (briefly) for the winner's record; a claim whose
+    submission failed frees the key within `jobs.CLAIM_TTL_S`, and this request takes it over.
+    """
+    deadline = time.monotonic() + jobs.CLAIM_TTL_S + 1
+    while True:
+        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id, namespace)
+        if not same:
+            raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
+        if bound_id == job_id:
+            return None
+        existing = jobs.get(bound_id)
+        if existing is not None:
+            return existing
+        if time.monotonic() > deadline:
+            raise ApiError("broker_unavailable", "a submission with this Idempotency-Key is in progress; retry later")
+        time.sleep(0.05)
+
+
+def submit(body: object, *, legacy: bool = False, namespace: str = "") -> tuple[jobs.Job, bool]:
+    """Validate, publish and store a job; honours `Idempotency-Key` (within `namespace`).
+    Returns (job, created).
+
+    The first task is published before the record is stored (its worker waits for the record), so
+    a publish failure leaves nothing behind: 503 `broker_unavailable`, and the key is free again.
+    """
     job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], legacy=legacy)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     job_id = jobs.new_job_id()
-    if key is not None:
-        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id)
-        if not same:
-            raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
-        if bound_id != job_id:
-            existing = jobs.get(bound_id)
-            if existing is not None:
-                return existing, False
-    job = jobs.create(job_request, job_id=job_id)
-    chain.submit(job_id)
+    if key is not None and (existing := _claim(key, job_request, job_id, namespace)) is not None:
+        return existing, False
+    try:
+        chain.submit(job_id)
+    except Exception as exc:  # kombu/redis errors after the bounded publish retries
+        current_app.logger.error("publish failed: %s: %s", type(exc).__name__, exc, extra={"job_id": job_id})
+        if key is not None:
+            with contextlib.suppress(Exception):  # else the claim expires by itself
+                jobs.release_idempotency_key(key, job_request, job_id, namespace)
+        raise ApiError("broker_unavailable", "the job queue is unavailable; retry later") from exc
+    try:
+        job = jobs.create(job_request, job_id=job_id, idempotency_key=key, namespace=namespace)
+    except jobs.ClaimLost as exc:  # the claim expired during a slow publish and another request took it
+        raise ApiError("broker_unavailable", "the job queue was too slow; retry later") from exc
     current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
     return job, True
 
@@ -113,9 +162,36 @@ def get_result(job_id: str):
     return Response(body, mimetype=mimetype)
 
 
+def _predict_waiters() -> threading.BoundedSemaphore:
+    """This API process's slots for /predict callers waiting on their job (AVSR_PREDICT_MAX_WAITERS)."""
+    limit = current_app.config["AVSR_SETTINGS"].predict_max_waiters
+    return current_app.extensions.setdefault("avsr_predict_waiters", threading.BoundedSemaphore(limit))
+
+
+PREDICT_RETRY_AFTER_S = 5
+
+
 @bp.post("/predict")
 def predict():
-    """The old single-server contract: frames in, waits for the transcript (bounded)."""
+    """The old single-server contract: frames in, waits for the transcript (bounded).
+
+    A waiting caller holds a server thread, so at most AVSR_PREDICT_MAX_WAITERS wait per API process
+    (fewer than its threads: /health and the job routes always find one); the next is refused with
+    503 `predict_busy` and Retry-After before any job is made.
+    """
+    waiters = _predict_waiters()
+    if not waiters.acquire(blocking=False):
+        response, status = error_response("predict_busy", "too many /predict calls are waiting; retry later, "
+                                          "or submit with POST /v1/jobs and poll")
+        response.headers["Retry-After"] = str(PREDICT_RETRY_AFTER_S)
+        return response, status
+    try:
+        return _predict()
+    finally:
+        waiters.release()
+
+
+def _predict():
     job, _ = submit(request.get_json(silent=True), legacy=True)
     deadline = time.monotonic() + current_app.config["AVSR_SETTINGS"].predict_timeout_s
     delay = 0.05

@@ -129,7 +129,9 @@ def openapi_spec() -> dict:
                     "result": {"$ref": "#/components/schemas/Result"},
                     "error": {"type": "object", "properties": {
                         "code": {"$ref": "#/components/schemas/ErrorCode"}, "message": {"type": "string"}}},
-                    "links": {"type": "object"}}},
+                    "links": {"type": "object"},
+                    "waiting_for": {"type": "string", "enum": ["cpu worker", "gpu worker"],
+                                    "description": "only while no live worker consumes the stage's queue"}}},
             },
         },
     }

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 
 from api.errors import error_response
 from api.openapi import openapi_spec
-from tasks import heartbeat, jobs
+from tasks import heartbeat, jobs, leases
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 
 bp = Blueprint("ops", __name__)
@@ -73,6 +73,9 @@ class RedisStateCollector:
         for status in jobs.STATUSES:
             counter.add_metric([status], stats.get(f"jobs_{status}", 0.0))
         yield counter
+        lost = CounterMetricFamily("avsr_worker_lost", "Jobs failed because a stage's worker died too often")
+        lost.add_metric([], stats.get(leases.WORKER_LOST_STAT, 0.0))
+        yield lost
         summary = SummaryMetricFamily("avsr_stage_duration_seconds", "Time spent per pipeline stage",
                                       labels=["stage"])
         for key, value in stats.items():

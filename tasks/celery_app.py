@@ -25,7 +25,9 @@ def celery_config(settings: Settings) -> dict:
     result backend's transport options; kombu and Celery then ask the Sentinels for the master.
     """
     # A task not acked within the visibility timeout is re-delivered: keep it above the hard limit.
-    transport_options: dict[str, object] = {"visibility_timeout": settings.task_time_limit_s + 600}
+    # It is a last resort: stage leases (tasks/leases.py) re-publish a dead worker's task much sooner.
+    transport_options: dict[str, object] = {"visibility_timeout": settings.task_time_limit_s + 600,
+                                            "socket_connect_timeout": 3}
     if redis_sentinel(settings.redis_url, settings.redis_sentinel_master) is not None:
         transport_options["master_name"] = settings.redis_sentinel_master
     return dict(
@@ -47,6 +49,10 @@ def celery_config(settings: Settings) -> dict:
         broker_transport_options=dict(transport_options),
         result_backend_transport_options=dict(transport_options),
         broker_connection_retry_on_startup=True,
+        # A publish (the API's submit) gives up within a few seconds when Redis is gone: 503, not a hang.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 1},
         task_track_started=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -40,6 +40,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "request_entity_too_large": ErrorCode(413, "the request body is over AVSR_MAX_REQUEST_BYTES"),
     "unsupported_media_type": ErrorCode(415, "the body is not of a media type the route takes"),
     "broker_unavailable": ErrorCode(503, "the job queue (Redis) does not answer; retry later"),
+    "predict_busy": ErrorCode(503, "too many POST /predict calls are waiting; retry after Retry-After"),
     # Failed jobs (also the HTTP status of `/predict` when its job fails so).
     "input_not_found": ErrorCode(404, "no input object at the given location", job=True),
     "access_denied": ErrorCode(403, "the service's credentials may not read the input", job=True),
@@ -54,6 +55,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "model_unavailable": ErrorCode(503, "the GPU worker has no model loaded", job=True),
     "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
     "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
+    "worker_lost": ErrorCode(503, "a stage's worker died AVSR_MAX_DELIVERIES times running it", job=True),
 }
 
 

@@ -69,8 +69,17 @@ def is_job_id(text: str) -> bool:
     return re.fullmatch(JOB_ID_PATTERN.strip("^$"), text) is not None
 
 
-def create(request: JobRequest, job_id: str | None = None) -> Job:
-    """Store a new `queued` job for a validated request and return it."""
+class ClaimLost(Exception):
+    """The Idempotency-Key this submission claimed was taken over before its job was stored."""
+
+
+def create(request: JobRequest, job_id: str | None = None, *, idempotency_key: str | None = None,
+           namespace: str = "") -> Job:
+    """Store a new `queued` job for a validated request and return it.
+
+    With `idempotency_key` (claimed by `claim_idempotency_key` for this job id) the record and the
+    key's final binding are written in one transaction, or neither (`ClaimLost`).
+    """
     now = time.time()
     job = {
         "job_id": job_id or new_job_id(),
@@ -86,11 +95,23 @@ def create(request: JobRequest, job_id: str | None = None) -> Job:
         "segments_done": 0,
         "segments_total": None,
     }
-    r = connection()
-    pipe = r.pipeline()
-    pipe.set(_JOB_KEY.format(job["job_id"]), json.dumps(job), ex=get_settings().job_ttl_s)
-    pipe.hincrby(STATS_KEY, "jobs_queued", 1)
-    pipe.execute()
+    ttl = get_settings().job_ttl_s
+    with connection().pipeline() as pipe:
+        if idempotency_key is not None:
+            redis_key = _idempotency_redis_key(idempotency_key, namespace)
+            pipe.watch(redis_key)
+            bound = pipe.get(redis_key)
+            if bound is None or json.loads(bound)["job_id"] != job["job_id"]:
+                pipe.reset()
+                raise ClaimLost(job["job_id"])
+            pipe.multi()
+            pipe.set(redis_key, json.dumps({**json.loads(bound), "stored": True}), ex=ttl)
+        pipe.set(_JOB_KEY.format(job["job_id"]), json.dumps(job), ex=ttl)
+        pipe.hincrby(STATS_KEY, "jobs_queued", 1)
+        try:
+            pipe.execute()
+        except redis.WatchError as exc:
+            raise ClaimLost(job["job_id"]) from exc
     return job
 
 
@@ -166,16 +187,39 @@ def stats() -> dict[str, float]:
     return {str(k): float(v) for k, v in connection().hgetall(STATS_KEY).items()}
 
 
-def claim_idempotency_key(key: str, request: JobRequest, job_id: str) -> tuple[str, bool]:
-    """Bind `key` to `job_id` unless already bound. Returns (job id, request matches)."""
+CLAIM_TTL_S = 15  # an unstored claim (its submission failed or died) frees the key after this long
+
+
+def _idempotency_redis_key(key: str, namespace: str) -> str:
+    scoped = f"{namespace}\x00{key}" if namespace else key
+    return _IDEMPOTENCY_KEY.format(hashlib.sha256(scoped.encode()).hexdigest())
+
+
+def claim_idempotency_key(key: str, request: JobRequest, job_id: str, namespace: str = "") -> tuple[str, bool]:
+    """Bind `key` (within `namespace`, e.g. a tenant) to `job_id` unless already bound.
+
+    Returns (bound job id, request matches). A fresh claim lives `CLAIM_TTL_S` until `create`
+    stores the job with it (then the job's TTL), so a submission whose publish failed and could not
+    `release_idempotency_key` still frees the key.
+    """
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-    redis_key = _IDEMPOTENCY_KEY.format(hashlib.sha256(key.encode()).hexdigest())
+    redis_key = _idempotency_redis_key(key, namespace)
     value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
     r = connection()
-    if r.set(redis_key, value, nx=True, ex=get_settings().job_ttl_s):
+    if r.set(redis_key, value, nx=True, ex=CLAIM_TTL_S):
         return job_id, True
     existing = json.loads(r.get(redis_key) or value)
     return existing["job_id"], existing["fingerprint"] == fingerprint
+
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def release_idempotency_key(key: str, request: JobRequest, job_id: str, namespace: str = "") -> None:
+    """Free `key` if it is still this submission's unstored claim (after a failed publish)."""
+    fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+    connection().eval(_RELEASE, 1, _idempotency_redis_key(key, namespace), value)
 
 
 def once(job_id: str, what: str) -> bool:

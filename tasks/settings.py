@@ -83,6 +83,9 @@ class Settings:
                                             "task (Celery worker_max_memory_per_child)")
     predict_timeout_s: float = setting("AVSR_PREDICT_TIMEOUT_S", 300.0, kind=float,
                                        doc="how long POST /predict waits for its job")
+    predict_max_waiters: int = setting("AVSR_PREDICT_MAX_WAITERS", 16, kind=int,
+                                       doc="POST /predict callers one API process lets wait (keep below "
+                                           "gunicorn --threads); more get 503 predict_busy")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
     callback_allow_private: bool = setting("AVSR_CALLBACK_ALLOW_PRIVATE", False, kind=bool,
                                            doc="allow webhooks to loopback/private/link-local addresses")
@@ -111,6 +114,12 @@ class Settings:
                                           doc="worker heartbeat period (health, metrics)")
     cpu_threads: int = setting("AVSR_CPU_THREADS", 0, kind=int,
                                doc="threads for preprocessing in one CPU worker; 0 means all cores")
+    max_deliveries: int = setting("AVSR_MAX_DELIVERIES", 3, kind=int,
+                                  doc="deliveries of one task whose worker died before its job fails `worker_lost`")
+    lease_ttl_s: int = setting("AVSR_LEASE_TTL_S", 30, kind=int,
+                               doc="a running task's lease; renewed every third of it, re-published once it lapses")
+    reaper_interval_s: float = setting("AVSR_REAPER_INTERVAL_S", 15.0, kind=float,
+                                       doc="how often a worker looks for lapsed leases")
     # Logging.
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
     log_json: bool = setting("AVSR_LOG_JSON", True, kind=bool, doc="JSON log lines")

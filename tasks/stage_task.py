@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from tasks import jobs
+from tasks import jobs, leases
 from tasks.celery_app import app
 from tasks.errors import JobError
 from tasks.logs import current_job_id
+from tasks.settings import get_settings
 from tasks.webhooks import notify
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,22 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
         def run(self: Any, *args: Any) -> Any:
             job_id = args[-1]
             token = current_job_id.set(job_id)
+            lease: leases.Lease | None = None
+            done = False
             try:
-                job = jobs.get(job_id)
+                job = _await_record(job_id)
                 if job is None or jobs.is_terminal(job):
                     log.info("skipping %s: job is %s", short, job and job["status"])
                     raise Ignore()
+                lease = leases.acquire(self.request.id, job_id, _signature(self))
+                if lease is None:
+                    log.info("skipping %s: a duplicate delivery of %s", short, self.request.id)
+                    raise Ignore()
+                if lease.deliveries > get_settings().max_deliveries:
+                    leases.worker_lost(job_id, self.request.id, lease.deliveries - 1)
+                    done = True
+                    raise Ignore()
+                _test_poison(job)
                 patch: dict[str, Any] = {"status": jobs.RUNNING, "stage": stage}
                 if job["started_at"] is None:
                     patch["started_at"] = time.time()
@@ -57,6 +70,7 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
                 jobs.record_stage_time(short, elapsed)
                 jobs.add_timing(job_id, short, elapsed)
                 log.info("%s done", short, extra={"stage": stage, "seconds": round(elapsed, 4)})
+                done = True
                 return result
             except Ignore:
                 raise
@@ -72,11 +86,42 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
                     log.warning("%s failed: %s %s", short, error.code, error.message)
                 raise error from exc
             finally:
+                if lease is not None:
+                    lease.release(done=done)
                 current_job_id.reset(token)
 
         return run
 
     return decorate
+
+
+RECORD_WAIT_S = 10.0
+TEST_POISON_ENV = "AVSR_TEST_POISON_KEY"  # test only, off by default: see `_test_poison`
+
+
+def _signature(task: Any) -> dict[str, Any]:
+    """This delivery as a signature (name, args, task id, chain, chord, queue): what the reaper re-publishes."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    return dict(task.signature_from_request(queue=queue))
+
+
+def _test_poison(job: jobs.Job) -> None:
+    """TEST ONLY (off unless AVSR_TEST_POISON_KEY is set): the process dies, as an input that drives a
+    worker past its memory would kill it, when the job's input key or prefix is the one named."""
+    poison = os.environ.get(TEST_POISON_ENV)
+    source = job["request"]["input"]
+    if poison and poison == (source.get("key") or source.get("prefix")):
+        log.error("%s names this job's input: the process exits", TEST_POISON_ENV)
+        os._exit(70)
+
+
+def _await_record(job_id: str) -> jobs.Job | None:
+    """The job's record; the API stores it just after publishing the first task, so wait a little.
+    None after `RECORD_WAIT_S`: the submission failed (its client got a 503) or the record expired."""
+    deadline = time.monotonic() + RECORD_WAIT_S
+    while (job := jobs.get(job_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return job
 
 
 def as_job_error(exc: Exception) -> JobError:

@@ -220,7 +220,7 @@ class Stack:
 
     def _start_api(self) -> None:
         argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.config.api_port}", "--workers", "2",
-                "--threads", "4", "--timeout", "360", "api:create_app()"]
+                "--threads", "32", "--timeout", "360", "api:create_app()"]
         proc = self._spawn("api", argv)
         _wait(lambda: requests.get(f"{self.config.api_url}/health", timeout=2).status_code in (200, 503),
               "API", 60, proc, self.logs / "api.log")

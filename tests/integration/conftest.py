@@ -26,6 +26,7 @@ CHECKPOINT = REFERENCE / "checkpoints" / "finetune_s2s.pt"
 INPUT_BUCKET = "avsr-test-inputs"
 OUTPUT_BUCKET = "avsr-test-outputs"
 API_KEY = "test-key-123"
+POISON_PREFIX = "clips/poison/"
 # Test runs side by side (e.g. two checkouts) need their own ports and Redis DBs: AVSR_TEST_PORT_BASE
 # moves every port of the stack, AVSR_TEST_REDIS_DB the stack's DB (the next two below it are scratch DBs).
 PORT_BASE = int(os.environ.get("AVSR_TEST_PORT_BASE", "21000"))
@@ -59,7 +60,9 @@ def stack():
                    "AVSR_PREDICT_TIMEOUT_S": "120",
                    "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
                    # small chunks and segments so a 10 s clip exercises the fan-out and batching
-                   "AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4"},
+                   "AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4",
+                   # test only: a worker process exits on this input (tests/integration/test_worker_faults.py)
+                   "AVSR_TEST_POISON_KEY": POISON_PREFIX},
     )
     stack = Stack(config)
     try:
