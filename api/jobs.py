@@ -8,17 +8,17 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
-from api.auth import require_api_key
+from api.auth import authenticate, current_tenant
 from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request
-from tasks import chain, jobs
+from tasks import chain, jobs, webhooks
 from tasks.subtitles import render_result
 
 bp = Blueprint("jobs", __name__)
 
 @bp.before_request
 def _authenticate() -> None:
-    require_api_key(current_app.config["AVSR_SETTINGS"].api_keys)
+    authenticate(current_app.config["AVSR_SETTINGS"])
 
 
 def _iso(ts: float | None) -> str | None:
@@ -47,38 +47,53 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
         view["result_location"] = job.get("result_location")
     if job.get("error"):
         view["error"] = job["error"]
+    if job["request"].get("callback_url"):
+        delivery = webhooks.state(job_id)
+        view["webhook"] = ({k: delivery.get(k) for k in ("status", "attempts", "delivery_id")} if delivery
+                           else {"status": "waiting", "attempts": 0, "delivery_id": None})
     return view
 
 
 def _load(job_id: str) -> jobs.Job:
+    """The caller's job: another tenant's job is answered exactly like a missing one."""
     job = jobs.get(check_job_id(job_id))
-    if job is None:
+    if job is None or job.get("tenant", "") != current_tenant().id:
         raise ApiError("job_not_found", f"no job '{job_id}'")
     return job
 
 
 def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
     """Validate, create and enqueue a job; honours `Idempotency-Key`. Returns (job, created)."""
-    job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], legacy=legacy)
+    tenant = current_tenant()
+    job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], tenant=tenant, legacy=legacy)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     job_id = jobs.new_job_id()
     if key is not None:
-        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id)
+        bound_id, same = jobs.claim_idempotency_key(key, job_request, job_id, namespace=tenant.id)
         if not same:
             raise ApiError("idempotency_key_conflict", "this Idempotency-Key was used for another request")
         if bound_id != job_id:
             existing = jobs.get(bound_id)
             if existing is not None:
                 return existing, False
-    job = jobs.create(job_request, job_id=job_id)
+    job = jobs.create(job_request, job_id=job_id, tenant=tenant.id)
     chain.submit(job_id)
-    current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
+    current_app.logger.info("job submitted", extra={"job_id": job_id, "tenant": tenant.id,
+                                                    "input_type": job_request["input"]["type"]})
     return job, True
+
+
+def json_body() -> object:
+    """The parsed JSON body (None if it is not JSON); nesting deep enough to exhaust the parser is invalid_json."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError("invalid_json", "the body is nested too deeply") from None
 
 
 @bp.post("/v1/jobs")
 def create_job():
-    job, created = submit(request.get_json(silent=True))
+    job, created = submit(json_body())
     response = jsonify({"job_id": job["job_id"], "status": job["status"],
                         "links": job_view(job)["links"]})
     response.headers["Location"] = url_for("jobs.get_job", job_id=job["job_id"])
@@ -114,7 +129,7 @@ def get_result(job_id: str):
 @bp.post("/predict")
 def predict():
     """The old single-server contract: frames in, waits for the transcript (bounded)."""
-    job, _ = submit(request.get_json(silent=True), legacy=True)
+    job, _ = submit(json_body(), legacy=True)
     deadline = time.monotonic() + current_app.config["AVSR_SETTINGS"].predict_timeout_s
     delay = 0.05
     while time.monotonic() < deadline:

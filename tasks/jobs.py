@@ -24,7 +24,8 @@ from tasks.settings import get_settings, redis_sentinel
 
 Job = dict[str, Any]
 """A job record: `job_id`, `status`, `stage`, `progress`, timestamps, `request` (a `JobRequest`),
-`timings`, segment counters, and `result` (a `JobResult`) or `error` once finished."""
+`timings`, segment counters, `tenant` (the id of the tenant that made it), and `result` (a `JobResult`)
+or `error` once finished."""
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # what `new_job_id` makes
 
@@ -69,11 +70,12 @@ def is_job_id(text: str) -> bool:
     return re.fullmatch(JOB_ID_PATTERN.strip("^$"), text) is not None
 
 
-def create(request: JobRequest, job_id: str | None = None) -> Job:
-    """Store a new `queued` job for a validated request and return it."""
+def create(request: JobRequest, job_id: str | None = None, tenant: str = "") -> Job:
+    """Store a new `queued` job of `tenant` for a validated request and return it."""
     now = time.time()
     job = {
         "job_id": job_id or new_job_id(),
+        "tenant": tenant,
         "status": QUEUED,
         "stage": "queued",
         "progress": 0.0,
@@ -166,10 +168,12 @@ def stats() -> dict[str, float]:
     return {str(k): float(v) for k, v in connection().hgetall(STATS_KEY).items()}
 
 
-def claim_idempotency_key(key: str, request: JobRequest, job_id: str) -> tuple[str, bool]:
-    """Bind `key` to `job_id` unless already bound. Returns (job id, request matches)."""
+def claim_idempotency_key(key: str, request: JobRequest, job_id: str, namespace: str = "") -> tuple[str, bool]:
+    """Bind `key` (within `namespace`, e.g. a tenant) to `job_id` unless already bound.
+    Returns (job id, request matches)."""
     fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-    redis_key = _IDEMPOTENCY_KEY.format(hashlib.sha256(key.encode()).hexdigest())
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    redis_key = _IDEMPOTENCY_KEY.format(f"{namespace}:{digest}" if namespace else digest)
     value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
     r = connection()
     if r.set(redis_key, value, nx=True, ex=get_settings().job_ttl_s):
