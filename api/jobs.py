@@ -10,10 +10,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
-from api.auth import require_api_key
+from api.auth import authenticate, current_tenant
 from api.errors import ApiError, error_response
 from api.validation import check_job_id, idempotency_key, parse_job_request, query_int
-from tasks import chain, heartbeat, jobs
+from tasks import chain, heartbeat, jobs, webhooks
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 from tasks.records import JobRequest
 from tasks.subtitles import LINE_CHARS, MAX_LINES, render_result
@@ -22,7 +22,7 @@ bp = Blueprint("jobs", __name__)
 
 @bp.before_request
 def _authenticate() -> None:
-    require_api_key(current_app.config["AVSR_SETTINGS"].api_keys)
+    authenticate(current_app.config["AVSR_SETTINGS"])
 
 
 def _iso(ts: float | None) -> str | None:
@@ -55,6 +55,10 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
         queue = GPU_QUEUE if job["stage"] == "inference" else CPU_QUEUE
         if queue not in _live_roles():
             view["waiting_for"] = f"{queue} worker"
+    if job["request"].get("callback_url"):
+        delivery = webhooks.state(job_id)
+        view["webhook"] = ({k: delivery.get(k) for k in ("status", "attempts", "delivery_id")} if delivery
+                           else {"status": "waiting", "attempts": 0, "delivery_id": None})
     return view
 
 
@@ -70,8 +74,9 @@ def _live_roles(max_age_s: float = 2.0) -> frozenset[str]:
 
 
 def _load(job_id: str) -> jobs.Job:
+    """The caller's job: another tenant's job is answered exactly like a missing one."""
     job = jobs.get(check_job_id(job_id))
-    if job is None:
+    if job is None or job.get("tenant", "") != current_tenant().id:
         raise ApiError("job_not_found", f"no job '{job_id}'")
     return job
 
@@ -97,14 +102,16 @@ def _claim(key: str, job_request: JobRequest, job_id: str, namespace: str) -> jo
         time.sleep(0.05)
 
 
-def submit(body: object, *, legacy: bool = False, namespace: str = "") -> tuple[jobs.Job, bool]:
-    """Validate, publish and store a job; honours `Idempotency-Key` (within `namespace`).
-    Returns (job, created).
+def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
+    """Validate, publish and store a job of the caller's tenant; honours `Idempotency-Key` (in the
+    tenant's namespace). Returns (job, created).
 
     The first task is published before the record is stored (its worker waits for the record), so
     a publish failure leaves nothing behind: 503 `broker_unavailable`, and the key is free again.
     """
-    job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], legacy=legacy)
+    tenant = current_tenant()
+    namespace = tenant.id
+    job_request = parse_job_request(body, current_app.config["AVSR_SETTINGS"], tenant=tenant, legacy=legacy)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     job_id = jobs.new_job_id()
     if key is not None and (existing := _claim(key, job_request, job_id, namespace)) is not None:
@@ -118,16 +125,25 @@ def submit(body: object, *, legacy: bool = False, namespace: str = "") -> tuple[
                 jobs.release_idempotency_key(key, job_request, job_id, namespace)
         raise ApiError("broker_unavailable", "the job queue is unavailable; retry later") from exc
     try:
-        job = jobs.create(job_request, job_id=job_id, idempotency_key=key, namespace=namespace)
+        job = jobs.create(job_request, job_id=job_id, tenant=tenant.id, idempotency_key=key, namespace=namespace)
     except jobs.ClaimLost as exc:  # the claim expired during a slow publish and another request took it
         raise ApiError("broker_unavailable", "the job queue was too slow; retry later") from exc
-    current_app.logger.info("job submitted", extra={"job_id": job_id, "input_type": job_request["input"]["type"]})
+    current_app.logger.info("job submitted", extra={"job_id": job_id, "tenant": tenant.id,
+                                                    "input_type": job_request["input"]["type"]})
     return job, True
+
+
+def json_body() -> object:
+    """The parsed JSON body (None if it is not JSON); nesting deep enough to exhaust the parser is invalid_json."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError("invalid_json", "the body is nested too deeply") from None
 
 
 @bp.post("/v1/jobs")
 def create_job():
-    job, created = submit(request.get_json(silent=True))
+    job, created = submit(json_body())
     response = jsonify({"job_id": job["job_id"], "status": job["status"],
                         "links": job_view(job)["links"]})
     response.headers["Location"] = url_for("jobs.get_job", job_id=job["job_id"])
@@ -192,7 +208,7 @@ def predict():
 
 
 def _predict():
-    job, _ = submit(request.get_json(silent=True), legacy=True)
+    job, _ = submit(json_body(), legacy=True)
     deadline = time.monotonic() + current_app.config["AVSR_SETTINGS"].predict_timeout_s
     delay = 0.05
     while time.monotonic() < deadline:

@@ -6,6 +6,7 @@ The request stored with the job is a `tasks.records.JobRequest`.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,8 +15,8 @@ from flask import request
 from api.errors import ApiError
 from tasks.jobs import is_job_id
 from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, VideoInput
-from tasks.settings import Settings
-from tasks.webhooks import non_global_address
+from tasks.settings import Settings, Tenant
+from tasks.webhooks import canonical_host, non_global_address
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
 JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url"}
@@ -27,6 +28,22 @@ def bad(code: str, message: str) -> ApiError:
     return ApiError(code, message)
 
 
+def _encodable(value: Any, where: str = "body") -> None:
+    """Every string of a parsed JSON body (keys too) must encode as UTF-8: a lone surrogate is refused."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad("invalid_field", f"{where} holds a string that is not valid Unicode (lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable(key, where)
+            _encodable(item, f"'{key}'" if isinstance(key, str) and key.isidentifier() else where)
+    elif isinstance(value, list):
+        for item in value:
+            _encodable(item, where)
+
+
 def _string(body: dict, name: str, *, required: bool = False, max_len: int = 1024) -> str | None:
     value = body.get(name)
     if value is None:
@@ -35,17 +52,29 @@ def _string(body: dict, name: str, *, required: bool = False, max_len: int = 102
         return None
     if not isinstance(value, str):
         raise bad("invalid_field", f"'{name}' must be a string")
-    if len(value) > max_len or "\x00" in value:
-        raise bad("invalid_field", f"'{name}' is too long or holds a NUL character")
+    if len(value.encode("utf-8")) > max_len or any(unicodedata.category(c) == "Cc" for c in value):
+        raise bad("invalid_field", f"'{name}' is too long or holds a control character")
     return value
 
 
-def _bucket(body: dict, name: str, settings: Settings) -> str:
+def s3_path(value: str, name: str) -> str:
+    """An S3 key or prefix as given, refused unless plain: no leading `/`, no empty (`//`), `.` or `..` segment."""
+    segments = value.removesuffix("/").split("/")  # a prefix may end with one slash
+    if value and (value.startswith("/") or any(s in ("", ".", "..") for s in segments)):
+        raise bad("invalid_field", f"'{name}' must be a relative S3 path without '.', '..' or empty segments")
+    return value
+
+
+def _bucket(body: dict, name: str, allowed: tuple[str, ...], settings: Settings, *, write: bool = False) -> str:
     bucket = _string(body, name, required=True, max_len=63) or ""
     if not _BUCKET.match(bucket):
         raise bad("invalid_bucket", f"'{bucket}' is not a valid S3 bucket name")
-    if settings.allowed_buckets and bucket not in settings.allowed_buckets:
-        raise bad("bucket_not_allowed", f"bucket '{bucket}' is not on this service's allow-list")
+    # Writing: only listed buckets (none listed: results stay in the work bucket). Reading: the listed
+    # buckets, or with none listed any bucket but the work bucket (other jobs' arrays and results).
+    permitted = bucket in allowed if write or allowed else bucket != settings.work_bucket
+    if not permitted:
+        what = "written to" if write else "read from"
+        raise bad("bucket_not_allowed", f"bucket '{bucket}' may not be {what} with this API key")
     return bucket
 
 
@@ -60,15 +89,23 @@ def _number(body: dict, name: str, default: float, low: float, high: float, inte
     return value
 
 
-def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) -> JobRequest:
-    """Validate a job submission (`legacy`: the `/predict` body, frames only)."""
+def parse_job_request(body: Any, settings: Settings, *, tenant: Tenant | None = None,
+                      legacy: bool = False) -> JobRequest:
+    """Validate a job submission of `tenant` (default: the global allow-lists; `legacy`: the `/predict`
+    body, frames only)."""
+    tenant = tenant or settings.default_tenant()
     if not isinstance(body, dict):
         raise bad("invalid_json", "the body must be a JSON object")
+    _encodable(body)
     unknown = sorted(set(body) - JOB_FIELDS)
     if unknown:
         raise bad("unknown_field", f"unknown field(s): {', '.join(unknown)}")
-    bucket = _bucket(body, "s3_bucket", settings)
+    bucket = _bucket(body, "s3_bucket", tenant.read_buckets, settings)
     prefix, key = _string(body, "s3_prefix"), _string(body, "s3_key")
+    if prefix is not None:
+        s3_path(prefix, "s3_prefix")
+    if key is not None and key and not key.endswith("/"):
+        s3_path(key, "s3_key")
     if (prefix is None) == (key is None) or (legacy and key is not None):
         raise bad("invalid_input", "give exactly one of 's3_prefix' (frames) or 's3_key' (a video)"
                   if not legacy else "'/predict' takes 's3_bucket' and 's3_prefix'")
@@ -88,28 +125,37 @@ def parse_job_request(body: Any, settings: Settings, *, legacy: bool = False) ->
         "input": source,
         "modality": modality,
         "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
-        "output": _output(body.get("output"), settings),
-        "callback_url": _callback(body.get("callback_url"), settings.callback_allow_private),
+        "output": _output(body.get("output"), tenant, settings),
+        "callback_url": _callback(body.get("callback_url"), tenant, settings.callback_allow_private),
     }
     return request
 
 
-def _output(value: Any, settings: Settings) -> OutputLocation | None:
+def _output(value: Any, tenant: Tenant, settings: Settings) -> OutputLocation | None:
     if value is None:
         return None
     if not isinstance(value, dict) or set(value) - {"s3_bucket", "s3_prefix"}:
         raise bad("invalid_field", "'output' must be {\"s3_bucket\", \"s3_prefix\"}")
-    return {"bucket": _bucket(value, "s3_bucket", settings), "prefix": _string(value, "s3_prefix") or ""}
+    bucket = _bucket(value, "s3_bucket", tenant.write_buckets, settings, write=True)
+    return {"bucket": bucket, "prefix": s3_path(_string(value, "s3_prefix") or "", "output.s3_prefix")}
 
 
-def _callback(value: Any, allow_private: bool) -> str | None:
+def _callback(value: Any, tenant: Tenant, allow_private: bool) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 2048:
+    if not isinstance(value, str) or len(value) > 2048 or any(unicodedata.category(c) == "Cc" for c in value):
         raise bad("invalid_field", "'callback_url' must be a URL string")
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise bad("invalid_field", "'callback_url' must be an http(s) URL")
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises on a bad port
+        host = canonical_host(parsed.hostname or "")
+    except ValueError:
+        raise bad("invalid_field", "'callback_url' must be an http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not host or parsed.username is not None:
+        raise bad("invalid_field", "'callback_url' must be an http(s) URL without credentials")
+    if not tenant.callback_secret:
+        raise bad("callback_not_allowed", "webhooks are signed and no webhook secret is configured for this "
+                                          "API key (AVSR_CALLBACK_SECRET or the tenant's callback_secret)")
     if not allow_private and (address := non_global_address(value, resolve=False)):
         raise bad("callback_not_allowed", f"'callback_url' points at a non-global address ({address})")
     return value
@@ -134,6 +180,6 @@ def check_job_id(job_id: str) -> str:
 def idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
-    if not 1 <= len(value) <= 255:
-        raise bad("invalid_header", "Idempotency-Key must be 1 to 255 characters")
+    if not 1 <= len(value) <= 255 or not all(" " <= c <= "~" for c in value):
+        raise bad("invalid_header", "Idempotency-Key must be 1 to 255 printable ASCII characters")
     return value

@@ -37,7 +37,7 @@ from tasks.records import (
 from tasks.settings import get_settings
 from tasks.storage import work_bucket, work_key
 from tasks.subtitles import segments_to_srt, segments_to_vtt
-from tasks.webhooks import notify
+from tasks.webhooks import enqueue as enqueue_webhook
 
 CHUNK_OVERLAP = 25  # frames each side, so chunks share 50 (stitch_results needs >= 38)
 INPUT_PLAN = "input_plan.json"
@@ -231,13 +231,14 @@ def result_location(job: jobs.Job) -> tuple[str, str]:
 
 
 def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
-    """Write the result files, mark the job succeeded (once) and call its webhook (once)."""
+    """Write the result files, mark the job succeeded (once) and start its webhook's delivery (once)."""
     if transcript.get("cancelled"):
         return {"cancelled": True}
     job_id = job["job_id"]
     current = jobs.get(job_id) or job
     result = build_result(transcript, dict(current.get("timings") or {}))
     bucket, prefix = result_location(job)
+    storage.require_bucket(bucket)  # never create a client's bucket (SeaweedFS would, on put_object)
     storage.put_json(bucket, prefix + "result.json", result)
     storage.put_bytes(bucket, prefix + "result.srt", segments_to_srt(result["segments"]).encode(),
                       "application/x-subrip")
@@ -247,7 +248,7 @@ def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
     done = jobs.update(job_id, status=jobs.SUCCEEDED, stage="done", progress=1.0, result=result,
                        result_location=location, finished_at=time.time())
     if done and done["status"] == jobs.SUCCEEDED:
-        notify(done)
+        enqueue_webhook(done)
     return {"job_id": job_id, "status": done and done["status"]}
 
 

@@ -1,11 +1,13 @@
-"""The CPU queue's Celery tasks: prepare, preprocess_chunk, assemble, finalize (see `tasks/chain.py`)."""
+"""The CPU queue's Celery tasks: prepare, preprocess_chunk, assemble, finalize, deliver_webhook (`tasks/chain.py`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from cpu_worker import stages
-from tasks import chain, jobs
+from tasks import chain, jobs, webhooks
+from tasks.celery_app import app
+from tasks.logs import current_job_id
 from tasks.records import ChunkSummary, InputPlan, SegmentPlan, Transcript
 from tasks.stage_task import stage_task
 
@@ -33,3 +35,16 @@ def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
 @stage_task(chain.FINALIZE, "finalizing")
 def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
     return stages.finalize(job, transcript)
+
+
+@app.task(name=chain.DELIVER_WEBHOOK)
+def deliver_webhook(job_id: str, attempt: int) -> str | None:
+    """One attempt of a finished job's webhook; schedules the next one after its back-off."""
+    token = current_job_id.set(job_id)
+    try:
+        delay = webhooks.deliver(job_id, attempt)
+        if delay is not None:
+            chain.deliver_webhook(job_id, attempt + 1, countdown=delay)
+        return (webhooks.state(job_id) or {}).get("status")
+    finally:
+        current_job_id.reset(token)

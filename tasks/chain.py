@@ -25,6 +25,7 @@ from tasks.records import Chunk
 
 PREPARE, PREPROCESS_CHUNK, ASSEMBLE, INFER, FINALIZE = (
     "avsr.prepare", "avsr.preprocess_chunk", "avsr.assemble", "avsr.infer", "avsr.finalize")
+DELIVER_WEBHOOK = "avsr.deliver_webhook"  # cpu queue: one attempt of a finished job's webhook
 STAGE_TASKS = ("prepare", "assemble", "infer", "finalize")
 
 
@@ -48,6 +49,12 @@ def launch(job_id: str, chunks: list[Chunk]) -> None:
     (chord(chunk_tasks, _sig(ASSEMBLE, job_id=job_id, stage="assemble"))
      | _sig(INFER, job_id=job_id, stage="infer")
      | _sig(FINALIZE, job_id=job_id, stage="finalize")).apply_async()
+
+
+def deliver_webhook(job_id: str, attempt: int, countdown: float = 0.0) -> None:
+    """Publish attempt `attempt` of the job's webhook delivery (`tasks/webhooks.py`), `countdown` s from now."""
+    app.signature(DELIVER_WEBHOOK, args=(job_id, attempt),
+                  task_id=task_id(job_id, f"webhook.{attempt}")).apply_async(countdown=countdown)
 
 
 def cancel(job_id: str) -> jobs.Job | None:

@@ -27,7 +27,8 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "invalid_bucket": ErrorCode(400, "not a valid S3 bucket name"),
     "invalid_format": ErrorCode(400, "unknown result format (json, srt or vtt)"),
     "invalid_header": ErrorCode(400, "a header has the wrong form (e.g. Idempotency-Key)"),
-    "callback_not_allowed": ErrorCode(400, "the callback URL points at a non-global address"),
+    "callback_not_allowed": ErrorCode(400, "the callback URL points at a non-global address, or no webhook "
+                                            "secret is configured for the API key"),
     "unauthorized": ErrorCode(401, "missing or unknown API key"),
     "bucket_not_allowed": ErrorCode(403, "the bucket is not on this service's allow-list"),
     "job_not_found": ErrorCode(404, "no such job"),
@@ -56,6 +57,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
     "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
     "worker_lost": ErrorCode(503, "a stage's worker died AVSR_MAX_DELIVERIES times running it", job=True),
+    "output_not_found": ErrorCode(404, "the output bucket does not exist (the service never creates one)",
+                                  job=True),
+    "malformed_request": ErrorCode(400, "the HTTP request itself could not be parsed (request line, headers)"),
+    "header_too_large": ErrorCode(431, "a request header is over the server's limit"),
+    "uri_too_long": ErrorCode(414, "the request URI is over the server's limit"),
 }
 
 

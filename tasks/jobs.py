@@ -24,7 +24,8 @@ from tasks.settings import get_settings, redis_sentinel
 
 Job = dict[str, Any]
 """A job record: `job_id`, `status`, `stage`, `progress`, timestamps, `request` (a `JobRequest`),
-`timings`, segment counters, and `result` (a `JobResult`) or `error` once finished."""
+`timings`, segment counters, `tenant` (the id of the tenant that made it), and `result` (a `JobResult`)
+or `error` once finished."""
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"  # what `new_job_id` makes
 
@@ -73,9 +74,9 @@ class ClaimLost(Exception):
     """The Idempotency-Key this submission claimed was taken over before its job was stored."""
 
 
-def create(request: JobRequest, job_id: str | None = None, *, idempotency_key: str | None = None,
+def create(request: JobRequest, job_id: str | None = None, *, tenant: str = "", idempotency_key: str | None = None,
            namespace: str = "") -> Job:
-    """Store a new `queued` job for a validated request and return it.
+    """Store a new `queued` job of `tenant` for a validated request and return it.
 
     With `idempotency_key` (claimed by `claim_idempotency_key` for this job id) the record and the
     key's final binding are written in one transaction, or neither (`ClaimLost`).
@@ -83,6 +84,7 @@ def create(request: JobRequest, job_id: str | None = None, *, idempotency_key: s
     now = time.time()
     job = {
         "job_id": job_id or new_job_id(),
+        "tenant": tenant,
         "status": QUEUED,
         "stage": "queued",
         "progress": 0.0,
@@ -192,7 +194,7 @@ CLAIM_TTL_S = 15  # an unstored claim (its submission failed or died) frees the 
 
 def _idempotency_redis_key(key: str, namespace: str) -> str:
     scoped = f"{namespace}\x00{key}" if namespace else key
-    return _IDEMPOTENCY_KEY.format(hashlib.sha256(scoped.encode()).hexdigest())
+    return _IDEMPOTENCY_KEY.format(hashlib.sha256(scoped.encode("utf-8", "surrogatepass")).hexdigest())
 
 
 def claim_idempotency_key(key: str, request: JobRequest, job_id: str, namespace: str = "") -> tuple[str, bool]:

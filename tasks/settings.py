@@ -7,9 +7,11 @@ Each field names its environment variable. Defaults are the embedded local stack
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -123,9 +125,34 @@ class Settings:
     # Logging.
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
     log_json: bool = setting("AVSR_LOG_JSON", True, kind=bool, doc="JSON log lines")
+    # Tenants, output buckets, webhook delivery.
+    tenants_json: str = setting("AVSR_TENANTS", "", doc="JSON: tenant id → `{\"keys\", \"read_buckets\", "
+                                "\"write_buckets\", \"callback_secret\"}` (keys plain or `sha256:<hex>`); "
+                                "adds to AVSR_API_KEYS, whose keys are one tenant each")
+    output_buckets: tuple = setting("AVSR_OUTPUT_BUCKETS", (), kind=tuple,
+                                    doc="comma list of buckets a request's `output` may name; "
+                                        "empty: results go to the work bucket only")
+    webhook_max_attempts: int = setting("AVSR_WEBHOOK_MAX_ATTEMPTS", 10, kind=int,
+                                        doc="webhook delivery attempts before it is marked failed")
+    webhook_backoff_s: float = setting("AVSR_WEBHOOK_BACKOFF_S", 30.0, kind=float,
+                                       doc="first webhook retry delay; doubles each attempt, ±50% jitter")
 
     def __post_init__(self) -> None:
         redis_sentinel(self.redis_url, self.redis_sentinel_master)  # fail at start-up, not at first use
+        _ = self.tenants  # a malformed AVSR_TENANTS fails at start-up too
+
+    @cached_property
+    def tenants(self) -> tuple[Tenant, ...]:
+        """Every configured tenant: AVSR_TENANTS, then one per AVSR_API_KEYS key (empty: auth is off)."""
+        return parse_tenants(self.tenants_json, self)
+
+    def default_tenant(self) -> Tenant:
+        """The tenant of requests when no keys are configured (auth off): the global allow-lists."""
+        return Tenant("default", (), self.allowed_buckets, self.output_buckets, self.callback_secret)
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        """The tenant of that id (a job's `tenant`); the default tenant for an unknown id."""
+        return next((t for t in self.tenants if t.id == tenant_id), self.default_tenant())
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -150,6 +177,51 @@ class Settings:
     def environment_variables() -> dict[str, str]:
         """Environment variable → description, for docs and drift tests."""
         return {f.metadata["env"]: f.metadata["doc"] for f in fields(Settings)}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A customer: its API keys (SHA-256 hex digests), the buckets it may read and write, its webhook secret."""
+
+    id: str
+    key_hashes: tuple[str, ...] = field(repr=False)
+    read_buckets: tuple[str, ...] = ()  # empty: any bucket but the work bucket
+    write_buckets: tuple[str, ...] = ()  # empty: results only to the work bucket
+    callback_secret: str = field(default="", repr=False)
+
+
+def key_hash(key: str) -> str:
+    """The SHA-256 hex digest an API key is known by (surrogates kept, so any header string hashes)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse_tenants(raw: str, settings: Settings) -> tuple[Tenant, ...]:
+    """AVSR_TENANTS (`{"id": {"keys": [...], "read_buckets": [...], "write_buckets": [...],
+    "callback_secret": "..."}}`) plus one tenant `key-<hash prefix>` per AVSR_API_KEYS key; lists a
+    tenant leaves out default to AVSR_ALLOWED_BUCKETS / AVSR_OUTPUT_BUCKETS / AVSR_CALLBACK_SECRET."""
+    tenants: list[Tenant] = []
+    config = json.loads(raw) if raw.strip() else {}
+    if not isinstance(config, dict):
+        raise ValueError("AVSR_TENANTS must be a JSON object: tenant id → {\"keys\": [...], ...}")
+    for tenant_id, spec in config.items():
+        if not isinstance(spec, dict) or set(spec) - {"keys", "read_buckets", "write_buckets", "callback_secret"}:
+            raise ValueError(f"AVSR_TENANTS[{tenant_id!r}]: keys, read_buckets, write_buckets, callback_secret")
+        keys = spec.get("keys") or []
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"AVSR_TENANTS[{tenant_id!r}] needs a non-empty list of keys")
+        hashes = tuple(k[7:].lower() if k.startswith("sha256:") else key_hash(k) for k in keys)
+        tenants.append(Tenant(
+            str(tenant_id), hashes, tuple(spec.get("read_buckets", settings.allowed_buckets)),
+            tuple(spec.get("write_buckets", settings.output_buckets)),
+            str(spec.get("callback_secret", settings.callback_secret))))
+    for key in settings.api_keys:
+        digest = key_hash(key)
+        tenants.append(Tenant(f"key-{digest[:12]}", (digest,), settings.allowed_buckets, settings.output_buckets,
+                              settings.callback_secret))
+    ids = [t.id for t in tenants]
+    if len(set(ids)) != len(ids):
+        raise ValueError("AVSR_TENANTS: tenant ids must be unique")
+    return tuple(tenants)
 
 
 @dataclass(frozen=True)

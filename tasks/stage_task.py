@@ -20,7 +20,7 @@ from tasks.celery_app import app
 from tasks.errors import JobError
 from tasks.logs import current_job_id
 from tasks.settings import get_settings
-from tasks.webhooks import notify
+from tasks.webhooks import enqueue as enqueue_webhook
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,11 @@ def as_job_error(exc: Exception) -> JobError:
         return exc
     if isinstance(exc, SoftTimeLimitExceeded):
         return JobError("timeout", "the task ran past its time limit")
-    return JobError("internal_error", f"{type(exc).__name__}: {exc}")
+    return JobError("internal_error", "an unexpected error stopped the job (the service log has it, by job id)")
 
 
 def fail(job_id: str, error: JobError) -> None:
-    """Mark the job failed (no-op if it is already terminal) and notify its webhook."""
+    """Mark the job failed (no-op if it is already terminal) and start its webhook's delivery."""
     job = jobs.update(job_id, status=jobs.FAILED, error=error.to_dict(), finished_at=time.time())
     if job and job["status"] == jobs.FAILED:
-        notify(job)
+        enqueue_webhook(job)

@@ -201,6 +201,19 @@ def _evict(root: Path, max_age_s: float) -> None:
                 entry.unlink()
 
 
+def require_bucket(bucket: str) -> None:
+    """`output_not_found` unless `bucket` exists: results are never written to a bucket that is not there
+    (some S3 servers, SeaweedFS among them, would create it on the first PUT)."""
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if classify(exc, f"s3://{bucket}").code == "input_not_found":
+            raise JobError("output_not_found", f"the output bucket '{bucket}' does not exist") from exc
+        raise classify(exc, f"s3://{bucket}") from exc
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}") from exc
+
+
 def put_bytes(bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream") -> None:
     try:
         s3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)

@@ -54,7 +54,8 @@ class StackConfig:
     flower_port: int = 5555
     cpu_workers: int = 1
     cpu_concurrency: int = 2
-    api_key: str = "local-dev-key"
+    api_key: str = "local-dev-key"  # AVSR_API_KEYS: a comma list, one tenant per key
+    tenants_json: str = ""  # AVSR_TENANTS (tasks/settings.py): tenants with their keys and buckets
     flower_auth: str = "admin:admin"
     work_bucket: str = "avsr-work"
     buckets: tuple[str, ...] = ("avsr-inputs",)
@@ -84,6 +85,7 @@ class StackConfig:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AVSR_WORK_BUCKET": self.work_bucket,
             "AVSR_API_KEYS": self.api_key,
+            "AVSR_TENANTS": self.tenants_json,
             "AVHUBERT_MODEL_PATH": self.model_path,
             "FLOWER_BASIC_AUTH": self.flower_auth,
             "AVSR_HEARTBEAT_INTERVAL_S": env.get("AVSR_HEARTBEAT_INTERVAL_S", "2"),
@@ -220,7 +222,7 @@ class Stack:
 
     def _start_api(self) -> None:
         argv = [str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.config.api_port}", "--workers", "2",
-                "--threads", "32", "--timeout", "360", "api:create_app()"]
+                "--threads", "32", "--timeout", "360", "--config", "python:api.gunicorn_conf", "api:create_app()"]
         proc = self._spawn("api", argv)
         _wait(lambda: requests.get(f"{self.config.api_url}/health", timeout=2).status_code in (200, 503),
               "API", 60, proc, self.logs / "api.log")
@@ -306,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
-    config = StackConfig(model_path=os.environ.get("AVHUBERT_MODEL_PATH", ""))
+    config = StackConfig(model_path=os.environ.get("AVHUBERT_MODEL_PATH", ""),
+                         api_key=os.environ.get("AVSR_API_KEYS", StackConfig.api_key),
+                         tenants_json=os.environ.get("AVSR_TENANTS", ""))
     state_file = config.state_dir / "state.json"
     if args.command == "up":
         stack = Stack(config).start()

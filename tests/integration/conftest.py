@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import shutil
 import threading
@@ -25,7 +26,10 @@ from tests.conftest import REFERENCE, ROOT, reference_face_frames
 CHECKPOINT = REFERENCE / "checkpoints" / "finetune_s2s.pt"
 INPUT_BUCKET = "avsr-test-inputs"
 OUTPUT_BUCKET = "avsr-test-outputs"
-API_KEY = "test-key-123"
+API_KEY = "test-key-123"  # AVSR_API_KEYS: a tenant of its own, reading and writing the test buckets
+OTHER_KEY = "other-tenant-key-456"  # AVSR_TENANTS "other": reads the input bucket, writes nowhere
+MISSING_BUCKET = "avsr-test-missing"  # on the write list but never created
+TENANTS = json.dumps({"other": {"keys": [OTHER_KEY], "read_buckets": [INPUT_BUCKET], "write_buckets": []}})
 POISON_PREFIX = "clips/poison/"
 # Test runs side by side (e.g. two checkouts) need their own ports and Redis DBs: AVSR_TEST_PORT_BASE
 # moves every port of the stack, AVSR_TEST_REDIS_DB the stack's DB (the next two below it are scratch DBs).
@@ -34,6 +38,9 @@ REDIS_DB = int(os.environ.get("AVSR_TEST_REDIS_DB", "15"))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 SCRATCH_REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB - 1}"  # store and webhook tests
 ROLE_REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB - 2}"  # the per-role image workers
+
+
+WEBHOOK_SECRET = "webhook-secret"
 
 
 def _unavailable(reason: str):
@@ -51,11 +58,14 @@ def stack():
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
     config = StackConfig(
         state_dir=state_dir, redis_url=REDIS_URL, s3_port=PORT_BASE + 333, weed_base_port=PORT_BASE + 1333,
-        api_port=PORT_BASE, flower_port=PORT_BASE + 555, api_key=API_KEY, flower_auth="flower:flower-pass",
+        api_port=PORT_BASE, flower_port=PORT_BASE + 555, api_key=API_KEY, tenants_json=TENANTS,
+        flower_auth="flower:flower-pass",
         work_bucket="avsr-test-work", buckets=(INPUT_BUCKET, OUTPUT_BUCKET, "avsr-test-forbidden"),
         model_path=str(CHECKPOINT),
-        extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",
-                   "AVSR_CALLBACK_SECRET": "webhook-secret",
+        extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET}",
+                   "AVSR_OUTPUT_BUCKETS": f"{OUTPUT_BUCKET},{MISSING_BUCKET}",
+                   "AVSR_CALLBACK_SECRET": WEBHOOK_SECRET,
+                   "AVSR_WEBHOOK_BACKOFF_S": "0.2",  # retries within seconds
                    "AVSR_CALLBACK_ALLOW_PRIVATE": "1",  # the test's webhook receiver is on 127.0.0.1
                    "AVSR_PREDICT_TIMEOUT_S": "120",
                    "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
@@ -111,10 +121,17 @@ def api(stack) -> Api:
     return Api(stack.config.api_url, API_KEY)
 
 
+@pytest.fixture(scope="session")
+def other_api(stack) -> Api:
+    """The same API as the second tenant."""
+    return Api(stack.config.api_url, OTHER_KEY)
+
+
 class _Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         self.server.received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
+        failing = len(self.server.received) <= self.server.fail_first
+        self.send_response(500 if failing else 204)
         self.end_headers()
 
     def log_message(self, *args):
@@ -122,10 +139,12 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def webhook_receiver():
-    """A real HTTP server on 127.0.0.1 recording POSTs: yields (url, [(headers, body), ...])."""
+def webhook_receiver(request):
+    """A real HTTP server on 127.0.0.1 recording POSTs: yields (url, [(headers, body), ...]).
+    It answers 204, or 500 to the first N POSTs with
+    `@pytest.mark.parametrize("webhook_receiver", [N], indirect=True)`."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.received = []
+    server.received, server.fail_first = [], int(getattr(request, "param", 0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook", server.received
     server.shutdown()

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
+import base64
 import time
 
 import pytest
 import requests
+from standardwebhooks import Webhook
 
 from api import create_app
 from tasks.settings import Settings
 
-from .conftest import INPUT_BUCKET, upload_frames
+from .conftest import INPUT_BUCKET, WEBHOOK_SECRET, upload_frames
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +100,29 @@ def test_openapi_lists_every_route(api):
         <= set(spec["paths"])
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                    found.add(address)
+    return found
+
+
+def test_flower_is_behind_its_auth_or_on_loopback_only(stack):
+    base = stack.config.flower_url
+    for path in ("/", "/workers", "/tasks", "/broker", "/api/workers", "/api/tasks", "/api/task/types",
+                 "/api/queues/length", "/api/task/info/x", "/api/task/result/x"):
+        assert requests.get(base + path, timeout=10, allow_redirects=False).status_code == 401, path
+    # Flower 2.2 serves /metrics without its auth: it must only listen on 127.0.0.1
+    assert requests.get(base + "/metrics", timeout=10).status_code == 200
+    assert _listening_addresses(stack.config.flower_port) == {"0100007F"}
+
+
 def test_flower_sees_workers_and_finished_tasks(stack, frames_job_done):
     base, auth = stack.config.flower_url, tuple(stack.config.flower_auth.split(":"))
     assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
@@ -117,20 +139,55 @@ def test_flower_sees_workers_and_finished_tasks(stack, frames_job_done):
     assert finished, "Flower never saw a finished avsr.finalize task"
 
 
+def verifier() -> Webhook:
+    """What a receiver runs: the Standard Webhooks library with the service's secret."""
+    return Webhook("whsec_" + base64.b64encode(WEBHOOK_SECRET.encode()).decode())
+
+
+def wait_for_webhook(api, job_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        webhook = api.request("GET", f"/v1/jobs/{job_id}").json()["webhook"]
+        if webhook["status"] in ("delivered", "failed"):
+            return webhook
+        time.sleep(0.2)
+    raise AssertionError(f"webhook of {job_id} still {webhook}")
+
+
 def test_webhook_is_posted_once_and_signed(api, s3, jpeg_frames_small, webhook_receiver):
     url, received = webhook_receiver
     prefix = upload_frames(s3, "clips/hook/", jpeg_frames_small)
     job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": prefix, "callback_url": url}))
-    deadline = time.monotonic() + 15
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(received) == 1
+    webhook = wait_for_webhook(api, job["job_id"])
+    assert webhook["status"] == "delivered" and webhook["attempts"] == 1 and len(received) == 1
     headers, body = received[0]
-    payload = json.loads(body)
-    assert payload["job_id"] == job["job_id"] and payload["status"] == job["status"]
-    expected = hmac.new(b"webhook-secret", headers["X-AVSR-Timestamp"].encode() + b"." + body,
-                        hashlib.sha256).hexdigest()
-    assert headers["X-AVSR-Signature"] == "sha256=" + expected
+    payload = verifier().verify(body, headers)
+    assert payload["job_id"] == job["job_id"] and payload["status"] == job["status"] == "succeeded"
+    assert payload["type"] == "job.succeeded" and headers["webhook-id"] == webhook["delivery_id"]
+
+
+@pytest.mark.parametrize("webhook_receiver", [5], indirect=True)
+def test_webhook_is_retried_with_the_same_id_until_delivered(api, s3, jpeg_frames_small, webhook_receiver):
+    """A receiver failing 5 times: 6 attempts, each signed and verifiable, all with one webhook-id."""
+    url, received = webhook_receiver
+    prefix = upload_frames(s3, "clips/hook-retry/", jpeg_frames_small)
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": prefix, "callback_url": url}))
+    webhook = wait_for_webhook(api, job["job_id"], timeout=60)
+    assert webhook == {"status": "delivered", "attempts": 6, "delivery_id": webhook["delivery_id"]}
+    assert len(received) == 6
+    assert {headers["webhook-id"] for headers, _ in received} == {webhook["delivery_id"]}
+    for headers, body in received:
+        assert verifier().verify(body, headers)["job_id"] == job["job_id"]
+    time.sleep(1.0)
+    assert len(received) == 6  # delivered: no further attempt
+
+
+def test_failed_jobs_send_their_webhook_too(api, webhook_receiver):
+    url, received = webhook_receiver
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_prefix": "nothing/here/", "callback_url": url}))
+    assert job["status"] == "failed" and job["error"]["code"] == "input_not_found"
+    assert wait_for_webhook(api, job["job_id"])["status"] == "delivered"
+    assert verifier().verify(received[0][1], received[0][0])["error"]["code"] == "input_not_found"
 
 
 def test_submit_is_503_when_the_broker_is_down(monkeypatch):

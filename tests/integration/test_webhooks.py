@@ -1,13 +1,12 @@
-"""Webhooks against a real HTTP receiver and real Redis: sent once, signed, private targets refused."""
+"""Webhook delivery (`tasks.webhooks.deliver`) against a real HTTP receiver and real Redis."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
+import base64
 
 import pytest
 import redis
+from standardwebhooks import Webhook
 
 from tasks import jobs, webhooks
 from tasks.settings import get_settings
@@ -20,38 +19,60 @@ URL = SCRATCH_REDIS_URL
 
 
 @pytest.fixture
-def receiver(monkeypatch, webhook_receiver):
+def scratch(monkeypatch):
     try:
         redis.Redis.from_url(URL, socket_connect_timeout=2).flushdb()
     except redis.RedisError as exc:
         _unavailable(f"Redis at {URL}: {exc}")
     monkeypatch.setenv("AVSR_REDIS_URL", URL)
     monkeypatch.setenv("AVSR_CALLBACK_SECRET", "s3cret")
+    monkeypatch.setenv("AVSR_WEBHOOK_MAX_ATTEMPTS", "3")
     get_settings.cache_clear()
-    yield webhook_receiver
+    yield monkeypatch
     get_settings.cache_clear()
 
 
 def finished_job(url: str) -> dict:
-    job = jobs.create({"callback_url": url})
-    return jobs.update(job["job_id"], status=jobs.SUCCEEDED, result={"text": "hello"})
+    job = jobs.create({"callback_url": url})  # type: ignore[typeddict-item]
+    done = jobs.update(job["job_id"], status=jobs.SUCCEEDED, result={"text": "hello"})
+    webhooks.enqueue(done)  # publishes attempt 1 to the scratch DB's queue (no worker there)
+    return done
 
 
-def test_private_receivers_are_refused_by_default(receiver):
-    url, received = receiver
-    webhooks.notify(finished_job(url))
-    assert received == []
-
-
-def test_allowed_receiver_gets_one_signed_post(receiver, monkeypatch):
-    monkeypatch.setenv("AVSR_CALLBACK_ALLOW_PRIVATE", "true")
-    get_settings.cache_clear()
-    url, received = receiver
+def test_private_receivers_are_refused_at_delivery_and_the_job_shows_it(scratch, webhook_receiver):
+    url, received = webhook_receiver
     job = finished_job(url)
-    webhooks.notify(job)
-    webhooks.notify(job)  # a re-delivered finalize: no second POST
+    assert webhooks.deliver(job["job_id"], 1) is None
+    assert received == []
+    state = webhooks.state(job["job_id"])
+    assert state["status"] == "failed" and "non-global" in state["last_error"]
+
+
+@pytest.mark.parametrize("webhook_receiver", [10], indirect=True)
+def test_attempts_back_off_and_end_failed(scratch, webhook_receiver):
+    scratch.setenv("AVSR_CALLBACK_ALLOW_PRIVATE", "true")
+    scratch.setenv("AVSR_WEBHOOK_BACKOFF_S", "2")
+    get_settings.cache_clear()
+    url, received = webhook_receiver
+    job = finished_job(url)
+    delays = [webhooks.deliver(job["job_id"], n) for n in (1, 2, 3)]
+    assert 1.0 <= delays[0] <= 3.0 and 2.0 <= delays[1] <= 6.0 and delays[2] is None  # 3rd of 3: over
+    assert webhooks.deliver(job["job_id"], 2) is None  # a re-delivered attempt posts nothing
+    assert len(received) == 3 and webhooks.state(job["job_id"])["status"] == "failed"
+
+
+def test_one_delivery_per_job_and_attempt(scratch, webhook_receiver):
+    scratch.setenv("AVSR_CALLBACK_ALLOW_PRIVATE", "true")
+    get_settings.cache_clear()
+    url, received = webhook_receiver
+    job = finished_job(url)
+    webhooks.enqueue(job)  # a re-delivered finalize: no second delivery
+    delivery_id = webhooks.state(job["job_id"])["delivery_id"]
+    assert webhooks.deliver(job["job_id"], 1) is None
+    assert webhooks.deliver(job["job_id"], 1) is None
     assert len(received) == 1
     headers, body = received[0]
-    assert json.loads(body)["result"] == {"text": "hello"}
-    digest = hmac.new(b"s3cret", headers["X-AVSR-Timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()
-    assert headers["X-AVSR-Signature"] == f"sha256={digest}"
+    verified = Webhook("whsec_" + base64.b64encode(b"s3cret").decode()).verify(body, headers)
+    assert verified["result"] == {"text": "hello"} and headers["webhook-id"] == delivery_id
+    assert webhooks.state(job["job_id"]) | {"last_attempt_at": 0} == {
+        "status": "delivered", "attempts": 1, "delivery_id": delivery_id, "last_status": 204, "last_attempt_at": 0}

@@ -39,7 +39,7 @@ COMPOSE_OVERRIDES = {"AVSR_REDIS_URL", "AVSR_S3_ENDPOINT_URL", "AVSR_API_KEYS", 
 
 # The process contract: the same commands run in compose, on EC2 and in the local stack.
 API_COMMAND = ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "32",
-               "--timeout", "360", "api:create_app()"]
+               "--timeout", "360", "--config", "python:api.gunicorn_conf", "api:create_app()"]
 CPU_COMMAND = ["celery", "--app", "cpu_worker.worker", "worker", "--queues", "cpu", "--pool", "prefork",
                "--concurrency", "2", "--prefetch-multiplier", "1", "--hostname", "cpu@%h",
                "--loglevel", "INFO"]

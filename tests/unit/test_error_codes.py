@@ -47,3 +47,11 @@ def test_job_errors_refuse_codes_outside_the_table():
     with pytest.raises(ValueError):
         JobError("unauthorized", "an API-only code")  # a failed job cannot carry it
     assert http_status("no_face_detected") == 422
+
+
+def test_internal_errors_carry_no_exception_text():
+    from tasks.stage_task import as_job_error
+
+    error = as_job_error(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed at /srv/secret"))
+    assert error.code == "internal_error" and "surrogate" not in error.message and "/srv" not in error.message
+    assert as_job_error(JobError("no_frames", "kept")).message == "kept"

@@ -8,7 +8,7 @@ from api.errors import ApiError
 from api.validation import check_job_id, idempotency_key, parse_job_request
 from tasks.settings import Settings
 
-SETTINGS = Settings(allowed_buckets=("clips", "results"))
+SETTINGS = Settings(allowed_buckets=("clips", "results"), output_buckets=("results",), callback_secret="s")
 
 
 def error_of(body, settings=SETTINGS, **kwargs) -> ApiError:
@@ -90,7 +90,7 @@ def test_callbacks_to_private_addresses_are_refused_by_default(url):
     body = {"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": url}
     error = error_of(body)
     assert (error.code, error.status) == ("callback_not_allowed", 400)
-    allowed = Settings(allowed_buckets=("clips",), callback_allow_private=True)
+    allowed = Settings(allowed_buckets=("clips",), callback_allow_private=True, callback_secret="s")
     assert parse_job_request(body, allowed)["callback_url"] == url
 
 
@@ -101,3 +101,78 @@ def test_webhook_target_check_resolves_names():
     assert non_global_address("http://8.8.8.8/hook") is None
     assert non_global_address("http://localhost/hook", resolve=False) == "localhost"
     assert non_global_address("http://127.0.0.1/hook") == "127.0.0.1"
+
+
+@pytest.mark.parametrize("url", ["http://2130706433/", "http://127.1/", "http://0x7f.1/", "http://0177.0.0.1/",
+                                 "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/", "http://0/",
+                                 "http://[::]/", "http://169.254.169.254./", "http://LOCALHOST./",
+                                 "http://10.1/", "http://0xa9fea9fe/", "http://[fe80::1%25eth0]/"])
+def test_every_spelling_of_a_private_address_is_refused(url):
+    error = error_of({"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": url})
+    assert (error.code, error.status) == ("callback_not_allowed", 400)
+
+
+@pytest.mark.parametrize("url", ["http://999999999999/", "http://user:pw@example.org/", "http://example.org:99999/",
+                                 "http://exa mple.org/\n"])
+def test_malformed_callback_urls_are_invalid_fields(url):
+    assert error_of({"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": url}).code == "invalid_field"
+
+
+def test_callback_without_a_secret_is_refused():
+    error = error_of({"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": "https://example.org/h"},
+                     Settings(allowed_buckets=("clips",)))
+    assert error.code == "callback_not_allowed" and "secret" in error.message
+
+
+@pytest.mark.parametrize("field", ["s3_prefix", "s3_key"])
+@pytest.mark.parametrize("value", ["../x", "a/../b", "/abs", "a//b", "./a", "a/./b", "a\nb", "a\x7fb", "a\x1b[2J",
+                                   "a\ud800b"])
+def test_hostile_keys_and_prefixes_are_invalid_fields(field, value):
+    error = error_of({"s3_bucket": "clips", field: value})
+    assert (error.code, error.status) == ("invalid_field", 400)
+
+
+@pytest.mark.parametrize("body", [
+    {"s3_bucket": "clips", "s3_prefix": "a/", "output": {"s3_bucket": "results", "s3_prefix": "../x"}},
+    {"s3_bucket": "clips", "s3_prefix": "a/", "output": {"s3_bucket": "results", "s3_prefix": "//x"}},
+    {"s3_bucket": "clips", "s3_prefix": "a/", "modality": "\udfff"},
+    {"s3_bucket": "clips\ud800", "s3_prefix": "a/"},
+    {"s3_bucket": "clips", "s3_prefix": "a/", "\ud800": 1},
+    {"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": "https://example.org/\ud800"},
+])
+def test_hostile_strings_anywhere_are_invalid_fields(body):
+    assert error_of(body).code == "invalid_field"
+
+
+def test_unicode_keys_that_encode_are_kept_as_given():
+    request = parse_job_request({"s3_bucket": "clips", "s3_key": "vidéos/entretien 1.mp4"}, SETTINGS)
+    assert request["input"]["key"] == "vidéos/entretien 1.mp4"
+
+
+def test_read_and_write_allow_lists_are_separate():
+    # reading from "results" is allowed, writing into the input bucket is not
+    assert parse_job_request({"s3_bucket": "results", "s3_prefix": "a/"}, SETTINGS)["input"]["bucket"] == "results"
+    error = error_of({"s3_bucket": "clips", "s3_prefix": "a/", "output": {"s3_bucket": "clips"}})
+    assert (error.code, error.status) == ("bucket_not_allowed", 403)
+    # no write list: no output location at all (results stay in the work bucket)
+    error = error_of({"s3_bucket": "x-bucket", "s3_prefix": "a/", "output": {"s3_bucket": "y-bucket"}}, Settings())
+    assert error.code == "bucket_not_allowed"
+    # no read list: any bucket but the work bucket
+    assert error_of({"s3_bucket": Settings().work_bucket, "s3_prefix": "jobs/"}, Settings()).code \
+        == "bucket_not_allowed"
+
+
+def test_a_tenant_has_its_own_buckets():
+    settings = Settings(tenants_json='{"acme": {"keys": ["k"], "read_buckets": ["acme-in"], '
+                                     '"write_buckets": ["acme-out"]}}')
+    acme = settings.tenant("acme")
+    body = {"s3_bucket": "acme-in", "s3_prefix": "a/", "output": {"s3_bucket": "acme-out", "s3_prefix": "r"}}
+    assert parse_job_request(body, settings, tenant=acme)["output"] == {"bucket": "acme-out", "prefix": "r"}
+    assert error_of({"s3_bucket": "clips", "s3_prefix": "a/"}, settings, tenant=acme).code == "bucket_not_allowed"
+
+
+def test_idempotency_keys_are_printable_ascii():
+    for value in ("k\x00", "k\nx", "ké"):
+        with pytest.raises(ApiError) as info:
+            idempotency_key(value)
+        assert info.value.code == "invalid_header"

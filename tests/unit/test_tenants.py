@@ -1,0 +1,49 @@
+"""Tenants: AVSR_TENANTS and AVSR_API_KEYS parsed into tenants; a key resolves to its tenant."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from flask import Flask
+
+from api.auth import resolve_tenant
+from api.errors import ApiError
+from tasks.settings import Settings
+
+TENANTS = ('{"acme": {"keys": ["acme-key", "sha256:' + hashlib.sha256(b"acme-2").hexdigest() + '"], '
+           '"read_buckets": ["acme-in"], "write_buckets": ["acme-out"], "callback_secret": "acme-s"}, '
+           '"globex": {"keys": ["globex-key"]}}')
+
+
+def test_tenants_from_both_settings():
+    settings = Settings(tenants_json=TENANTS, api_keys=("plain-1", "plain-2"), allowed_buckets=("in",),
+                        output_buckets=("out",), callback_secret="global-s")
+    ids = [t.id for t in settings.tenants]
+    assert ids[:2] == ["acme", "globex"] and len(ids) == 4 and ids[2] != ids[3]
+    acme, globex, plain = settings.tenant("acme"), settings.tenant("globex"), settings.tenants[2]
+    assert (acme.read_buckets, acme.write_buckets, acme.callback_secret) == (("acme-in",), ("acme-out",), "acme-s")
+    assert (globex.read_buckets, globex.write_buckets, globex.callback_secret) == (("in",), ("out",), "global-s")
+    assert (plain.read_buckets, plain.write_buckets) == (("in",), ("out",))
+    assert plain.id == Settings(api_keys=("plain-1",)).tenants[0].id  # stable: job records name it
+
+
+def test_a_key_resolves_to_its_tenant():
+    settings = Settings(tenants_json=TENANTS, api_keys=("plain-1",))
+    with Flask(__name__).test_request_context():
+        assert resolve_tenant(settings, "acme-key").id == "acme"
+        assert resolve_tenant(settings, "acme-2").id == "acme"  # configured by its hash
+        assert resolve_tenant(settings, "globex-key").id == "globex"
+        assert resolve_tenant(settings, "plain-1").id.startswith("key-")
+        for bad in (None, "", "acme-key ", "nope", "\ud800"):
+            with pytest.raises(ApiError) as info:
+                resolve_tenant(settings, bad)
+            assert info.value.code == "unauthorized"
+    assert resolve_tenant(Settings(), None).id == "default"  # no keys at all: auth off
+
+
+@pytest.mark.parametrize("raw", ['[1]', '{"a": {}}', '{"a": {"keys": []}}', '{"a": {"keys": ["k"], "x": 1}}',
+                                 '{"a": {"keys": [""]}}', "{not json"])
+def test_malformed_tenants_fail_at_start_up(raw):
+    with pytest.raises(ValueError):
+        Settings(tenants_json=raw)
