@@ -54,6 +54,11 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "model_unavailable": ErrorCode(503, "the GPU worker has no model loaded", job=True),
     "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
     "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
+    "url_not_allowed": ErrorCode(400, "the input URL is not http(s) or points at a non-global address", job=True),
+    "url_fetch_failed": ErrorCode(502, "the input URL answered an error, could not be reached or was too slow",
+                                  job=True),
+    "url_not_video": ErrorCode(415, "the input URL's content type is not video/* or application/octet-stream",
+                               job=True),
 }
 
 

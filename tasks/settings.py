@@ -105,6 +105,16 @@ class Settings:
     # Logging.
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
     log_json: bool = setting("AVSR_LOG_JSON", True, kind=bool, doc="JSON log lines")
+    # Ways in: uploads and URL inputs.
+    s3_public_url: str = setting("AVSR_S3_PUBLIC_URL", "",
+                                 doc="S3 endpoint that clients reach, for presigned upload URLs; empty means "
+                                     "AVSR_S3_ENDPOINT_URL")
+    upload_expiry_s: int = setting("AVSR_UPLOAD_EXPIRY_S", 3600, kind=int,
+                                   doc="how long a presigned upload URL stays valid")
+    url_allow_private: bool = setting("AVSR_URL_ALLOW_PRIVATE", False, kind=bool,
+                                      doc="allow URL inputs on loopback/private/link-local addresses")
+    url_timeout_s: float = setting("AVSR_URL_TIMEOUT_S", 300.0, kind=float,
+                                   doc="longest a URL input may take to download (30 s without a byte)")
 
     def __post_init__(self) -> None:
         redis_sentinel(self.redis_url, self.redis_sentinel_master)  # fail at start-up, not at first use

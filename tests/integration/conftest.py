@@ -56,6 +56,7 @@ def stack():
         extra_env={"AVSR_ALLOWED_BUCKETS": f"{INPUT_BUCKET},{OUTPUT_BUCKET},avsr-test-work",
                    "AVSR_CALLBACK_SECRET": "webhook-secret",
                    "AVSR_CALLBACK_ALLOW_PRIVATE": "1",  # the test's webhook receiver is on 127.0.0.1
+                   "AVSR_URL_ALLOW_PRIVATE": "1",  # so is the test's URL-input server
                    "AVSR_PREDICT_TIMEOUT_S": "120",
                    "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
                    # small chunks and segments so a 10 s clip exercises the fan-out and batching
