@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && \
 		(apt-get update -qq && apt-get install -y -qq redis-server) || \
 		echo "note: redis-server not installed; a Redis must answer at AVSR_REDIS_URL")
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || (command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver) || \
+		echo "note: chromium not installed; the web page's browser test is skipped (fails with CI=true)")
 	touch $@
 
 install: $(VENV)/.installed

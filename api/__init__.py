@@ -21,6 +21,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(ops.bp)
+    from api import ui, uploads
+    app.register_blueprint(uploads.bp)
+    app.register_blueprint(ui.bp)
     if not settings.tenants:
         app.logger.warning("AVSR_API_KEYS and AVSR_TENANTS are empty: the API accepts unauthenticated requests")
     return app

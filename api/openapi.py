@@ -74,6 +74,24 @@ def openapi_spec() -> dict:
                     "400": _error("Invalid request"), "404": _error("Input not found"),
                     "422": _error("Input could not be processed"), "504": _error("Did not finish in time"),
                     **auth_errors}}},
+            "/v1/uploads": {"post": {
+                "summary": "A presigned S3 PUT URL for a local video; submit it as {\"upload_id\"}",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/UploadRequest"}}}},
+                "responses": {
+                    "201": {"description": "PUT the file's bytes to upload_url with these headers",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}},
+                    "400": _error("Invalid request"), "413": _error("Over AVSR_MAX_INPUT_BYTES"),
+                    **auth_errors}}},
+            "/": {"get": {"summary": "The web page: upload a video, follow its job, play it with captions",
+                          "security": [], "responses": {"200": {"description": "HTML",
+                                                                 "content": {"text/html": {}}}}}},
+            "/docs": {"get": {"summary": "This API reference (Swagger UI)", "security": [],
+                              "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
+            "/docs/assets/{name}": {"get": {
+                "summary": "Swagger UI's scripts and styles", "security": [],
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The asset"}, "404": _error("No such asset")}}},
             "/health": {"get": {"summary": "Model, device, broker and worker state", "security": [],
                                 "responses": {"200": {"description": "Broker reachable"},
                                               "503": {"description": "Broker down"}}}},
@@ -92,7 +110,8 @@ def openapi_spec() -> dict:
                     "Machine-readable error codes (HTTP status; `job` = also a failed job's `error.code`):\n"
                     + "\n".join(f"- `{code}` ({e.status}{', job' if e.job else ''}): {e.meaning}"
                                 for code, e in ERROR_CODES.items()))},
-                "JobRequest": {"type": "object", "required": ["s3_bucket"], "additionalProperties": False,
+                "JobRequest": {"type": "object", "additionalProperties": False,
+                               "description": "One input: s3_bucket with s3_prefix or s3_key, or upload_id, or url",
                                "properties": {
                                    "s3_bucket": {"type": "string"},
                                    "s3_prefix": {"type": "string", "description": "Frames (JPEG/PNG), natural order"},
@@ -102,7 +121,24 @@ def openapi_spec() -> dict:
                                    "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM},
                                    "output": {"type": "object", "properties": {
                                        "s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"}}},
-                                   "callback_url": {"type": "string", "format": "uri"}}},
+                                   "callback_url": {"type": "string", "format": "uri"},
+                                   "upload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                                                 "description": "A video uploaded via POST /v1/uploads"},
+                                   "url": {"type": "string", "format": "uri", "description": (
+                                       "An http(s) URL of a video, fetched by the service (global "
+                                       "addresses only, size cap, timeout, video/* content type)")}}},
+                "UploadRequest": {"type": "object", "required": ["size"], "additionalProperties": False,
+                                  "properties": {
+                                      "size": {"type": "integer", "minimum": 1, "description": "bytes"},
+                                      "content_type": {"type": "string", "default": "application/octet-stream"},
+                                      "filename": {"type": "string", "maxLength": 255}}},
+                "Upload": {"type": "object", "required": ["upload_id", "method", "upload_url", "headers"],
+                           "properties": {
+                               "upload_id": {"type": "string"}, "method": {"type": "string", "enum": ["PUT"]},
+                               "upload_url": {"type": "string", "format": "uri"},
+                               "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                               "size": {"type": "integer"}, "expires_at": {"type": "string"},
+                               "max_bytes": {"type": "integer"}}},
                 "JobAccepted": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "status": {"type": "string"}, "links": {"type": "object"}}},
                 "Segment": {"type": "object", "properties": {

@@ -14,12 +14,15 @@ from flask import request
 
 from api.errors import ApiError
 from tasks.jobs import is_job_id
-from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, VideoInput
+from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, UrlInput, VideoInput
 from tasks.settings import Settings, Tenant
 from tasks.webhooks import canonical_host, non_global_address
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
-JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url"}
+JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url",
+              "upload_id", "url"}
+S3_INPUT_FIELDS = ("s3_bucket", "s3_prefix", "s3_key", "fps")
+UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_BEAM = 50
 _BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -100,6 +103,22 @@ def parse_job_request(body: Any, settings: Settings, *, tenant: Tenant | None = 
     unknown = sorted(set(body) - JOB_FIELDS)
     if unknown:
         raise bad("unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    source = (_upload_input(body, tenant, settings, legacy) or _url_input(body, settings, legacy)
+              or _s3_input(body, tenant, settings, legacy))
+    modality = body.get("modality", "auto")
+    if modality not in MODALITIES:
+        raise bad("invalid_field", f"'modality' must be one of {', '.join(MODALITIES)}")
+    request: JobRequest = {
+        "input": source,
+        "modality": modality,
+        "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
+        "output": _output(body.get("output"), tenant, settings),
+        "callback_url": _callback(body.get("callback_url"), tenant, settings.callback_allow_private),
+    }
+    return request
+
+
+def _s3_input(body: dict, tenant: Tenant, settings: Settings, legacy: bool) -> FramesInput | VideoInput:
     bucket = _bucket(body, "s3_bucket", tenant.read_buckets, settings)
     prefix, key = _string(body, "s3_prefix"), _string(body, "s3_key")
     if prefix is not None:
@@ -114,21 +133,47 @@ def parse_job_request(body: Any, settings: Settings, *, tenant: Tenant | None = 
             raise bad("invalid_input", "'s3_key' must name an object")
         if "fps" in body:
             raise bad("invalid_field", "'fps' applies to frame sequences; a video carries its own timing")
-        source: FramesInput | VideoInput = {"type": "video", "bucket": bucket, "key": key}
-    else:
-        source = {"type": "frames", "bucket": bucket, "prefix": prefix or "",
-                  "fps": float(_number(body, "fps", FPS, 1.0, 120.0))}
-    modality = body.get("modality", "auto")
-    if modality not in MODALITIES:
-        raise bad("invalid_field", f"'modality' must be one of {', '.join(MODALITIES)}")
-    request: JobRequest = {
-        "input": source,
-        "modality": modality,
-        "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
-        "output": _output(body.get("output"), tenant, settings),
-        "callback_url": _callback(body.get("callback_url"), tenant, settings.callback_allow_private),
-    }
-    return request
+        return {"type": "video", "bucket": bucket, "key": key}
+    return {"type": "frames", "bucket": bucket, "prefix": prefix or "",
+            "fps": float(_number(body, "fps", FPS, 1.0, 120.0))}
+
+
+def _only_input(body: dict, name: str, legacy: bool) -> None:
+    """`name` is the job's one input: no S3 fields beside it, and not on `/predict`."""
+    others = [f for f in (*S3_INPUT_FIELDS, "upload_id", "url") if f in body and f != name]
+    if legacy or others:
+        raise bad("invalid_input", f"'{name}' is the job's input: drop {', '.join(others)}" if others
+                  else "'/predict' takes 's3_bucket' and 's3_prefix'")
+
+
+def _upload_input(body: dict, tenant: Tenant, settings: Settings, legacy: bool) -> VideoInput | None:
+    """`{"upload_id"}`: a video uploaded through `POST /v1/uploads` (in the work bucket)."""
+    if "upload_id" not in body:
+        return None
+    _only_input(body, "upload_id", legacy)
+    upload_id = body["upload_id"]
+    if not isinstance(upload_id, str) or not UPLOAD_ID.match(upload_id):
+        raise bad("invalid_field", "'upload_id' must be an id returned by POST /v1/uploads")
+    return {"type": "video", "bucket": settings.work_bucket, "key": upload_key(upload_id, tenant.id)}
+
+
+def upload_key(upload_id: str, tenant_id: str) -> str:
+    """Where an upload's bytes go in the work bucket: under its tenant, so no other tenant can name it."""
+    return f"uploads/{tenant_id or '_'}/{upload_id}/video"
+
+
+def _url_input(body: dict, settings: Settings, legacy: bool) -> UrlInput | None:
+    """`{"url"}`: a video the CPU worker fetches (http(s), global addresses unless AVSR_URL_ALLOW_PRIVATE)."""
+    if "url" not in body:
+        return None
+    _only_input(body, "url", legacy)
+    url = _string(body, "url", max_len=2048) or ""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise bad("url_not_allowed", "'url' must be an http(s) URL")
+    if not settings.url_allow_private and (address := non_global_address(url, resolve=False)):
+        raise bad("url_not_allowed", f"'url' points at a non-global address ({address})")
+    return {"type": "url", "url": url}
 
 
 def _output(value: Any, tenant: Tenant, settings: Settings) -> OutputLocation | None:

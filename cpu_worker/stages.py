@@ -7,15 +7,17 @@ only the small typed records of `tasks.records` are returned.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cpu_worker import audio as audio_lib
 from cpu_worker import frames as frames_lib
-from cpu_worker import segmentation
+from cpu_worker import segmentation, url_input
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
 from tasks import jobs, storage
@@ -32,6 +34,7 @@ from tasks.records import (
     SegmentPlan,
     SegmentSpan,
     Transcript,
+    UrlInput,
     VideoInput,
 )
 from tasks.settings import get_settings
@@ -51,6 +54,8 @@ def prepare(job: jobs.Job) -> InputPlan:
     source = request["input"]
     if source["type"] == "frames":
         plan = _prepare_frames(source, request)
+    elif source["type"] == "url":
+        plan = _prepare_video(job["job_id"], _fetch_url(job["job_id"], source), request)
     else:
         plan = _prepare_video(job["job_id"], source, request)
     plan["chunks"] = [c.to_dict() for c in segmentation.plan_chunks(  # type: ignore[misc]
@@ -78,6 +83,19 @@ def _prepare_frames(source: FramesInput, request: JobRequest) -> InputPlan:
         raise JobError("no_audio", "an image sequence has no audio; use modality video")
     return {"type": "frames", "bucket": source["bucket"], "keys": keys, "num_frames": len(keys),
             "source_frames": len(objects), "modality": "video", "has_audio": False, "chunks": []}
+
+
+def _fetch_url(job_id: str, source: UrlInput) -> VideoInput:
+    """Fetch a URL input once, into the work prefix (`input.video`, so every chunk task on any host
+    reads the same bytes) and this host's input cache."""
+    settings = get_settings()
+    key = work_key(job_id, "input.video")
+    with tempfile.TemporaryDirectory(dir=settings.cache_dir or None) as tmp:
+        local = Path(tmp) / "input.video"
+        url_input.fetch(source["url"], local, max_bytes=settings.max_input_bytes, timeout_s=settings.url_timeout_s,
+                        allow_private=settings.url_allow_private)
+        storage.upload_to_cache(local, work_bucket(), key)
+    return {"type": "video", "bucket": work_bucket(), "key": key}
 
 
 def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> InputPlan:

@@ -33,6 +33,13 @@ class VideoInput(TypedDict):
     key: str
 
 
+class UrlInput(TypedDict):
+    """A video at an http(s) URL, fetched by `prepare` (SSRF guard, size cap, timeout, content type)."""
+
+    type: Literal["url"]
+    url: str
+
+
 class OutputLocation(TypedDict):
     bucket: str
     prefix: str
@@ -41,7 +48,7 @@ class OutputLocation(TypedDict):
 class JobRequest(TypedDict):
     """A validated submission, as stored with the job."""
 
-    input: FramesInput | VideoInput
+    input: FramesInput | VideoInput | UrlInput
     modality: Modality
     beam_size: int
     output: OutputLocation | None

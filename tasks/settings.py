@@ -136,6 +136,16 @@ class Settings:
                                         doc="webhook delivery attempts before it is marked failed")
     webhook_backoff_s: float = setting("AVSR_WEBHOOK_BACKOFF_S", 30.0, kind=float,
                                        doc="first webhook retry delay; doubles each attempt, ±50% jitter")
+    # Ways in: uploads and URL inputs.
+    s3_public_url: str = setting("AVSR_S3_PUBLIC_URL", "",
+                                 doc="S3 endpoint that clients reach, for presigned upload URLs; empty means "
+                                     "AVSR_S3_ENDPOINT_URL")
+    upload_expiry_s: int = setting("AVSR_UPLOAD_EXPIRY_S", 3600, kind=int,
+                                   doc="how long a presigned upload URL stays valid")
+    url_allow_private: bool = setting("AVSR_URL_ALLOW_PRIVATE", False, kind=bool,
+                                      doc="allow URL inputs on loopback/private/link-local addresses")
+    url_timeout_s: float = setting("AVSR_URL_TIMEOUT_S", 300.0, kind=float,
+                                   doc="longest a URL input may take to download (30 s without a byte)")
 
     def __post_init__(self) -> None:
         redis_sentinel(self.redis_url, self.redis_sentinel_master)  # fail at start-up, not at first use

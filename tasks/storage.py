@@ -178,10 +178,8 @@ def cached_download(obj: S3Object, bucket: str, max_age_s: float = 3600.0) -> Pa
     once under a file lock (prefork children share it), and copies unused for `max_age_s` are
     evicted when a new one is fetched.
     """
-    root = Path(get_settings().cache_dir or tempfile.gettempdir()) / "avsr-input-cache"
-    root.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(f"{bucket}\n{obj.key}\n{obj.etag}".encode()).hexdigest()
-    path = root / name
+    path = _cache_path(obj, bucket)
+    root, name = path.parent, path.name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
@@ -191,6 +189,24 @@ def cached_download(obj: S3Object, bucket: str, max_age_s: float = 3600.0) -> Pa
             partial.rename(path)
         path.touch()  # recently used: not evicted while jobs read it
     return path
+
+
+def _cache_path(obj: S3Object, bucket: str) -> Path:
+    root = Path(get_settings().cache_dir or tempfile.gettempdir()) / "avsr-input-cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / hashlib.sha256(f"{bucket}\n{obj.key}\n{obj.etag}".encode()).hexdigest()
+
+
+def upload_to_cache(local: Path, bucket: str, key: str) -> S3Object:
+    """Upload a local file (streamed) and keep it as this host's cached copy of the new object
+    (so `cached_download` of it does not fetch it back)."""
+    try:
+        s3_client().upload_file(str(local), bucket, key)
+    except Exception as exc:
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
+    obj = head(bucket, key)
+    local.replace(_cache_path(obj, bucket))
+    return obj
 
 
 def _evict(root: Path, max_age_s: float) -> None:
@@ -240,3 +256,21 @@ def put_json(bucket: str, key: str, value: object) -> None:
 
 def get_json(bucket: str, key: str) -> Any:
     return json.loads(get_bytes(bucket, key))
+
+
+@lru_cache(maxsize=2)
+def _presigner(endpoint: str, region: str, key_id: str, secret: str):
+    config = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region, aws_access_key_id=key_id or None,
+                        aws_secret_access_key=secret or None, config=config)
+
+
+def presign_put(bucket: str, key: str, *, content_type: str, content_length: int, expires_s: int) -> str:
+    """A presigned (SigV4) PUT URL for exactly `content_length` bytes of `content_type` (both signed: S3
+    refuses any other length), on the endpoint clients reach (AVSR_S3_PUBLIC_URL, else AVSR_S3_ENDPOINT_URL)."""
+    s = get_settings()
+    client = _presigner(s.s3_public_url or s.s3_endpoint_url, s.s3_region, s.s3_access_key_id,
+                        s.s3_secret_access_key)
+    return client.generate_presigned_url(
+        "put_object", ExpiresIn=expires_s, HttpMethod="PUT",
+        Params={"Bucket": bucket, "Key": key, "ContentType": content_type, "ContentLength": content_length})

@@ -67,6 +67,7 @@ def stack():
                    "AVSR_CALLBACK_SECRET": WEBHOOK_SECRET,
                    "AVSR_WEBHOOK_BACKOFF_S": "0.2",  # retries within seconds
                    "AVSR_CALLBACK_ALLOW_PRIVATE": "1",  # the test's webhook receiver is on 127.0.0.1
+                   "AVSR_URL_ALLOW_PRIVATE": "1",  # so is the test's URL-input server
                    "AVSR_PREDICT_TIMEOUT_S": "120",
                    "AVSR_LOG_JSON": "1", "AVSR_MAX_FRAMES": "3000",
                    # small chunks and segments so a 10 s clip exercises the fan-out and batching

@@ -35,7 +35,8 @@ EXTRA_VARIABLES = {
     "CUDA_VISIBLE_DEVICES": "CUDA/torch: which GPUs one worker process uses (one worker per GPU)",
 }
 # Settings whose compose value differs from the code default (the default is the `make demo` one).
-COMPOSE_OVERRIDES = {"AVSR_REDIS_URL", "AVSR_S3_ENDPOINT_URL", "AVSR_API_KEYS", "AVHUBERT_MODEL_PATH"}
+COMPOSE_OVERRIDES = {"AVSR_REDIS_URL", "AVSR_S3_ENDPOINT_URL", "AVSR_API_KEYS", "AVHUBERT_MODEL_PATH",
+                     "AVSR_S3_PUBLIC_URL"}
 
 # The process contract: the same commands run in compose, on EC2 and in the local stack.
 API_COMMAND = ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "32",

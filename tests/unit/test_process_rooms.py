@@ -19,6 +19,8 @@ CASES = {
     "cpu worker": ("import cpu_worker.worker", MODEL),
     "gpu worker": ("import gpu_worker.worker", PREPROCESSING),
     "flower": ("import tasks.celery_app", PREPROCESSING + MODEL),
+    # the client and `avsr submit/status/wait/result` (the base install); `avsr transcribe` imports the rest lazily
+    "client": ("import avsr_client.cli", PREPROCESSING + MODEL + ("api", "cpu_worker", "gpu_worker", "flask")),
 }
 
 

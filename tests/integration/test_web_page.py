@@ -1,0 +1,109 @@
+"""The web page in a real browser (the system Chromium, headless, via selenium) against the real
+stack: upload a generated clip through the page, wait for its captions, and check that the
+caption track and the segment list are the job's result. In CI a missing browser is a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import requests
+import webvtt
+
+from tests.conftest import ROOT
+
+from .conftest import API_KEY, _unavailable
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("AVSR_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("AVSR_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
+SCREENSHOT = ROOT / "docs" / "web-page.png"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        _unavailable(f"no Chromium at {CHROMIUM} with {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="avsr-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1000,1150", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_page_headers(stack):
+    response = requests.get(stack.config.api_url + "/", timeout=10)
+    assert response.status_code == 200 and "text/html" in response.headers["Content-Type"]
+    csp = response.headers["Content-Security-Policy"]
+    assert csp.startswith("default-src 'self'") and "'unsafe-inline'" not in csp
+    assert "<script>" not in response.text and API_KEY not in response.text  # no inline scripts, no secrets
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    docs = requests.get(stack.config.api_url + "/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    bundle = requests.get(stack.config.api_url + "/docs/assets/swagger-ui-bundle.js", timeout=10)
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
+
+
+def test_upload_through_the_page_shows_the_captions(browser, stack, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from deploy.local.sample_media import write_face_video
+
+    clip = tmp_path / "my_talk.mp4"
+    write_face_video(clip, seconds=3.0, with_audio=True, seed=9)
+    browser.get(stack.config.api_url + "/")
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    browser.find_element(By.ID, "file").send_keys(str(clip))
+    WebDriverWait(browser, 240, poll_frequency=0.5).until(
+        lambda d: d.find_element(By.ID, "status").get_attribute("data-status") in ("succeeded", "failed"))
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("data-status") == "succeeded", status.text
+    job_id = browser.find_element(By.ID, "job-id").text
+    job = requests.get(f"{stack.config.api_url}/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}, timeout=10).json()
+    segments = job["result"]["segments"]
+    assert job["status"] == "succeeded" and segments
+    # The caption track the player loaded (the result's VTT, fetched with the key) holds the segments.
+    cues = WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "const t = document.getElementById('captions');"
+        "return t && t.readyState === 2 ? Array.from(t.track.cues, c => [c.startTime, c.endTime, c.text]) : null;"))
+    vtt = requests.get(f"{stack.config.api_url}/v1/jobs/{job_id}/result?format=vtt", headers={"X-API-Key": API_KEY},
+                       timeout=10).text
+    expected = [(c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000, c.text)
+                for c in webvtt.from_string(vtt)]
+    assert [(round(a, 3), round(b, 3), text) for a, b, text in cues] == [(round(a, 3), round(b, 3), t)
+                                                                        for a, b, t in expected]
+    # (long words are broken over lines: compare the text without its whitespace)
+    assert "".join("".join(text.split()) for _, _, text in cues) == "".join("".join(s["text"].split())
+                                                                            for s in segments)
+    spoken = [s for s in segments if s["text"]]
+    assert cues[0][0] == spoken[0]["start"] and round(cues[-1][1], 3) == spoken[-1]["end"]
+    # The segment list: every segment with its times, text and confidence; a click seeks the video.
+    items = browser.find_elements(By.CSS_SELECTOR, "#segments li")
+    assert [(float(i.get_attribute("data-start")), float(i.get_attribute("data-end")),
+             i.find_element(By.CLASS_NAME, "text").text) for i in items] == [
+        (s["start"], s["end"], s["text"]) for s in segments]
+    assert [i.find_element(By.CLASS_NAME, "conf").text for i in items] == [
+        f"({round(100 * s['confidence'])}%)" for s in segments]
+    items[-1].click()
+    WebDriverWait(browser, 10).until(lambda d: abs(
+        d.execute_script("return document.getElementById('player').currentTime") - segments[-1]["start"]) < 0.5)
+    assert browser.find_element(By.ID, "transcript").text == (job["result"]["text"] or "(no speech recognised)")
+    for fmt in ("srt", "vtt", "json"):
+        assert browser.find_element(By.ID, f"dl-{fmt}").get_attribute("href").startswith("blob:")
+    assert float(browser.find_element(By.ID, "job-bar").get_attribute("value")) == 100.0
+    if os.environ.get("AVSR_WRITE_SCREENSHOT"):
+        browser.save_screenshot(str(SCREENSHOT))

@@ -1,0 +1,182 @@
+"""The new ways in, without the stack: upload and URL job bodies, the URL fetcher against a real
+local HTTP server (SSRF guard, byte cap, content type, redirects), webhook verification, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import threading
+import time
+
+import pytest
+
+from api.errors import ApiError
+from api.validation import parse_job_request, upload_key
+from avsr_client import verify_webhook
+from avsr_client.cli import main
+from cpu_worker import url_input
+from tasks.errors import JobError
+from tasks.settings import Settings
+
+SETTINGS = Settings(allowed_buckets=("clips",))
+UPLOAD_ID = "0123456789abcdef0123456789abcdef"
+
+
+def error_of(body, settings=SETTINGS) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse_job_request(body, settings)
+    return info.value
+
+
+def test_upload_job_reads_the_work_bucket():
+    request = parse_job_request({"upload_id": UPLOAD_ID, "beam_size": 2}, SETTINGS)
+    key = upload_key(UPLOAD_ID, SETTINGS.default_tenant().id)
+    assert request["input"] == {"type": "video", "bucket": SETTINGS.work_bucket, "key": key}
+    assert request["beam_size"] == 2
+
+
+def test_url_job():
+    request = parse_job_request({"url": "https://example.org/talk.mp4"}, SETTINGS)
+    assert request["input"] == {"type": "url", "url": "https://example.org/talk.mp4"}
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"upload_id": "../../etc"}, "invalid_field"),
+    ({"upload_id": 5}, "invalid_field"),
+    ({"upload_id": UPLOAD_ID, "s3_bucket": "clips"}, "invalid_input"),
+    ({"upload_id": UPLOAD_ID, "url": "https://example.org/a.mp4"}, "invalid_input"),
+    ({"url": "https://example.org/a.mp4", "s3_key": "a.mp4"}, "invalid_input"),
+    ({"url": "https://example.org/a.mp4", "fps": 30}, "invalid_input"),
+    ({"url": "ftp://example.org/a.mp4"}, "url_not_allowed"),
+    ({"url": "file:///etc/passwd"}, "url_not_allowed"),
+    ({"url": "http://127.0.0.1:8333/avsr-work/x"}, "url_not_allowed"),
+    ({"url": "http://169.254.169.254/latest/meta-data/"}, "url_not_allowed"),
+    ({"url": "http://[::1]/a.mp4"}, "url_not_allowed"),
+    ({"url": "http://localhost/a.mp4"}, "url_not_allowed"),
+    ({"url": 7}, "invalid_field"),
+])
+def test_bad_upload_and_url_bodies(body, code):
+    error = error_of(body)
+    assert (error.code, error.status) == (code, 400)
+
+
+def test_predict_takes_neither():
+    with pytest.raises(ApiError) as info:
+        parse_job_request({"upload_id": UPLOAD_ID}, SETTINGS, legacy=True)
+    assert info.value.code == "invalid_input"
+
+
+def test_private_url_allowed_by_the_switch():
+    request = parse_job_request({"url": "http://127.0.0.1:9/a.mp4"}, Settings(url_allow_private=True))
+    assert request["input"]["type"] == "url"
+
+
+# --- the URL fetcher, against a real HTTP server on 127.0.0.1 ------------------------------------
+
+BODY = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        routes = {"/video.mp4": (200, "video/mp4", BODY), "/page": (200, "text/html; charset=utf-8", b"<html>"),
+                  "/missing": (404, "text/plain", b"no"), "/broken": (503, "text/plain", b"down"),
+                  "/bare": (200, None, BODY)}
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/video.mp4")
+            self.end_headers()
+            return
+        if self.path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.end_headers()
+            for _ in range(20):
+                self.wfile.write(b"x" * 1024)
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
+        status, ctype, body = routes.get(self.path, (404, "text/plain", b"no"))
+        self.send_response(status)
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def fetch(url, tmp_path, max_bytes=1 << 20, timeout_s=30.0, allow_private=True):
+    return url_input.fetch(url, tmp_path / "v", max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
+
+
+@pytest.mark.parametrize("path", ["/video.mp4", "/redirect", "/bare"])
+def test_fetch_streams_the_video(server, tmp_path, path):
+    assert fetch(server + path, tmp_path) == len(BODY)
+    assert (tmp_path / "v").read_bytes() == BODY
+
+
+@pytest.mark.parametrize(("path", "kwargs", "code", "retryable"), [
+    ("/video.mp4", {"allow_private": False}, "url_not_allowed", False),
+    ("/page", {}, "url_not_video", False),
+    ("/missing", {}, "url_fetch_failed", False),
+    ("/broken", {}, "url_fetch_failed", True),
+    ("/video.mp4", {"max_bytes": 1000}, "input_too_large", False),  # declared Content-Length
+    ("/slow", {"max_bytes": 4000}, "input_too_large", False),  # streamed, no Content-Length
+    ("/slow", {"timeout_s": 0.5}, "url_fetch_failed", False),
+])
+def test_fetch_refuses(server, tmp_path, path, kwargs, code, retryable):
+    with pytest.raises(JobError) as info:
+        fetch(server + path, tmp_path, **kwargs)
+    assert (info.value.code, info.value.retryable) == (code, retryable)
+
+
+def test_every_hop_is_checked():
+    for url in ("http://169.254.169.254/latest/", "http://10.0.0.1/a.mp4", "gopher://example.org/"):
+        with pytest.raises(JobError) as info:
+            url_input._check(url, allow_private=False)
+        assert info.value.code == "url_not_allowed"
+
+
+def test_fetch_unreachable_is_retryable(tmp_path):
+    with pytest.raises(JobError) as info:
+        fetch("http://127.0.0.1:9/video.mp4", tmp_path)
+    assert (info.value.code, info.value.retryable) == ("url_fetch_failed", True)
+
+
+# --- the client's webhook check, against the service's signer ------------------------------------
+
+def test_verify_webhook_accepts_the_services_signature():
+    from tasks.webhooks import sign
+
+    body, now = b'{"job_id": "x"}', int(time.time())
+    headers = {"X-AVSR-Timestamp": str(now), "X-AVSR-Signature": sign(body, str(now), "s3cret")}
+    assert verify_webhook(body, headers, "s3cret")
+    assert verify_webhook(body, {k.lower(): v for k, v in headers.items()}, "s3cret")
+    assert not verify_webhook(body + b" ", headers, "s3cret")
+    assert not verify_webhook(body, headers, "other")
+    assert not verify_webhook(body, headers, "s3cret", now=now + 3600)  # a replay
+    stale = hmac.new(b"s3cret", b"1." + body, hashlib.sha256).hexdigest()
+    assert not verify_webhook(body, {"X-AVSR-Timestamp": "1", "X-AVSR-Signature": f"sha256={stale}"}, "s3cret")
+    assert not verify_webhook(body, {}, "s3cret")
+
+
+def test_cli_transcribe_without_a_model_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("AVHUBERT_MODEL_PATH", raising=False)
+    assert main(["transcribe", str(tmp_path / "clip.mp4")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_unreachable_service_is_an_error(capsys):
+    assert main(["--url", "http://127.0.0.1:9", "status", "0" * 32]) == 1
+    assert capsys.readouterr().err.startswith("error: unreachable:")
