@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import mimetypes
 import os
 import time
@@ -13,6 +11,7 @@ from typing import Any, Literal, overload
 
 import requests
 
+from tasks import signing
 from tasks.records import JobResult
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -147,13 +146,13 @@ class Client:
 
 def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str, *, tolerance_s: float = 300.0,
                    now: float | None = None) -> bool:
-    """True when a webhook POST is the service's: `X-AVSR-Signature` is `sha256=HMAC(secret,
-    "<X-AVSR-Timestamp>.<body>")` and the timestamp is within `tolerance_s` of now (replays refused)."""
+    """True when a webhook POST is the service's: its Standard Webhooks headers (`webhook-id`,
+    `webhook-timestamp`, `webhook-signature`) sign `body` with `secret`, and the timestamp is within
+    `tolerance_s` of now (replays refused). The `standardwebhooks` package verifies the same headers."""
     lowered = {k.lower(): v for k, v in headers.items()}
-    timestamp, signature = lowered.get("x-avsr-timestamp", ""), lowered.get("x-avsr-signature", "")
-    if not timestamp.isdigit() or not signature.startswith("sha256="):
+    delivery_id, timestamp = lowered.get("webhook-id", ""), lowered.get("webhook-timestamp", "")
+    if not delivery_id or not timestamp.isdigit():
         return False
     if abs((time.time() if now is None else now) - int(timestamp)) > tolerance_s:
         return False
-    expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(signature[len("sha256="):], expected)
+    return signing.verify(body, delivery_id, timestamp, lowered.get("webhook-signature", ""), secret)

@@ -19,9 +19,6 @@ to that checked address (Host header and TLS SNI of the name), unless AVSR_CALLB
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -37,6 +34,7 @@ import urllib3
 
 from tasks import jobs
 from tasks.settings import get_settings
+from tasks.signing import signature
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +95,6 @@ def resolve_host(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
 
-
-# --- signing ---------------------------------------------------------------------------------
-
-def signing_key(secret: str) -> bytes:
-    return base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
-
-
-def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
-    """`v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>` (Standard Webhooks)."""
-    message = f"{delivery_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(signing_key(secret), message, hashlib.sha256).digest()).decode()
-
-
-# --- delivery state --------------------------------------------------------------------------
 
 def state(job_id: str) -> dict[str, Any] | None:
     """`{"status": pending|delivered|failed, "attempts", "delivery_id", ...}` of the job's webhook."""
