@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.validation import MAX_BEAM, MODALITIES
+from api import schema
 from tasks.errors import ERROR_CODES
 from tasks.jobs import JOB_ID_PATTERN, STAGES, STATUSES
 
@@ -16,7 +16,16 @@ def openapi_spec() -> dict:
     job_ref = {"$ref": "#/components/schemas/Job"}
     job_id = {"name": "job_id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
-    auth_errors = {"401": _error("Missing or invalid API key")}
+    # Answers any route can give: a key missing or unknown, a wrong method, an unparsable request
+    # (answered by gunicorn, as JSON too), the queue being down.
+    auth_errors = {"400": _error("Malformed request"), "401": _error("Missing or invalid API key"),
+                   "405": _error("Method not allowed (see the Allow header)"), "414": _error("Request line too long"),
+                   "431": _error("Header too large"), "503": _error("The job queue is unavailable")}
+    body_errors = {"400": _error("Invalid request"), "403": _error("Bucket not allowed"),
+                   "413": _error("Body too large"), "415": _error("Not JSON")}
+    # A failed job's code, with its status, is /predict's answer.
+    job_failures = {str(status): _error("The job failed with this status (error.code says why)")
+                    for status in sorted({e.status for e in ERROR_CODES.values() if e.job})}
     return {
         "openapi": "3.1.0",
         "info": {"title": "avsr-pipeline", "version": "0.1.0",
@@ -27,7 +36,7 @@ def openapi_spec() -> dict:
             "/v1/jobs": {"post": {
                 "summary": "Submit a job",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": 255}}],
+                                "schema": schema.IDEMPOTENCY_KEY}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
                 "responses": {
@@ -35,17 +44,15 @@ def openapi_spec() -> dict:
                         "$ref": "#/components/schemas/JobAccepted"}}}},
                     "200": {"description": "Same Idempotency-Key and body: the existing job",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
-                    "400": _error("Invalid request"), "403": _error("Bucket not allowed"),
-                    "409": _error("Idempotency-Key reused with another body"), "413": _error("Body too large"),
-                    **auth_errors}}},
+                    **auth_errors, **body_errors, "409": _error("Idempotency-Key reused with another body")}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "Job status (and result once succeeded)", "parameters": [job_id],
                         "responses": {"200": {"description": "The job", "content": {"application/json": {
-                            "schema": job_ref}}}, "404": _error("Unknown job"), **auth_errors}},
+                            "schema": job_ref}}}, **auth_errors, "404": _error("Unknown job")}},
                 "delete": {"summary": "Cancel a job", "parameters": [job_id],
                            "responses": {"202": {"description": "Cancelled", "content": {"application/json": {
-                               "schema": job_ref}}}, "404": _error("Unknown job"),
-                               "409": _error("Already finished"), **auth_errors}}},
+                               "schema": job_ref}}}, **auth_errors, "404": _error("Unknown job"),
+                               "409": _error("Already finished")}}},
             "/v1/jobs/{job_id}/result": {"get": {
                 "summary": "The result as JSON, SRT or WebVTT",
                 "parameters": [job_id, {"name": "format", "in": "query", "schema": {
@@ -54,26 +61,24 @@ def openapi_spec() -> dict:
                     "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
                     "application/x-subrip": {"schema": {"type": "string"}},
                     "text/vtt": {"schema": {"type": "string"}}}},
-                    "400": _error("Unknown format"), "404": _error("Unknown job"),
-                    "409": _error("Not finished"), **auth_errors}}},
+                    **auth_errors, "400": _error("Unknown format"), "404": _error("Unknown job"),
+                    "409": _error("Not finished")}}},
             "/predict": {"post": {
                 "summary": "Legacy synchronous transcription of a frame sequence (waits, bounded)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["s3_bucket", "s3_prefix"],
-                    "properties": {"s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"},
-                                   "fps": {"type": "number"}, "beam_size": {"type": "integer"}}}}}},
+                    "$ref": "#/components/schemas/PredictRequest"}}}},
                 "responses": {"200": {"description": "Transcript", "content": {"application/json": {"schema": {
                     "type": "object", "required": ["text", "confidence", "num_frames"],
                     "properties": {"text": {"type": "string"}, "confidence": {"type": "number"},
                                    "num_frames": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
-                    "400": _error("Invalid request"), "404": _error("Input not found"),
-                    "422": _error("Input could not be processed"), "504": _error("Did not finish in time"),
-                    **auth_errors}}},
+                    **auth_errors, **job_failures, **body_errors, "409": _error("The job was cancelled"),
+                    "504": _error("Did not finish in time")}}},
             "/health": {"get": {"summary": "Model, device, broker and worker state", "security": [],
                                 "responses": {"200": {"description": "Broker reachable"},
                                               "503": {"description": "Broker down"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": {"200": {"description": "Prometheus text format"}}}},
+                                 "responses": {"200": {"description": "Prometheus text format"},
+                                               "503": _error("The job queue is unavailable")}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
@@ -87,17 +92,8 @@ def openapi_spec() -> dict:
                     "Machine-readable error codes (HTTP status; `job` = also a failed job's `error.code`):\n"
                     + "\n".join(f"- `{code}` ({e.status}{', job' if e.job else ''}): {e.meaning}"
                                 for code, e in ERROR_CODES.items()))},
-                "JobRequest": {"type": "object", "required": ["s3_bucket"], "additionalProperties": False,
-                               "properties": {
-                                   "s3_bucket": {"type": "string"},
-                                   "s3_prefix": {"type": "string", "description": "Frames (JPEG/PNG), natural order"},
-                                   "s3_key": {"type": "string", "description": "A video file (with its audio)"},
-                                   "fps": {"type": "number", "minimum": 1, "maximum": 120, "default": 25},
-                                   "modality": {"type": "string", "enum": list(MODALITIES), "default": "auto"},
-                                   "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM},
-                                   "output": {"type": "object", "properties": {
-                                       "s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"}}},
-                                   "callback_url": {"type": "string", "format": "uri"}}},
+                "JobRequest": schema.JOB_REQUEST,
+                "PredictRequest": schema.PREDICT_REQUEST,
                 "JobAccepted": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "status": {"type": "string"}, "links": {"type": "object"}}},
                 "Segment": {"type": "object", "properties": {
@@ -118,7 +114,10 @@ def openapi_spec() -> dict:
                     "result": {"$ref": "#/components/schemas/Result"},
                     "error": {"type": "object", "properties": {
                         "code": {"$ref": "#/components/schemas/ErrorCode"}, "message": {"type": "string"}}},
-                    "links": {"type": "object"}}},
+                    "links": {"type": "object"},
+                    "webhook": {"type": "object", "properties": {
+                        "status": {"type": "string", "enum": ["waiting", "pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer"}, "delivery_id": {"type": ["string", "null"]}}}}},
             },
         },
     }
