@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.validation import MAX_BEAM, MODALITIES
+from api import schema
 from tasks.errors import ERROR_CODES
 from tasks.jobs import JOB_ID_PATTERN, STAGES, STATUSES
 from tasks.subtitles import LINE_CHARS, MAX_LINES
@@ -17,7 +17,16 @@ def openapi_spec() -> dict:
     job_ref = {"$ref": "#/components/schemas/Job"}
     job_id = {"name": "job_id", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
-    auth_errors = {"401": _error("Missing or invalid API key")}
+    # Answers any route can give: a key missing or unknown, a wrong method, an unparsable request
+    # (answered by gunicorn, as JSON too), the queue being down.
+    auth_errors = {"400": _error("Malformed request"), "401": _error("Missing or invalid API key"),
+                   "405": _error("Method not allowed (see the Allow header)"), "414": _error("Request line too long"),
+                   "431": _error("Header too large"), "503": _error("The job queue is unavailable")}
+    body_errors = {"400": _error("Invalid request"), "403": _error("Bucket not allowed"),
+                   "413": _error("Body too large"), "415": _error("Not JSON")}
+    # A failed job's code, with its status, is /predict's answer.
+    job_failures = {str(status): _error("The job failed with this status (error.code says why)")
+                    for status in sorted({e.status for e in ERROR_CODES.values() if e.job})}
     return {
         "openapi": "3.1.0",
         "info": {"title": "avsr-pipeline", "version": "0.1.0",
@@ -28,7 +37,7 @@ def openapi_spec() -> dict:
             "/v1/jobs": {"post": {
                 "summary": "Submit a job",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": 255}}],
+                                "schema": schema.IDEMPOTENCY_KEY}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
                 "responses": {
@@ -36,17 +45,15 @@ def openapi_spec() -> dict:
                         "$ref": "#/components/schemas/JobAccepted"}}}},
                     "200": {"description": "Same Idempotency-Key and body: the existing job",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
-                    "400": _error("Invalid request"), "403": _error("Bucket not allowed"),
-                    "409": _error("Idempotency-Key reused with another body"), "413": _error("Body too large"),
-                    **auth_errors}}},
+                    **auth_errors, **body_errors, "409": _error("Idempotency-Key reused with another body")}}},
             "/v1/jobs/{job_id}": {
                 "get": {"summary": "Job status (and result once succeeded)", "parameters": [job_id],
                         "responses": {"200": {"description": "The job", "content": {"application/json": {
-                            "schema": job_ref}}}, "404": _error("Unknown job"), **auth_errors}},
+                            "schema": job_ref}}}, **auth_errors, "404": _error("Unknown job")}},
                 "delete": {"summary": "Cancel a job", "parameters": [job_id],
                            "responses": {"202": {"description": "Cancelled", "content": {"application/json": {
-                               "schema": job_ref}}}, "404": _error("Unknown job"),
-                               "409": _error("Already finished"), **auth_errors}}},
+                               "schema": job_ref}}}, **auth_errors, "404": _error("Unknown job"),
+                               "409": _error("Already finished")}}},
             "/v1/jobs/{job_id}/result": {"get": {
                 "summary": "The result as JSON, SRT or WebVTT",
                 "parameters": [job_id, {"name": "format", "in": "query", "schema": {
@@ -59,21 +66,18 @@ def openapi_spec() -> dict:
                     "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
                     "application/x-subrip": {"schema": {"type": "string"}},
                     "text/vtt": {"schema": {"type": "string"}}}},
-                    "400": _error("Unknown format"), "404": _error("Unknown job"),
-                    "409": _error("Not finished"), **auth_errors}}},
+                    **auth_errors, "400": _error("Unknown format"), "404": _error("Unknown job"),
+                    "409": _error("Not finished")}}},
             "/predict": {"post": {
                 "summary": "Legacy synchronous transcription of a frame sequence (waits, bounded)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["s3_bucket", "s3_prefix"],
-                    "properties": {"s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"},
-                                   "fps": {"type": "number"}, "beam_size": {"type": "integer"}}}}}},
+                    "$ref": "#/components/schemas/PredictRequest"}}}},
                 "responses": {"200": {"description": "Transcript", "content": {"application/json": {"schema": {
                     "type": "object", "required": ["text", "confidence", "num_frames"],
                     "properties": {"text": {"type": "string"}, "confidence": {"type": "number"},
                                    "num_frames": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
-                    "400": _error("Invalid request"), "404": _error("Input not found"),
-                    "422": _error("Input could not be processed"), "504": _error("Did not finish in time"),
-                    **auth_errors}}},
+                    **auth_errors, **job_failures, **body_errors, "409": _error("The job was cancelled"),
+                    "504": _error("Did not finish in time")}}},
             "/v1/uploads": {"post": {
                 "summary": "A presigned S3 PUT URL for a local video; submit it as {\"upload_id\"}",
                 "requestBody": {"required": True, "content": {"application/json": {
@@ -96,7 +100,8 @@ def openapi_spec() -> dict:
                                 "responses": {"200": {"description": "Broker reachable"},
                                               "503": {"description": "Broker down"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [],
-                                 "responses": {"200": {"description": "Prometheus text format"}}}},
+                                 "responses": {"200": {"description": "Prometheus text format"},
+                                               "503": _error("The job queue is unavailable")}}},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
@@ -110,23 +115,8 @@ def openapi_spec() -> dict:
                     "Machine-readable error codes (HTTP status; `job` = also a failed job's `error.code`):\n"
                     + "\n".join(f"- `{code}` ({e.status}{', job' if e.job else ''}): {e.meaning}"
                                 for code, e in ERROR_CODES.items()))},
-                "JobRequest": {"type": "object", "additionalProperties": False,
-                               "description": "One input: s3_bucket with s3_prefix or s3_key, or upload_id, or url",
-                               "properties": {
-                                   "s3_bucket": {"type": "string"},
-                                   "s3_prefix": {"type": "string", "description": "Frames (JPEG/PNG), natural order"},
-                                   "s3_key": {"type": "string", "description": "A video file (with its audio)"},
-                                   "fps": {"type": "number", "minimum": 1, "maximum": 120, "default": 25},
-                                   "modality": {"type": "string", "enum": list(MODALITIES), "default": "auto"},
-                                   "beam_size": {"type": "integer", "minimum": 1, "maximum": MAX_BEAM},
-                                   "output": {"type": "object", "properties": {
-                                       "s3_bucket": {"type": "string"}, "s3_prefix": {"type": "string"}}},
-                                   "callback_url": {"type": "string", "format": "uri"},
-                                   "upload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
-                                                 "description": "A video uploaded via POST /v1/uploads"},
-                                   "url": {"type": "string", "format": "uri", "description": (
-                                       "An http(s) URL of a video, fetched by the service (global "
-                                       "addresses only, size cap, timeout, video/* content type)")}}},
+                "JobRequest": schema.JOB_REQUEST,
+                "PredictRequest": schema.PREDICT_REQUEST,
                 "UploadRequest": {"type": "object", "required": ["size"], "additionalProperties": False,
                                   "properties": {
                                       "size": {"type": "integer", "minimum": 1, "description": "bytes"},
@@ -167,7 +157,10 @@ def openapi_spec() -> dict:
                         "code": {"$ref": "#/components/schemas/ErrorCode"}, "message": {"type": "string"}}},
                     "links": {"type": "object"},
                     "waiting_for": {"type": "string", "enum": ["cpu worker", "gpu worker"],
-                                    "description": "only while no live worker consumes the stage's queue"}}},
+                                    "description": "only while no live worker consumes the stage's queue"},
+                    "webhook": {"type": "object", "properties": {
+                        "status": {"type": "string", "enum": ["waiting", "pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer"}, "delivery_id": {"type": ["string", "null"]}}}}},
             },
         },
     }

@@ -12,19 +12,19 @@ from urllib.parse import urlparse
 
 from flask import request
 
+from api import schema
 from api.errors import ApiError
 from tasks.jobs import is_job_id
 from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, UrlInput, VideoInput
 from tasks.settings import Settings, Tenant
 from tasks.webhooks import canonical_host, non_global_address
 
-MODALITIES = ("auto", "video", "audio", "audiovisual")
-JOB_FIELDS = {"s3_bucket", "s3_prefix", "s3_key", "fps", "modality", "beam_size", "output", "callback_url",
-              "upload_id", "url"}
+MODALITIES, JOB_FIELDS = schema.MODALITIES, schema.JOB_FIELDS
 S3_INPUT_FIELDS = ("s3_bucket", "s3_prefix", "s3_key", "fps")
-UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
-MAX_BEAM = 50
-_BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+UPLOAD_ID = re.compile(schema.UPLOAD_ID["pattern"])
+MAX_BEAM = schema.BEAM_RANGE[1]
+_BUCKET = re.compile(schema.BUCKET_PATTERN)
+_IPV4 = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 
 
 def bad(code: str, message: str) -> ApiError:
@@ -47,7 +47,7 @@ def _encodable(value: Any, where: str = "body") -> None:
             _encodable(item, where)
 
 
-def _string(body: dict, name: str, *, required: bool = False, max_len: int = 1024) -> str | None:
+def _string(body: dict, name: str, *, required: bool = False, max_len: int = schema.MAX_PATH_BYTES) -> str | None:
     value = body.get(name)
     if value is None:
         if required:
@@ -70,7 +70,7 @@ def s3_path(value: str, name: str) -> str:
 
 def _bucket(body: dict, name: str, allowed: tuple[str, ...], settings: Settings, *, write: bool = False) -> str:
     bucket = _string(body, name, required=True, max_len=63) or ""
-    if not _BUCKET.match(bucket):
+    if not _BUCKET.match(bucket) or _IPV4.match(bucket):
         raise bad("invalid_bucket", f"'{bucket}' is not a valid S3 bucket name")
     # Writing: only listed buckets (none listed: results stay in the work bucket). Reading: the listed
     # buckets, or with none listed any bucket but the work bucket (other jobs' arrays and results).
@@ -111,7 +111,7 @@ def parse_job_request(body: Any, settings: Settings, *, tenant: Tenant | None = 
     request: JobRequest = {
         "input": source,
         "modality": modality,
-        "beam_size": int(_number(body, "beam_size", settings.beam_size, 1, MAX_BEAM, integer=True)),
+        "beam_size": int(_number(body, "beam_size", settings.beam_size, *schema.BEAM_RANGE, integer=True)),
         "output": _output(body.get("output"), tenant, settings),
         "callback_url": _callback(body.get("callback_url"), tenant, settings.callback_allow_private),
     }
@@ -135,7 +135,7 @@ def _s3_input(body: dict, tenant: Tenant, settings: Settings, legacy: bool) -> F
             raise bad("invalid_field", "'fps' applies to frame sequences; a video carries its own timing")
         return {"type": "video", "bucket": bucket, "key": key}
     return {"type": "frames", "bucket": bucket, "prefix": prefix or "",
-            "fps": float(_number(body, "fps", FPS, 1.0, 120.0))}
+            "fps": float(_number(body, "fps", FPS, *schema.FPS_RANGE))}
 
 
 def _only_input(body: dict, name: str, legacy: bool) -> None:
@@ -167,7 +167,7 @@ def _url_input(body: dict, settings: Settings, legacy: bool) -> UrlInput | None:
     if "url" not in body:
         return None
     _only_input(body, "url", legacy)
-    url = _string(body, "url", max_len=2048) or ""
+    url = _string(body, "url", max_len=schema.MAX_URL_LENGTH) or ""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise bad("url_not_allowed", "'url' must be an http(s) URL")
@@ -188,7 +188,8 @@ def _output(value: Any, tenant: Tenant, settings: Settings) -> OutputLocation | 
 def _callback(value: Any, tenant: Tenant, allow_private: bool) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > 2048 or any(unicodedata.category(c) == "Cc" for c in value):
+    if (not isinstance(value, str) or len(value) > schema.MAX_URL_LENGTH
+            or any(unicodedata.category(c) == "Cc" for c in value)):
         raise bad("invalid_field", "'callback_url' must be a URL string")
     try:
         parsed = urlparse(value)

@@ -158,7 +158,7 @@ def payload(job: jobs.Job) -> bytes:
 
 
 def post(url: str, body: bytes, delivery_id: str, secret: str, allow_private: bool) -> int:
-    """POST `body` signed to `url`, connecting to the one address that was checked; the HTTP status.
+    """POST `body` signed to `url`, connecting only to the addresses resolved and checked here; the HTTP status.
 
     PermissionError when the host is (or resolves to) a non-global address and that is not allowed.
     """
@@ -169,19 +169,29 @@ def post(url: str, body: bytes, delivery_id: str, secret: str, allow_private: bo
     blocked = [a for a in addresses if _non_global(a)]
     if blocked and not allow_private:
         raise PermissionError(f"the callback host resolves to a non-global address ({blocked[0]})")
-    address = addresses[0]
     timestamp = str(int(time.time()))
     headers = {"Content-Type": "application/json", "Host": parsed.netloc.rsplit("@", 1)[-1],
                "User-Agent": "avsr-pipeline-webhook", "webhook-id": delivery_id, "webhook-timestamp": timestamp,
                "webhook-signature": signature(secret, delivery_id, timestamp, body)}
+    path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
+    for number, address in enumerate(addresses, 1):  # every one was checked; the next if one does not connect
+        try:
+            return _post_to(address, port, parsed.scheme == "https", host, path, body, headers)
+        except urllib3.exceptions.NewConnectionError:
+            if number == len(addresses):
+                raise
+    raise OSError(f"{host} resolves to no address")
+
+
+def _post_to(address: str, port: int, tls: bool, host: str, path: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST to `address` itself (TLS: SNI and certificate check of `host`); the HTTP status."""
     timeout = urllib3.Timeout(connect=5.0, read=TIMEOUT_S)
     pool: urllib3.HTTPConnectionPool
-    if parsed.scheme == "https":
+    if tls:
         pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host, assert_hostname=host,
                                            timeout=timeout, retries=False)
     else:
         pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
-    path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     with pool:
         response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, retries=False,
                                 assert_same_host=False)

@@ -304,13 +304,18 @@ def stop_pids(pids: dict[str, int], timeout: float) -> None:
                 time.sleep(0.1)
 
 
+def config_from_env() -> StackConfig:
+    """`make up`'s stack: the model, API keys (AVSR_API_KEYS) and tenants (AVSR_TENANTS) from the environment."""
+    return StackConfig(model_path=os.environ.get("AVHUBERT_MODEL_PATH", ""),
+                       api_key=os.environ.get("AVSR_API_KEYS", StackConfig.api_key),
+                       tenants_json=os.environ.get("AVSR_TENANTS", ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
-    config = StackConfig(model_path=os.environ.get("AVHUBERT_MODEL_PATH", ""),
-                         api_key=os.environ.get("AVSR_API_KEYS", StackConfig.api_key),
-                         tenants_json=os.environ.get("AVSR_TENANTS", ""))
+    config = config_from_env()
     state_file = config.state_dir / "state.json"
     if args.command == "up":
         stack = Stack(config).start()

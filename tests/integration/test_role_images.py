@@ -148,7 +148,8 @@ def test_role_venv_holds_only_its_dependencies(venvs, role, tmp_path):
 
 def test_api_answers_health_through_gunicorn(venvs, role_redis, tmp_path):
     port = _free_port()
-    argv = [str(venvs["api"] / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1", "api:create_app()"]
+    argv = [str(venvs["api"] / "bin" / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
+            "--config", "python:api.gunicorn_conf", "api:create_app()"]
     with _Process(argv, tmp_path, _env()) as api:
         api.wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200,
                      "API /health", 60)

@@ -76,3 +76,13 @@ def test_one_delivery_per_job_and_attempt(scratch, webhook_receiver):
     assert verified["result"] == {"text": "hello"} and headers["webhook-id"] == delivery_id
     assert webhooks.state(job["job_id"]) | {"last_attempt_at": 0} == {
         "status": "delivered", "attempts": 1, "delivery_id": delivery_id, "last_status": 204, "last_attempt_at": 0}
+
+
+def test_a_name_is_resolved_once_and_sent_as_the_host_header(scratch, webhook_receiver):
+    url, received = webhook_receiver
+    named = url.replace("127.0.0.1", "localhost")
+    with pytest.raises(PermissionError):  # loopback, not allowed by default
+        webhooks.post(named, b"{}", "msg_x", "s3cret", allow_private=False)
+    assert webhooks.post(named, b"{}", "msg_x", "s3cret", allow_private=True) == 204
+    headers = received[0][0]
+    assert headers["Host"] == named.split("/")[2] and headers["webhook-id"] == "msg_x"
