@@ -77,6 +77,10 @@ class Settings:
     predict_max_waiters: int = setting("AVSR_PREDICT_MAX_WAITERS", 16, kind=int,
                                        doc="POST /predict callers one API process lets wait (keep below "
                                            "gunicorn --threads); more get 503 predict_busy")
+    rate_limit: str = setting("AVSR_RATE_LIMIT", "600/minute",
+                              doc="requests per API key (or client address without one) on /v1 and /predict")
+    auth_fail_limit: str = setting("AVSR_AUTH_FAIL_LIMIT", "30/minute",
+                                   doc="failed authentications per client address before 429 rate_limited")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
     callback_allow_private: bool = setting("AVSR_CALLBACK_ALLOW_PRIVATE", False, kind=bool,
                                            doc="allow webhooks to loopback/private/link-local addresses")
