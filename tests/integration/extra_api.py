@@ -27,9 +27,9 @@ def extra_api(stack, port: int, env: dict[str, str], name: str) -> Iterator[Api]
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
+                if requests.get(base + "/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing
                 pass
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the {name} API did not start; see {log.name}")
