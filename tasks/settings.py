@@ -111,9 +111,9 @@ class Settings:
                                doc="threads for preprocessing in one CPU worker; 0 means all cores")
     max_deliveries: int = setting("AVSR_MAX_DELIVERIES", 3, kind=int,
                                   doc="deliveries of one task whose worker died before its job fails `worker_lost`")
-    lease_ttl_s: int = setting("AVSR_LEASE_TTL_S", 30, kind=int,
+    lease_ttl_s: int = setting("AVSR_LEASE_TTL_S", 20, kind=int,
                                doc="a running task's lease; renewed every third of it, re-published once it lapses")
-    reaper_interval_s: float = setting("AVSR_REAPER_INTERVAL_S", 15.0, kind=float,
+    reaper_interval_s: float = setting("AVSR_REAPER_INTERVAL_S", 5.0, kind=float,
                                        doc="how often a worker looks for lapsed leases")
     # Logging.
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")
