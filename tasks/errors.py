@@ -41,6 +41,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "request_entity_too_large": ErrorCode(413, "the request body is over AVSR_MAX_REQUEST_BYTES"),
     "unsupported_media_type": ErrorCode(415, "the body is not of a media type the route takes"),
     "broker_unavailable": ErrorCode(503, "the job queue (Redis) does not answer; retry later"),
+    "rate_limited": ErrorCode(429, "over AVSR_RATE_LIMIT or AVSR_AUTH_FAIL_LIMIT; retry after Retry-After"),
     "predict_busy": ErrorCode(503, "too many POST /predict calls are waiting; retry after Retry-After"),
     # Failed jobs (also the HTTP status of `/predict` when its job fails so).
     "input_not_found": ErrorCode(404, "no input object at the given location", job=True),

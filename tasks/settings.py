@@ -88,6 +88,10 @@ class Settings:
     predict_max_waiters: int = setting("AVSR_PREDICT_MAX_WAITERS", 16, kind=int,
                                        doc="POST /predict callers one API process lets wait (keep below "
                                            "gunicorn --threads); more get 503 predict_busy")
+    rate_limit: str = setting("AVSR_RATE_LIMIT", "600/minute",
+                              doc="requests per API key (or client address without one) on /v1 and /predict")
+    auth_fail_limit: str = setting("AVSR_AUTH_FAIL_LIMIT", "30/minute",
+                                   doc="failed authentications per client address before 429 rate_limited")
     callback_secret: str = setting("AVSR_CALLBACK_SECRET", "", doc="HMAC-SHA256 key for webhook signatures")
     callback_allow_private: bool = setting("AVSR_CALLBACK_ALLOW_PRIVATE", False, kind=bool,
                                            doc="allow webhooks to loopback/private/link-local addresses")
@@ -118,9 +122,9 @@ class Settings:
                                doc="threads for preprocessing in one CPU worker; 0 means all cores")
     max_deliveries: int = setting("AVSR_MAX_DELIVERIES", 3, kind=int,
                                   doc="deliveries of one task whose worker died before its job fails `worker_lost`")
-    lease_ttl_s: int = setting("AVSR_LEASE_TTL_S", 30, kind=int,
+    lease_ttl_s: int = setting("AVSR_LEASE_TTL_S", 20, kind=int,
                                doc="a running task's lease; renewed every third of it, re-published once it lapses")
-    reaper_interval_s: float = setting("AVSR_REAPER_INTERVAL_S", 15.0, kind=float,
+    reaper_interval_s: float = setting("AVSR_REAPER_INTERVAL_S", 5.0, kind=float,
                                        doc="how often a worker looks for lapsed leases")
     # Logging.
     log_level: str = setting("AVSR_LOG_LEVEL", "INFO", doc="log level")

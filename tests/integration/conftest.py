@@ -73,7 +73,9 @@ def stack():
                    # small chunks and segments so a 10 s clip exercises the fan-out and batching
                    "AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4",
                    # test only: a worker process exits on this input (tests/integration/test_worker_faults.py)
-                   "AVSR_TEST_POISON_KEY": POISON_PREFIX},
+                   "AVSR_TEST_POISON_KEY": POISON_PREFIX,
+                   # the suite is one client on 127.0.0.1; test_rate_limits.py runs its own small limits
+                   "AVSR_RATE_LIMIT": "100000/minute", "AVSR_AUTH_FAIL_LIMIT": "100000/minute"},
     )
     stack = Stack(config)
     try:

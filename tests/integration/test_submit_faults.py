@@ -4,7 +4,6 @@ and leaves no job behind (a real TCP proxy between a second API process and Redi
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 from urllib.parse import urlparse
@@ -13,10 +12,8 @@ import pytest
 import redis
 import requests
 
-from deploy.local.stack import VENV_BIN
-from tests.conftest import ROOT
-
-from .conftest import API_KEY, INPUT_BUCKET, PORT_BASE, Api, upload_frames
+from .conftest import INPUT_BUCKET, PORT_BASE, upload_frames
+from .extra_api import extra_api
 from .tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -54,30 +51,15 @@ def test_concurrent_posts_with_one_key_make_one_job(api, frames_body):
 
 @pytest.fixture
 def proxied_api(stack):
-    """A second API process (gunicorn) whose Redis connection runs through a `TcpProxy`."""
+    """A second API process whose Redis connection runs through a `TcpProxy`."""
     url = urlparse(stack.config.redis_url)
     proxy = TcpProxy((url.hostname, url.port or 6379))
-    port = PORT_BASE + 21
-    env = stack.config.env() | {"AVSR_REDIS_URL": f"redis://127.0.0.1:{proxy.port}{url.path}"}
-    log = open(stack.logs / "api-proxied.log", "ab")  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                             "--threads", "4", "api:create_app()"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("the proxied API did not start")
-    yield Api(base, API_KEY), proxy
-    proc.terminate()
-    proc.wait(30)
-    log.close()
-    proxy.close()
+    env = {"AVSR_REDIS_URL": f"redis://127.0.0.1:{proxy.port}{url.path}"}
+    try:
+        with extra_api(stack, PORT_BASE + 21, env, "api-proxied") as proxied:
+            yield proxied, proxy
+    finally:
+        proxy.close()
 
 
 def test_broker_cut_answers_503_fast_leaves_no_job_and_the_retry_runs(stack, api, proxied_api, frames_body):

@@ -77,7 +77,7 @@ def kill_group(worker) -> None:
     worker.wait(30)
 
 
-def kill_mid_stage_and_recover(stack, api, body: dict, queue: str, stage_pattern: str, stage: str) -> float:
+def kill_mid_stage_and_recover(stack, api, body: dict, queue: str, stage_pattern: str) -> float:
     r = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
     first = start_ready(stack, f"{queue}-doomed", queue)
     replacement = None
@@ -87,7 +87,8 @@ def kill_mid_stage_and_recover(stack, api, body: dict, queue: str, stage_pattern
         kill_group(first)
         killed = time.monotonic()
         job = api.request("GET", f"/v1/jobs/{job_id}").json()
-        assert job["status"] == "running" and job["stage"] == stage, f"killed too late: {job}"
+        # The stage's lease existed, so its task had started in the killed process; the job must not be done.
+        assert job["status"] == "running", f"killed too late: {job}"
         replacement = start_ready(stack, f"{queue}-replacement", queue)
         job = api.wait(job_id, timeout=RECOVERY_BOUND_S)
         recovered = time.monotonic() - killed
@@ -103,13 +104,13 @@ def kill_mid_stage_and_recover(stack, api, body: dict, queue: str, stage_pattern
 
 def test_gpu_worker_killed_mid_inference_the_job_finishes(stack, api, control, long_video):
     with stack_worker_paused(control, "gpu", "gpu"):
-        recovered = kill_mid_stage_and_recover(stack, api, long_video, "gpu", "infer", "inference")
+        recovered = kill_mid_stage_and_recover(stack, api, long_video, "gpu", "infer")
     print(f"gpu worker killed mid-inference: job finished {recovered:.1f}s after the kill")
 
 
 def test_cpu_worker_killed_mid_chunk_the_job_finishes(stack, api, control, long_video):
     with stack_worker_paused(control, "cpu1", "cpu"):
-        recovered = kill_mid_stage_and_recover(stack, api, long_video, "cpu", "chunk.*", "preprocessing")
+        recovered = kill_mid_stage_and_recover(stack, api, long_video, "cpu", "chunk.*")
     print(f"cpu worker killed mid-chunk: job finished {recovered:.1f}s after the kill")
 
 
