@@ -314,5 +314,6 @@ def load_model(
     network = AVHubertModel(config.encoder, config.decoder, vocab_size, padding_idx)
     load_fairseq_weights(network, state["model"], seq2seq=config.kind == "seq2seq")
     network.eval().to(torch_device)
+    network.prepare_for_inference()
     return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, _DTYPES.get(dtype))
 

@@ -106,12 +106,13 @@ class _Decoding:
     """Decoder calls for the active hypotheses (``bsz * beam`` rows) of the active items."""
 
     def __init__(
-        self, decoder: TransformerDecoder, memory: Tensor, mask: Tensor | None, incremental: bool
+        self, decoder: TransformerDecoder, memory: Tensor, mask: Tensor | None, incremental: bool, beam: int,
+        steps: int,
     ) -> None:
         self.decoder = decoder
         self.memory = memory
         self.mask = mask
-        self.cache = decoder.init_cache(memory) if incremental else None
+        self.cache = decoder.init_cache(memory, memory.size(0) * beam, steps) if incremental else None
 
     def select_items(self, items: Tensor) -> None:
         self.memory = self.memory[items]
@@ -203,7 +204,7 @@ def beam_search(
     bsz = encoder_out.size(0)
     vocab = decoder.embed_tokens.num_embeddings
     beam = min(cfg.beam_size, vocab - 1)
-    decoding = _Decoding(decoder, encoder_out, encoder_padding_mask, cfg.incremental)
+    decoding = _Decoding(decoder, encoder_out, encoder_padding_mask, cfg.incremental, beam, max(max_lens) + 1)
 
     cap = torch.tensor(max_lens, device=device)  # per active item
     src_len = None
