@@ -9,6 +9,7 @@ Layouts (batch first everywhere): video ``[B, 1, T, H, W]``, audio ``[B, T, F]``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -485,7 +486,8 @@ class DecoderCache:
         changed = rows.ne(torch.arange(rows.numel(), device=rows.device)).nonzero().squeeze(1)
         if changed.numel() == 0 or t == 0:
             return
-        self.kv[:, :, changed, :, :t] = self.kv[:, :, rows[changed], :, :t]
+        view = self.kv[:, :, :, :, :t]
+        view.index_copy_(2, changed, view.index_select(2, rows[changed]))
 
     def select_items(self, items: Tensor) -> None:
         """Keep only the source ``items`` (finished sentences removed from the batch)."""
@@ -597,7 +599,8 @@ class TransformerDecoder(nn.Module):
     def init_cache(self, encoder_out: Tensor, rows: int | None = None, capacity: int = 64) -> DecoderCache:
         """Cache with the encoder-attention keys/values of ``encoder_out`` ``[B, S, D]`` and room
         for ``capacity`` steps of ``rows`` hypotheses (default ``B``; it grows if needed)."""
-        cross = [layer.cross_attention.project_kv(encoder_out) for layer in self.layers]
+        # contiguous once here, not re-laid out by every step's matmuls
+        cross = [tuple(t.contiguous() for t in layer.cross_attention.project_kv(encoder_out)) for layer in self.layers]
         attn = self.layers[0].self_attention
         heads, d = attn.num_heads, attn.q_proj.in_features
         rows = encoder_out.size(0) if rows is None else rows
@@ -696,3 +699,14 @@ class AVHubertModel(nn.Module):
                 module.fuse_projections()
         if self.decoder is not None:
             self.decoder.prepare_for_inference()
+
+    def quantize_linear_int8(self) -> None:
+        """Dynamic int8 quantisation of every Linear (CPU, after :meth:`prepare_for_inference`:
+        the fused projections are dropped, the quantised q/k/v Linears run separately)."""
+        for module in self.modules():
+            if isinstance(module, MultiheadAttention):
+                module.qkv_t = module.qkv_bias = None
+        with warnings.catch_warnings():  # torch 2.13 flags quantised tensor creation as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            for name, child in list(self.named_children()):
+                setattr(self, name, torch.ao.quantization.quantize_dynamic(child, {nn.Linear}, dtype=torch.qint8))
