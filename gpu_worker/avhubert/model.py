@@ -474,19 +474,31 @@ class DecoderCache:
         self.kv[layer, 1, :, :, self.length : end] = new_v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
-    def reorder(self, rows: Tensor) -> None:
-        """Keep/duplicate hypothesis rows: only the rows whose source changes are copied (one
-        gather over all layers); a shrinking batch (finished items removed) is compacted."""
+    def reorder(self, rows: Tensor, same_prefix: Tensor | None = None) -> None:
+        """Keep/duplicate hypothesis rows (row ``i`` takes the history of row ``rows[i]``); a
+        shrinking batch (finished items removed) is compacted.
+
+        Only what changes is copied, in one gather over all layers: rows whose source is another
+        row, and of those only the steps from ``same_prefix`` on, where given: ``same_prefix[i]``
+        = how many leading steps of row ``i``'s history already equal its new history (keys and
+        values of a step depend only on the tokens up to it, so equal token prefixes mean equal
+        cache entries)."""
         t = self.length
         if rows.numel() != self.kv.size(2):
             kept = self.kv.new_empty(*self.kv.shape[:2], rows.numel(), *self.kv.shape[3:])
             kept[:, :, :, :, :t] = self.kv[:, :, rows, :, :t]
             self.kv = kept
             return
-        changed = rows.ne(torch.arange(rows.numel(), device=rows.device)).nonzero().squeeze(1)
+        moved = rows.ne(torch.arange(rows.numel(), device=rows.device))
+        start = 0
+        if same_prefix is not None:
+            moved &= same_prefix < t
+        changed = moved.nonzero().squeeze(1)
         if changed.numel() == 0 or t == 0:
             return
-        view = self.kv[:, :, :, :, :t]
+        if same_prefix is not None:
+            start = int(same_prefix[changed].min())
+        view = self.kv[:, :, :, :, start:t]
         view.index_copy_(2, changed, view.index_select(2, rows[changed]))
 
     def select_items(self, items: Tensor) -> None:
