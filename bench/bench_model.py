@@ -111,7 +111,7 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     video = torch.randn(1, 1, args.frames, 88, 88, generator=torch.Generator().manual_seed(0)).to(device)
     net = model.network
     with torch.inference_mode(), model.autocast():
-        memory, mask = net.encoder(video)
+        memory, mask = net.encoder(video.to(model._input_dtype))
     caps = [args.tokens]
     dictionary = model.tokenizer.dictionary
     special = (dictionary.eos_index, dictionary.pad_index, dictionary.unk_index)
@@ -374,7 +374,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["base", "large"], choices=["tiny", "base", "large"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--dtype", default=None, choices=["fp16", "bf16"], help="CUDA autocast dtype")
+    parser.add_argument("--dtype", default=None, choices=["fp16", "bf16", "int8"],
+                        help="load_model dtype (CUDA: fp16/bf16 autocast; CPU: bf16 weights, int8 Linears)")
     parser.add_argument("--frames", type=int, default=250, help="clip length in video frames (25 fps)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=30, help="output tokens before the forced </s>")

@@ -150,7 +150,10 @@ class VideoResNet(nn.Module):
         return F.conv2d(taps, weight, conv.bias, conv.stride[1:], conv.padding[1:])
 
     def forward(self, video: Tensor) -> Tensor:
-        b = video.size(0)
+        """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode, where bf16
+        convolutions without AMX are slower); returns the input's dtype."""
+        b, out_dtype = video.size(0), video.dtype
+        video = video.to(self.stem_conv.weight.dtype)
         x = self._stem(video)  # [B*T, C, H, W] channels-last
         act = self.stem_act
         # the activation commutes with the max-pool when it is non-decreasing (ReLU, PReLU with
@@ -162,7 +165,7 @@ class VideoResNet(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = x.mean(dim=(2, 3))
-        return x.view(b, -1, x.size(-1))
+        return x.view(b, -1, x.size(-1)).to(out_dtype)
 
 
 class Frontend(nn.Module):

@@ -289,8 +289,9 @@ def load_model(
 
     ``dtype`` (default None = ``"fp32"``, the reference precision): on CUDA ``"fp16"``/``"bf16"``
     run the network under autocast (weights stay fp32). On CPU, opt-in reduced precision:
-    ``"bf16"`` stores the weights in bfloat16 and computes in it (fast with AVX512-BF16/AMX;
-    log-probabilities, scores and returned features are float32), ``"int8"`` replaces every
+    ``"bf16"`` stores the weights in bfloat16 and computes in it (AVX512-BF16/AMX), except the
+    ResNet front end, which stays fp32 (bf16 convolutions are slower without AMX);
+    log-probabilities, scores and returned features are float32; ``"int8"`` replaces every
     Linear by a dynamically quantised int8 one (``torch.ao.quantization.quantize_dynamic``,
     per-tensor weights, activations quantised per call; convolutions stay fp32). Both change the
     numbers (see the deviation bounds in ``tests/unit/test_avhubert_speed.py``).
@@ -332,6 +333,7 @@ def load_model(
     autocast_dtype = _DTYPES.get(precision) if torch_device.type == "cuda" else None
     if precision == "bf16" and torch_device.type == "cpu":
         network.to(torch.bfloat16)
+        network.encoder.video_frontend.backbone.float()  # the ResNet stays fp32 (faster on CPU)
     network.prepare_for_inference()
     if precision == "int8":
         network.quantize_linear_int8()

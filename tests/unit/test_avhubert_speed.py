@@ -22,7 +22,7 @@ UTTS = ["rand29", "face50", "rand75"]
 MODS = ["video", "audio", "av"]
 
 # measured on the fixture model (tiny 96-d, random weights: near-uniform, near-tied outputs, the
-# audio front end amplifies rounding), torch 2.13 CPU: bf16 1.1e-2 / 0.93 / 3 of 9 best texts equal,
+# audio front end amplifies rounding), torch 2.13 CPU: bf16 9.7e-3 / 0.93 / 4 of 9 best texts equal,
 # int8 3.3e-2 / 1.30 / 2 of 9; bounds about 2-3x the errors, agreement at the measured value
 BOUNDS = {
     # precision: (encoder relative error, teacher-forced log-prob max abs error, min best-text agreement)
@@ -93,7 +93,8 @@ def test_reduced_precision_deviation_is_bounded(fp32: AVHubert, inputs, outputs,
     model = load_model(REF / "checkpoints" / "finetune_s2s.pt", dtype=precision)
     assert model.info["dtype"] == precision
     if precision == "bf16":
-        assert next(model.network.parameters()).dtype == torch.bfloat16
+        assert model.network.decoder.embed_tokens.weight.dtype == torch.bfloat16
+        assert model.network.encoder.video_frontend.backbone.stem_conv.weight.dtype == torch.float32
     else:
         assert ".quantized." in type(model.network.decoder.layers[0].feed_forward.fc1).__module__
     enc_err, lp_err, agreement = _deviation(model, fp32, inputs, outputs)
