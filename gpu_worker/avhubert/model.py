@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,16 @@ def _relu(kind: str, channels: int) -> nn.Module:
 
 # --------------------------------------------------------------------------- visual front end
 
+_Conv = TypeVar("_Conv", nn.Conv2d, nn.Conv3d)
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs + BN, PReLU/ReLU, optional 1x1 downsample)."""
+
+    # BatchNorms become Identity and the downsample Sequential one Conv2d in fold_batchnorm
+    bn1: nn.Module
+    bn2: nn.Module
+    downsample: nn.Module | None
 
     def __init__(self, inplanes: int, planes: int, stride: int, relu_type: str) -> None:
         super().__init__()
@@ -73,27 +81,32 @@ class BasicBlock(nn.Module):
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + residual)
+        result: Tensor = self.relu2(out + residual)
+        return result
 
     def fold_batchnorm(self) -> None:
         """Inference: fold every BatchNorm into the convolution before it (eval statistics)."""
         self.conv1, self.bn1 = fold_conv_bn(self.conv1, self.bn1), nn.Identity()
         self.conv2, self.bn2 = fold_conv_bn(self.conv2, self.bn2), nn.Identity()
         if self.downsample is not None:
-            self.downsample = fold_conv_bn(self.downsample[0], self.downsample[1])
+            downsample = cast(nn.Sequential, self.downsample)
+            self.downsample = fold_conv_bn(cast(nn.Conv2d, downsample[0]), downsample[1])
 
 
-def fold_conv_bn(conv: nn.Conv2d | nn.Conv3d, bn: nn.Module) -> nn.Module:
+def fold_conv_bn(conv: _Conv, bn: nn.Module) -> _Conv:
     """``bn(conv(x))`` as one convolution (eval-mode BatchNorm; computed in float64). The new
     convolution keeps the memory format of the old weight."""
     if isinstance(bn, nn.Identity):
         return conv
+    norm = cast("nn.BatchNorm2d | nn.BatchNorm3d", bn)
+    running_mean, running_var = norm.running_mean, norm.running_var
+    assert running_mean is not None and running_var is not None, "BatchNorm without running statistics"
     with torch.no_grad():
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        scale = norm.weight.double() / torch.sqrt(running_var.double() + norm.eps)
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
         weight = (conv.weight.double() * scale.view(shape)).to(conv.weight.dtype)
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        bias = ((bias - bn.running_mean.double()) * scale + bn.bias.double()).to(conv.weight.dtype)
+        bias = ((bias - running_mean.double()) * scale + norm.bias.double()).to(conv.weight.dtype)
         conv.weight.copy_(weight)  # copy_ keeps the layout (channels-last trunk)
         conv.bias = nn.Parameter(bias, requires_grad=False)
     return conv
@@ -107,6 +120,7 @@ class VideoResNet(nn.Module):
     """
 
     out_dim = 512
+    stem_bn: nn.Module  # Identity after fold_batchnorm
 
     def __init__(self, relu_type: str) -> None:
         super().__init__()
@@ -124,30 +138,33 @@ class VideoResNet(nn.Module):
                 nn.Sequential(BasicBlock(inplanes, p, stride, relu_type), BasicBlock(p, p, 1, relu_type))
             )
             inplanes = p
-        self.layers.to(memory_format=torch.channels_last)  # faster 2-D convs; copy_ keeps the layout
+        # faster 2-D convs; copy_ keeps the layout. Module.to accepts memory_format at runtime
+        # (torch._C._nn._parse_to), torch's overload stubs omit it
+        self.layers.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def fold_batchnorm(self) -> None:
         """Inference: fold the stem and trunk BatchNorms into their convolutions."""
         self.stem_conv, self.stem_bn = fold_conv_bn(self.stem_conv, self.stem_bn), nn.Identity()
         for layer in self.layers:
-            for block in layer:
-                block.fold_batchnorm()
+            for block in cast(nn.Sequential, layer):
+                cast(BasicBlock, block).fold_batchnorm()
 
     def _stem(self, video: Tensor) -> Tensor:
         """The 3-D stem convolution (+ BatchNorm) as a per-frame 2-D convolution whose 5 input
         channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[B*T, 64, H/2,
         W/2]`` channels-last, without the 5-D layout the official code permutes afterwards."""
         conv = self.stem_conv
-        kt, ph = conv.kernel_size[0], conv.padding[0]
+        padding = cast("tuple[int, ...]", conv.padding)  # built with a tuple, never a string
+        kt, ph = conv.kernel_size[0], padding[0]
         if not isinstance(self.stem_bn, nn.Identity) or ph * 2 + 1 != kt or conv.stride[0] != 1:
-            x = self.stem_bn(conv(video))
+            x: Tensor = self.stem_bn(conv(video))
             b, c, t, h, w = x.shape
             return x.permute(0, 2, 3, 4, 1).contiguous().view(b * t, h, w, c).permute(0, 3, 1, 2)
         b, _, t, h, w = video.shape
         taps = F.pad(video[:, 0], (0, 0, 0, 0, ph, ph)).unfold(1, kt, 1)  # [B, T, H, W, kt]
         taps = taps.reshape(b * t, h, w, kt).permute(0, 3, 1, 2)  # channels-last [B*T, kt, H, W]
         weight = conv.weight.flatten(1, 2).contiguous(memory_format=torch.channels_last)
-        return F.conv2d(taps, weight, conv.bias, conv.stride[1:], conv.padding[1:])
+        return F.conv2d(taps, weight, conv.bias, conv.stride[1:], padding[1:])
 
     def forward(self, video: Tensor) -> Tensor:
         """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode, where bf16
@@ -257,6 +274,7 @@ class MultiheadAttention(nn.Module):
         """Queries, keys and values ``[N, H, L, d]`` of ``x`` ``[N, L, D]``."""
         if self.qkv_t is None or self.qkv_t.device != x.device or self.qkv_t.dtype != x.dtype:
             return (_heads(self.q_proj(x), self.num_heads), *self.project_kv(x))
+        assert self.qkv_bias is not None  # set and cleared together with qkv_t
         n, length, d = x.shape
         qkv = _linear_t(x, self.qkv_t, self.qkv_bias).view(n, length, 3, self.num_heads, d // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)
@@ -266,6 +284,7 @@ class MultiheadAttention(nn.Module):
         """Keys and values ``[N, H, S, d]`` of ``memory`` ``[N, S, D]``."""
         if self.qkv_t is None or self.qkv_t.device != memory.device or self.qkv_t.dtype != memory.dtype:
             return _heads(self.k_proj(memory), self.num_heads), _heads(self.v_proj(memory), self.num_heads)
+        assert self.qkv_bias is not None  # set and cleared together with qkv_t
         n, length, d = memory.shape
         kv = _linear_t(memory, self.qkv_t[:, d:], self.qkv_bias[d:])
         kv = kv.view(n, length, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -278,7 +297,8 @@ class MultiheadAttention(nn.Module):
 
     def attend_heads(self, q: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
         """As :meth:`attend` with projected queries ``q`` ``[N, H, L, d]``."""
-        return self.out_proj(_merge(_attention(q, key, value, mask)))
+        out: Tensor = self.out_proj(_merge(_attention(q, key, value, mask)))
+        return out
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Self-attention over ``x`` ``[B, T, D]`` ignoring padded keys."""
@@ -313,7 +333,8 @@ class FeedForward(nn.Module):
         self.act = activation_fn(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        out: Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class EncoderLayer(nn.Module):
@@ -329,11 +350,14 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        out: Tensor
         if self.layer_norm_first:
             x = x + self.self_attention(self.self_attention_norm(x), padding_mask)
-            return x + self.feed_forward(self.ffn_norm(x))
+            out = x + self.feed_forward(self.ffn_norm(x))
+            return out
         x = self.self_attention_norm(x + self.self_attention(x, padding_mask))
-        return self.ffn_norm(x + self.feed_forward(x))
+        out = self.ffn_norm(x + self.feed_forward(x))
+        return out
 
 
 class TransformerEncoder(nn.Module):
@@ -398,6 +422,7 @@ class AVHubertEncoder(nn.Module):
         feats_video = self.video_frontend(video) if video is not None else None
         feats_audio = self.audio_frontend(audio) if audio is not None else None
         if feats_audio is None:
+            assert feats_video is not None  # audio is None, so video is not
             feats_audio = feats_video.new_zeros(feats_video.shape[0], feats_video.shape[1], self.embed_dim)
         if feats_video is None:
             feats_video = feats_audio.new_zeros(feats_audio.shape[0], feats_audio.shape[1], self.embed_dim)
@@ -567,6 +592,9 @@ class TransformerDecoder(nn.Module):
     learned positions (padding-aware), pre/post-norm layers, optional final LayerNorm, output
     projection tied to the input embedding or separate."""
 
+    sin_table: Tensor  # registered buffer (empty without sinusoidal positions)
+    _output_t: tuple[Tensor, Tensor, int] | None  # set by prepare_for_inference
+
     def __init__(self, cfg: DecoderConfig, vocab_size: int, padding_idx: int) -> None:
         super().__init__()
         d = cfg.decoder_embed_dim
@@ -590,6 +618,10 @@ class TransformerDecoder(nn.Module):
             None if cfg.share_decoder_input_output_embed else nn.Parameter(torch.empty(vocab_size, d))
         )
 
+    def _decoder_layers(self) -> Sequence[DecoderLayer]:
+        """``self.layers`` as what it holds (``nn.ModuleList`` items are typed ``Module``)."""
+        return cast("Sequence[DecoderLayer]", self.layers)
+
     def max_positions(self) -> int:
         """fairseq ``max_positions``: the sinusoidal table is unbounded (1e5)."""
         return min(self.max_target_positions, int(1e5)) if self.sinusoidal else self.max_target_positions
@@ -601,7 +633,8 @@ class TransformerDecoder(nn.Module):
             mask = tokens.ne(self.padding_idx).int()
             positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.padding_idx
         if self.learned_pos is not None:
-            return self.learned_pos(positions)
+            learned: Tensor = self.learned_pos(positions)
+            return learned
         if not self.sinusoidal:
             return None
         needed = int(positions.max()) + 1
@@ -614,19 +647,23 @@ class TransformerDecoder(nn.Module):
     def init_cache(self, encoder_out: Tensor, rows: int | None = None, capacity: int = 64) -> DecoderCache:
         """Cache with the encoder-attention keys/values of ``encoder_out`` ``[B, S, D]`` and room
         for ``capacity`` steps of ``rows`` hypotheses (default ``B``; it grows if needed)."""
+        layers = self._decoder_layers()
         # contiguous once here, not re-laid out by every step's matmuls
-        cross = [tuple(t.contiguous() for t in layer.cross_attention.project_kv(encoder_out)) for layer in self.layers]
-        attn = self.layers[0].self_attention
+        cross = [
+            (k.contiguous(), v.contiguous())
+            for k, v in (layer.cross_attention.project_kv(encoder_out) for layer in layers)
+        ]
+        attn = layers[0].self_attention
         heads, d = attn.num_heads, attn.q_proj.in_features
         rows = encoder_out.size(0) if rows is None else rows
-        kv = encoder_out.new_empty(len(self.layers), 2, rows, heads, capacity, d // heads)
+        kv = encoder_out.new_empty(len(layers), 2, rows, heads, capacity, d // heads)
         return DecoderCache(kv, cross)
 
     def prepare_for_inference(self) -> None:
         """Fused self-attention q/k/v (and encoder-attention k/v) projections; Linear weights and
         the output projection stored input-major (``x @ W^T`` then reads W row by row: faster
         for the few rows of a decoding step)."""
-        for layer in self.layers:
+        for layer in self._decoder_layers():
             layer.self_attention.fuse_projections()
             layer.cross_attention.fuse_projections()
             for lin in (layer.self_attention.out_proj, layer.cross_attention.q_proj, layer.cross_attention.out_proj,
@@ -637,7 +674,7 @@ class TransformerDecoder(nn.Module):
 
     def _output_weight_t(self) -> Tensor:
         weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
-        cached = getattr(self, "_output_t", None)
+        cached: tuple[Tensor, Tensor, int] | None = getattr(self, "_output_t", None)
         if cached is None or cached[0] is not weight or cached[0]._version != cached[2]:
             cached = (weight, weight.t().contiguous(), weight._version)
             self._output_t = cached
@@ -664,11 +701,9 @@ class TransformerDecoder(nn.Module):
         cross_mask = None
         if encoder_padding_mask is not None:
             cross_mask = ~encoder_padding_mask[:, None, None, :]
-        if cache is None:
-            cross = [layer.cross_attention.project_kv(encoder_out) for layer in self.layers]
-        else:
-            cross = cache.cross_kv
-        for i, layer in enumerate(self.layers):
+        layers = self._decoder_layers()
+        cross = [layer.cross_attention.project_kv(encoder_out) for layer in layers] if cache is None else cache.cross_kv
+        for i, layer in enumerate(layers):
             x = layer(x, cross[i], cross_mask, cache, i)
         if cache is not None:
             cache.length += x.size(1)
@@ -708,7 +743,9 @@ class AVHubertModel(nn.Module):
         decoder weights stored input-major (see :meth:`TransformerDecoder.prepare_for_inference`).
         The model is then for inference only (the folded BatchNorms are gone)."""
         self.eval()
-        self.encoder.video_frontend.backbone.fold_batchnorm()
+        backbone = self.encoder.video_frontend.backbone
+        assert isinstance(backbone, VideoResNet)  # the video front end is always built with one
+        backbone.fold_batchnorm()
         for module in self.encoder.modules():
             if isinstance(module, MultiheadAttention):
                 module.fuse_projections()
@@ -724,4 +761,8 @@ class AVHubertModel(nn.Module):
         with warnings.catch_warnings():  # torch 2.13 flags quantised tensor creation as deprecated
             warnings.simplefilter("ignore", UserWarning)
             for name, child in list(self.named_children()):
-                setattr(self, name, torch.ao.quantization.quantize_dynamic(child, {nn.Linear}, dtype=torch.qint8))
+                # quantize_dynamic has no annotations in torch
+                quantized = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+                    child, {nn.Linear}, dtype=torch.qint8
+                )
+                setattr(self, name, quantized)

@@ -346,7 +346,9 @@ def load_model(
     autocast_dtype = _DTYPES[precision] if torch_device.type == "cuda" and precision in _DTYPES else None
     if precision == "bf16" and torch_device.type == "cpu":
         network.to(torch.bfloat16)
-        network.encoder.video_frontend.backbone.float()  # the ResNet stays fp32 (faster on CPU)
+        backbone = network.encoder.video_frontend.backbone
+        assert backbone is not None  # the video front end always has its ResNet
+        backbone.float()  # the ResNet stays fp32 (faster on CPU)
     network.prepare_for_inference()
     if precision == "int8":
         network.quantize_linear_int8()
