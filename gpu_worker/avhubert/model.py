@@ -9,7 +9,9 @@ Layouts (batch first everywhere): video ``[B, 1, T, H, W]``, audio ``[B, T, F]``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +52,16 @@ def _relu(kind: str, channels: int) -> nn.Module:
 
 # --------------------------------------------------------------------------- visual front end
 
+_Conv = TypeVar("_Conv", nn.Conv2d, nn.Conv3d)
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs + BN, PReLU/ReLU, optional 1x1 downsample)."""
+
+    # BatchNorms become Identity and the downsample Sequential one Conv2d in fold_batchnorm
+    bn1: nn.Module
+    bn2: nn.Module
+    downsample: nn.Module | None
 
     def __init__(self, inplanes: int, planes: int, stride: int, relu_type: str) -> None:
         super().__init__()
@@ -72,7 +81,35 @@ class BasicBlock(nn.Module):
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + residual)
+        result: Tensor = self.relu2(out + residual)
+        return result
+
+    def fold_batchnorm(self) -> None:
+        """Inference: fold every BatchNorm into the convolution before it (eval statistics)."""
+        self.conv1, self.bn1 = fold_conv_bn(self.conv1, self.bn1), nn.Identity()
+        self.conv2, self.bn2 = fold_conv_bn(self.conv2, self.bn2), nn.Identity()
+        if self.downsample is not None:
+            downsample = cast(nn.Sequential, self.downsample)
+            self.downsample = fold_conv_bn(cast(nn.Conv2d, downsample[0]), downsample[1])
+
+
+def fold_conv_bn(conv: _Conv, bn: nn.Module) -> _Conv:
+    """``bn(conv(x))`` as one convolution (eval-mode BatchNorm; computed in float64). The new
+    convolution keeps the memory format of the old weight."""
+    if isinstance(bn, nn.Identity):
+        return conv
+    norm = cast("nn.BatchNorm2d | nn.BatchNorm3d", bn)
+    running_mean, running_var = norm.running_mean, norm.running_var
+    assert running_mean is not None and running_var is not None, "BatchNorm without running statistics"
+    with torch.no_grad():
+        scale = norm.weight.double() / torch.sqrt(running_var.double() + norm.eps)
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        weight = (conv.weight.double() * scale.view(shape)).to(conv.weight.dtype)
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        bias = ((bias - running_mean.double()) * scale + norm.bias.double()).to(conv.weight.dtype)
+        conv.weight.copy_(weight)  # copy_ keeps the layout (channels-last trunk)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+    return conv
 
 
 class VideoResNet(nn.Module):
@@ -83,6 +120,7 @@ class VideoResNet(nn.Module):
     """
 
     out_dim = 512
+    stem_bn: nn.Module  # Identity after fold_batchnorm
 
     def __init__(self, relu_type: str) -> None:
         super().__init__()
@@ -90,7 +128,7 @@ class VideoResNet(nn.Module):
         self.stem_bn = nn.BatchNorm3d(64)
         # the official stem uses PReLU only for 'prelu' and ReLU for anything else
         self.stem_act = nn.PReLU(64) if relu_type == "prelu" else nn.ReLU()
-        self.stem_pool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+        # the official MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)) runs per frame (max_pool2d below)
         planes = [64, 128, 256, 512]
         self.layers = nn.ModuleList()
         inplanes = 64
@@ -100,18 +138,51 @@ class VideoResNet(nn.Module):
                 nn.Sequential(BasicBlock(inplanes, p, stride, relu_type), BasicBlock(p, p, 1, relu_type))
             )
             inplanes = p
-        self.layers.to(memory_format=torch.channels_last)  # faster 2-D convs; copy_ keeps the layout
+        # faster 2-D convs; copy_ keeps the layout. Module.to accepts memory_format at runtime
+        # (torch._C._nn._parse_to), torch's overload stubs omit it
+        self.layers.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def fold_batchnorm(self) -> None:
+        """Inference: fold the stem and trunk BatchNorms into their convolutions."""
+        self.stem_conv, self.stem_bn = fold_conv_bn(self.stem_conv, self.stem_bn), nn.Identity()
+        for layer in self.layers:
+            for block in cast(nn.Sequential, layer):
+                cast(BasicBlock, block).fold_batchnorm()
+
+    def _stem(self, video: Tensor) -> Tensor:
+        """The 3-D stem convolution (+ BatchNorm) as a per-frame 2-D convolution whose 5 input
+        channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[B*T, 64, H/2,
+        W/2]`` channels-last, without the 5-D layout the official code permutes afterwards."""
+        conv = self.stem_conv
+        padding = cast("tuple[int, ...]", conv.padding)  # built with a tuple, never a string
+        kt, ph = conv.kernel_size[0], padding[0]
+        if not isinstance(self.stem_bn, nn.Identity) or ph * 2 + 1 != kt or conv.stride[0] != 1:
+            x: Tensor = self.stem_bn(conv(video))
+            b, c, t, h, w = x.shape
+            return x.permute(0, 2, 3, 4, 1).contiguous().view(b * t, h, w, c).permute(0, 3, 1, 2)
+        b, _, t, h, w = video.shape
+        taps = F.pad(video[:, 0], (0, 0, 0, 0, ph, ph)).unfold(1, kt, 1)  # [B, T, H, W, kt]
+        taps = taps.reshape(b * t, h, w, kt).permute(0, 3, 1, 2)  # channels-last [B*T, kt, H, W]
+        weight = conv.weight.flatten(1, 2).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(taps, weight, conv.bias, conv.stride[1:], padding[1:])
 
     def forward(self, video: Tensor) -> Tensor:
-        b = video.size(0)
-        x = self.stem_pool(self.stem_act(self.stem_bn(self.stem_conv(video))))
-        t = x.size(2)
-        x = x.transpose(1, 2).reshape(b * t, x.size(1), x.size(3), x.size(4))
-        x = x.contiguous(memory_format=torch.channels_last)
+        """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode, where bf16
+        convolutions without AMX are slower); returns the input's dtype."""
+        b, out_dtype = video.size(0), video.dtype
+        video = video.to(self.stem_conv.weight.dtype)
+        x = self._stem(video)  # [B*T, C, H, W] channels-last
+        act = self.stem_act
+        # the activation commutes with the max-pool when it is non-decreasing (ReLU, PReLU with
+        # slopes >= 0): then it runs on the 4x smaller pooled map, with identical results
+        if isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all()):
+            x = F.max_pool2d(act(x), 3, 2, 1)
+        else:
+            x = act(F.max_pool2d(x, 3, 2, 1))
         for layer in self.layers:
             x = layer(x)
         x = x.mean(dim=(2, 3))
-        return x.view(b, t, -1)
+        return x.view(b, -1, x.size(-1)).to(out_dtype)
 
 
 class Frontend(nn.Module):
@@ -152,8 +223,29 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, h * d)
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Scaled dot-product attention ``[N, H, L, d]`` x ``[N, H, S, d]`` (``mask`` bool, True =
+    attend). Short queries (incremental decoding) use two batched matmuls: ``scaled_dot_product_attention``
+    costs more in set-up than in arithmetic there."""
+    if q.size(-2) * k.size(-2) > 4096 or q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _linear_t(x: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
+    """``x @ weight_t + bias`` for ``x`` ``[..., in]`` and a ``[in, out]`` weight."""
+    return torch.addmm(bias, x.reshape(-1, x.size(-1)), weight_t).view(*x.shape[:-1], weight_t.size(1))
+
+
 class MultiheadAttention(nn.Module):
-    """fairseq ``MultiheadAttention`` parameters (separate q/k/v/out projections with bias)."""
+    """fairseq ``MultiheadAttention`` parameters (separate q/k/v/out projections with bias).
+
+    :meth:`fuse_projections` (inference) stores the q/k/v weights side by side in one ``[D, 3D]``
+    matrix (the three parameters become views of it), so self-attention projects with one matmul
+    and encoder attention its keys/values with one."""
 
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -164,22 +256,54 @@ class MultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.qkv_t: Tensor | None = None
+        self.qkv_bias: Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        d = self.q_proj.in_features
+        with torch.no_grad():
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            weight_t = torch.cat([p.weight.t() for p in projs], dim=1).contiguous()
+            bias = torch.cat([p.bias for p in projs])
+            for i, p in enumerate(projs):
+                p.weight = nn.Parameter(weight_t[:, i * d : (i + 1) * d].t(), requires_grad=False)
+                p.bias = nn.Parameter(bias[i * d : (i + 1) * d], requires_grad=False)
+        self.qkv_t, self.qkv_bias = weight_t, bias
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``[N, H, L, d]`` of ``x`` ``[N, L, D]``."""
+        if self.qkv_t is None or self.qkv_t.device != x.device or self.qkv_t.dtype != x.dtype:
+            return (_heads(self.q_proj(x), self.num_heads), *self.project_kv(x))
+        assert self.qkv_bias is not None  # set and cleared together with qkv_t
+        n, length, d = x.shape
+        qkv = _linear_t(x, self.qkv_t, self.qkv_bias).view(n, length, 3, self.num_heads, d // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values ``[N, H, S, d]`` of ``memory`` ``[N, S, D]``."""
-        return _heads(self.k_proj(memory), self.num_heads), _heads(self.v_proj(memory), self.num_heads)
+        if self.qkv_t is None or self.qkv_t.device != memory.device or self.qkv_t.dtype != memory.dtype:
+            return _heads(self.k_proj(memory), self.num_heads), _heads(self.v_proj(memory), self.num_heads)
+        assert self.qkv_bias is not None  # set and cleared together with qkv_t
+        n, length, d = memory.shape
+        kv = _linear_t(memory, self.qkv_t[:, d:], self.qkv_bias[d:])
+        kv = kv.view(n, length, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
         """``query`` ``[N, L, D]``, ``key``/``value`` ``[N, H, S, d]``, ``mask`` broadcastable to
         ``[N, H, L, S]`` (bool, True = may attend) -> ``[N, L, D]``."""
-        q = _heads(self.q_proj(query), self.num_heads)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)
-        return self.out_proj(_merge(out))
+        return self.attend_heads(_heads(self.q_proj(query), self.num_heads), key, value, mask)
+
+    def attend_heads(self, q: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """As :meth:`attend` with projected queries ``q`` ``[N, H, L, d]``."""
+        out: Tensor = self.out_proj(_merge(_attention(q, key, value, mask)))
+        return out
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Self-attention over ``x`` ``[B, T, D]`` ignoring padded keys."""
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        return self.attend(x, *self.project_kv(x), mask)
+        return self.attend_heads(*self.project_qkv(x), mask)
 
 
 # --------------------------------------------------------------------------- encoder
@@ -209,7 +333,8 @@ class FeedForward(nn.Module):
         self.act = activation_fn(activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        out: Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class EncoderLayer(nn.Module):
@@ -225,11 +350,14 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        out: Tensor
         if self.layer_norm_first:
             x = x + self.self_attention(self.self_attention_norm(x), padding_mask)
-            return x + self.feed_forward(self.ffn_norm(x))
+            out = x + self.feed_forward(self.ffn_norm(x))
+            return out
         x = self.self_attention_norm(x + self.self_attention(x, padding_mask))
-        return self.ffn_norm(x + self.feed_forward(x))
+        out = self.ffn_norm(x + self.feed_forward(x))
+        return out
 
 
 class TransformerEncoder(nn.Module):
@@ -294,6 +422,7 @@ class AVHubertEncoder(nn.Module):
         feats_video = self.video_frontend(video) if video is not None else None
         feats_audio = self.audio_frontend(audio) if audio is not None else None
         if feats_audio is None:
+            assert feats_video is not None  # audio is None, so video is not
             feats_audio = feats_video.new_zeros(feats_video.shape[0], feats_video.shape[1], self.embed_dim)
         if feats_video is None:
             feats_video = feats_audio.new_zeros(feats_audio.shape[0], feats_audio.shape[1], self.embed_dim)
@@ -350,18 +479,55 @@ def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Tensor:
 class DecoderCache:
     """Incremental decoding state of :class:`TransformerDecoder`.
 
-    Self-attention keys/values per layer ``[N, H, t, d]`` (one row per hypothesis) and the
-    encoder-attention keys/values per layer ``[B, H, S, d]`` (one row per source item, shared by
-    that item's ``N / B`` hypotheses, so beam reordering never copies them).
+    Self-attention keys/values of all layers in one preallocated buffer ``kv`` ``[layers, 2, N,
+    H, capacity, d]`` (one row per hypothesis; ``length`` steps filled, each step writes its
+    column in place) and the encoder-attention keys/values per layer ``[B, H, S, d]`` (one row per
+    source item, shared by that item's ``N / B`` hypotheses, computed once per utterance, so beam
+    reordering never copies them).
     """
 
-    def __init__(self) -> None:
-        self.self_kv: list[tuple[Tensor, Tensor] | None] = []
-        self.cross_kv: list[tuple[Tensor, Tensor]] = []
+    def __init__(self, kv: Tensor, cross_kv: list[tuple[Tensor, Tensor]]) -> None:
+        self.kv = kv
+        self.length = 0
+        self.cross_kv = cross_kv
 
-    def reorder(self, rows: Tensor) -> None:
-        """Keep/duplicate hypothesis rows (``index_select`` on the self-attention caches)."""
-        self.self_kv = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.self_kv]
+    def layer_kv(self, layer: int, new_k: Tensor, new_v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values ``[N, H, L, d]`` of ``layer``; return all so far."""
+        end = self.length + new_k.size(2)
+        if end > self.kv.size(4):  # grow (callers that do not know the length in advance)
+            grown = self.kv.new_zeros(*self.kv.shape[:4], max(2 * self.kv.size(4), end), self.kv.size(5))
+            grown[:, :, :, :, : self.length] = self.kv[:, :, :, :, : self.length]
+            self.kv = grown
+        self.kv[layer, 0, :, :, self.length : end] = new_k
+        self.kv[layer, 1, :, :, self.length : end] = new_v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+    def reorder(self, rows: Tensor, same_prefix: Tensor | None = None) -> None:
+        """Keep/duplicate hypothesis rows (row ``i`` takes the history of row ``rows[i]``); a
+        shrinking batch (finished items removed) is compacted.
+
+        Only what changes is copied, in one gather over all layers: rows whose source is another
+        row, and of those only the steps from ``same_prefix`` on, where given: ``same_prefix[i]``
+        = how many leading steps of row ``i``'s history already equal its new history (keys and
+        values of a step depend only on the tokens up to it, so equal token prefixes mean equal
+        cache entries)."""
+        t = self.length
+        if rows.numel() != self.kv.size(2):
+            kept = self.kv.new_empty(*self.kv.shape[:2], rows.numel(), *self.kv.shape[3:])
+            kept[:, :, :, :, :t] = self.kv[:, :, rows, :, :t]
+            self.kv = kept
+            return
+        moved = rows.ne(torch.arange(rows.numel(), device=rows.device))
+        start = 0
+        if same_prefix is not None:
+            moved &= same_prefix < t
+        changed = moved.nonzero().squeeze(1)
+        if changed.numel() == 0 or t == 0:
+            return
+        if same_prefix is not None:
+            start = int(same_prefix[changed].min())
+        view = self.kv[:, :, :, :, start:t]
+        view.index_copy_(2, changed, view.index_select(2, rows[changed]))
 
     def select_items(self, items: Tensor) -> None:
         """Keep only the source ``items`` (finished sentences removed from the batch)."""
@@ -392,22 +558,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        self_kv: tuple[Tensor, Tensor] | None,
         cross_kv: tuple[Tensor, Tensor],
         cross_mask: Tensor | None,
-        causal: bool,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``x`` ``[N, L, D]``; ``self_kv`` keys/values of earlier steps ``[N, H, t, d]`` or None;
-        ``cross_kv`` ``[B, H, S, d]`` with ``N = B * G``; ``cross_mask`` ``[B, 1, 1, S]`` (True =
-        attend). Returns the output and the self-attention keys/values including this call's."""
+        cache: DecoderCache | None = None,
+        index: int = 0,
+    ) -> Tensor:
+        """``x`` ``[N, L, D]``; ``cross_kv`` ``[B, H, S, d]`` with ``N = B * G``; ``cross_mask``
+        ``[B, 1, 1, S]`` (True = attend). Without ``cache``: causal self-attention over ``x``
+        (teacher forcing); with it: ``x`` is the next step, attending to the cached steps of
+        layer ``index`` (this step's keys/values are added to the cache)."""
         h = self._pre(x, self.self_attention_norm)
-        k, v = self.self_attention.project_kv(h)
-        if self_kv is not None:
-            k, v = torch.cat([self_kv[0], k], dim=2), torch.cat([self_kv[1], v], dim=2)
+        q, k, v = self.self_attention.project_qkv(h)
         mask = None
-        if causal and h.size(1) > 1:
+        if cache is not None:
+            k, v = cache.layer_kv(index, k, v)
+        elif h.size(1) > 1:
             mask = torch.ones(h.size(1), h.size(1), dtype=torch.bool, device=h.device).tril()
-        x = self._post(x + self.self_attention.attend(h, k, v, mask), self.self_attention_norm)
+        x = self._post(x + self.self_attention.attend_heads(q, k, v, mask), self.self_attention_norm)
 
         h = self._pre(x, self.cross_attention_norm)
         n, length, d = h.shape
@@ -417,13 +584,16 @@ class DecoderLayer(nn.Module):
         x = self._post(x + h, self.cross_attention_norm)
 
         h = self.feed_forward(self._pre(x, self.ffn_norm))
-        return self._post(x + h, self.ffn_norm), (k, v)
+        return self._post(x + h, self.ffn_norm)
 
 
 class TransformerDecoder(nn.Module):
     """av_hubert's ``TransformerDecoder`` (fairseq semantics): token embedding x scale, sinusoidal or
     learned positions (padding-aware), pre/post-norm layers, optional final LayerNorm, output
     projection tied to the input embedding or separate."""
+
+    sin_table: Tensor  # registered buffer (empty without sinusoidal positions)
+    _output_t: tuple[Tensor, Tensor, int] | None  # set by prepare_for_inference
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, padding_idx: int) -> None:
         super().__init__()
@@ -448,6 +618,10 @@ class TransformerDecoder(nn.Module):
             None if cfg.share_decoder_input_output_embed else nn.Parameter(torch.empty(vocab_size, d))
         )
 
+    def _decoder_layers(self) -> Sequence[DecoderLayer]:
+        """``self.layers`` as what it holds (``nn.ModuleList`` items are typed ``Module``)."""
+        return cast("Sequence[DecoderLayer]", self.layers)
+
     def max_positions(self) -> int:
         """fairseq ``max_positions``: the sinusoidal table is unbounded (1e5)."""
         return min(self.max_target_positions, int(1e5)) if self.sinusoidal else self.max_target_positions
@@ -459,7 +633,8 @@ class TransformerDecoder(nn.Module):
             mask = tokens.ne(self.padding_idx).int()
             positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.padding_idx
         if self.learned_pos is not None:
-            return self.learned_pos(positions)
+            learned: Tensor = self.learned_pos(positions)
+            return learned
         if not self.sinusoidal:
             return None
         needed = int(positions.max()) + 1
@@ -469,12 +644,41 @@ class TransformerDecoder(nn.Module):
             )
         return self.sin_table[positions]
 
-    def init_cache(self, encoder_out: Tensor) -> DecoderCache:
-        """Cache with the encoder-attention keys/values of ``encoder_out`` ``[B, S, D]``."""
-        cache = DecoderCache()
-        cache.cross_kv = [layer.cross_attention.project_kv(encoder_out) for layer in self.layers]
-        cache.self_kv = [None] * len(self.layers)
-        return cache
+    def init_cache(self, encoder_out: Tensor, rows: int | None = None, capacity: int = 64) -> DecoderCache:
+        """Cache with the encoder-attention keys/values of ``encoder_out`` ``[B, S, D]`` and room
+        for ``capacity`` steps of ``rows`` hypotheses (default ``B``; it grows if needed)."""
+        layers = self._decoder_layers()
+        # contiguous once here, not re-laid out by every step's matmuls
+        cross = [
+            (k.contiguous(), v.contiguous())
+            for k, v in (layer.cross_attention.project_kv(encoder_out) for layer in layers)
+        ]
+        attn = layers[0].self_attention
+        heads, d = attn.num_heads, attn.q_proj.in_features
+        rows = encoder_out.size(0) if rows is None else rows
+        kv = encoder_out.new_empty(len(layers), 2, rows, heads, capacity, d // heads)
+        return DecoderCache(kv, cross)
+
+    def prepare_for_inference(self) -> None:
+        """Fused self-attention q/k/v (and encoder-attention k/v) projections; Linear weights and
+        the output projection stored input-major (``x @ W^T`` then reads W row by row: faster
+        for the few rows of a decoding step)."""
+        for layer in self._decoder_layers():
+            layer.self_attention.fuse_projections()
+            layer.cross_attention.fuse_projections()
+            for lin in (layer.self_attention.out_proj, layer.cross_attention.q_proj, layer.cross_attention.out_proj,
+                        layer.feed_forward.fc1, layer.feed_forward.fc2):
+                _input_major(lin)
+        self._output_t = None
+        self._output_weight_t()
+
+    def _output_weight_t(self) -> Tensor:
+        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
+        cached: tuple[Tensor, Tensor, int] | None = getattr(self, "_output_t", None)
+        if cached is None or cached[0] is not weight or cached[0]._version != cached[2]:
+            cached = (weight, weight.t().contiguous(), weight._version)
+            self._output_t = cached
+        return cached[1]
 
     def forward(
         self,
@@ -497,19 +701,21 @@ class TransformerDecoder(nn.Module):
         cross_mask = None
         if encoder_padding_mask is not None:
             cross_mask = ~encoder_padding_mask[:, None, None, :]
-        if cache is None:
-            cross = [layer.cross_attention.project_kv(encoder_out) for layer in self.layers]
-            self_kv: list = [None] * len(self.layers)
-        else:
-            cross, self_kv = cache.cross_kv, cache.self_kv
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, self_kv[i], cross[i], cross_mask, causal=not incremental)
-            if cache is not None:
-                cache.self_kv[i] = kv
+        layers = self._decoder_layers()
+        cross = [layer.cross_attention.project_kv(encoder_out) for layer in layers] if cache is None else cache.cross_kv
+        for i, layer in enumerate(layers):
+            x = layer(x, cross[i], cross_mask, cache, i)
+        if cache is not None:
+            cache.length += x.size(1)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
-        return torch.matmul(x, weight.t())
+        return torch.matmul(x, self._output_weight_t().to(x.dtype))
+
+
+def _input_major(linear: nn.Linear) -> None:
+    """Store a Linear weight ``[out, in]`` transposed in memory (same values, same shape)."""
+    with torch.no_grad():
+        linear.weight = nn.Parameter(linear.weight.t().contiguous().t(), requires_grad=False)
 
 
 class AVHubertModel(nn.Module):
@@ -529,3 +735,34 @@ class AVHubertModel(nn.Module):
                     f"{encoder_cfg.encoder_embed_dim} (the official model cannot run this either)"
                 )
             self.decoder = TransformerDecoder(decoder_cfg, vocab_size, padding_idx)
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> None:
+        """Rewrite the weights for fast inference (same function, fp32 rounding differences only):
+        BatchNorms of the ResNet folded into its convolutions, fused attention projections,
+        decoder weights stored input-major (see :meth:`TransformerDecoder.prepare_for_inference`).
+        The model is then for inference only (the folded BatchNorms are gone)."""
+        self.eval()
+        backbone = self.encoder.video_frontend.backbone
+        assert isinstance(backbone, VideoResNet)  # the video front end is always built with one
+        backbone.fold_batchnorm()
+        for module in self.encoder.modules():
+            if isinstance(module, MultiheadAttention):
+                module.fuse_projections()
+        if self.decoder is not None:
+            self.decoder.prepare_for_inference()
+
+    def quantize_linear_int8(self) -> None:
+        """Dynamic int8 quantisation of every Linear (CPU, after :meth:`prepare_for_inference`:
+        the fused projections are dropped, the quantised q/k/v Linears run separately)."""
+        for module in self.modules():
+            if isinstance(module, MultiheadAttention):
+                module.qkv_t = module.qkv_bias = None
+        with warnings.catch_warnings():  # torch 2.13 flags quantised tensor creation as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            for name, child in list(self.named_children()):
+                # quantize_dynamic has no annotations in torch
+                quantized = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+                    child, {nn.Linear}, dtype=torch.qint8
+                )
+                setattr(self, name, quantized)

@@ -21,6 +21,7 @@ from .tokenizer import Tokenizer, TokenizerError, build_tokenizer
 
 ArrayLike = Tensor | np.ndarray
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 @dataclass
@@ -61,6 +62,7 @@ class AVHubert:
         checkpoint: Path,
         device: torch.device,
         dtype: torch.dtype | None,
+        precision: str = "fp32",
     ) -> None:
         self.network = network
         self.config = config
@@ -68,7 +70,10 @@ class AVHubert:
         self._tokenizer_error = tokenizer_error
         self.checkpoint = checkpoint
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # CUDA autocast dtype (None: no autocast)
+        self.precision = precision
+        # what the network computes in: bf16 on CPU runs bf16 weights natively
+        self._input_dtype = torch.bfloat16 if precision == "bf16" and device.type != "cuda" else torch.float32
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -89,7 +94,7 @@ class AVHubert:
             "audio_feat_dim": enc.audio_feat_dim,
             "num_parameters": sum(p.numel() for p in self.network.parameters()),
             "device": str(self.device),
-            "dtype": "fp32" if self.dtype is None else {v: k for k, v in _DTYPES.items()}[self.dtype],
+            "dtype": self.precision,
             "has_tokenizer": self.tokenizer is not None,
             "trained_modalities": list(task.modalities),
             "normalize": task.normalize,
@@ -117,7 +122,7 @@ class AVHubert:
             x = torch.from_numpy(np.asarray(x)) if not isinstance(x, Tensor) else x
             return x.to(self.device, dtype)
 
-        video, audio = to_device(video, torch.float32), to_device(audio, torch.float32)
+        video, audio = to_device(video, self._input_dtype), to_device(audio, self._input_dtype)
         padding_mask = to_device(padding_mask, torch.bool)
         if video is None and audio is None:
             raise ValueError("give video and/or audio")
@@ -286,22 +291,33 @@ def load_model(
     spm_path: str | Path | None = None,
     dict_path: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: Literal["fp16", "bf16"] | None = None,
+    dtype: Precision | None = None,
 ) -> AVHubert:
     """Load an official-format AV-HuBERT checkpoint (``*.pt``) without fairseq.
 
     ``spm_path`` / ``dict_path`` override the sentencepiece model / target dictionary pickled in the
     checkpoint; a path that does not exist is an error. Without any tokenizer the model still
     loads (``encode``/``extract_features`` work) and ``generate`` raises a :class:`TokenizerError`
-    naming the missing file. ``device="auto"`` picks CUDA when available. ``dtype`` ``"fp16"`` or
-    ``"bf16"`` runs the network under CUDA autocast (weights stay fp32; CUDA only).
+    naming the missing file. ``device="auto"`` picks CUDA when available.
+
+    ``dtype`` (default None = ``"fp32"``, the reference precision): on CUDA ``"fp16"``/``"bf16"``
+    run the network under autocast (weights stay fp32). On CPU, opt-in reduced precision:
+    ``"bf16"`` stores the weights in bfloat16 and computes in it (AVX512-BF16/AMX), except the
+    ResNet front end, which stays fp32 (bf16 convolutions are slower without AMX);
+    log-probabilities, scores and returned features are float32; ``"int8"`` replaces every
+    Linear by a dynamically quantised int8 one (``torch.ao.quantization.quantize_dynamic``,
+    per-tensor weights, activations quantised per call; convolutions stay fp32). Both change the
+    numbers (see the deviation bounds in ``tests/unit/test_avhubert_speed.py``).
     """
     checkpoint = Path(checkpoint)
     torch_device = _resolve_device(device)
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be None, 'fp16' or 'bf16', got {dtype!r}")
-    if dtype is not None and torch_device.type != "cuda":
-        raise ValueError(f"dtype {dtype!r} (autocast) is only supported on CUDA, not {torch_device}")
+    precision = dtype or "fp32"
+    if precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise ValueError(f"dtype must be None, 'fp32', 'fp16', 'bf16' or 'int8', got {dtype!r}")
+    if precision == "fp16" and torch_device.type != "cuda":
+        raise ValueError(f"dtype 'fp16' (autocast) is only supported on CUDA, not {torch_device}")
+    if precision == "int8" and torch_device.type != "cpu":
+        raise ValueError(f"dtype 'int8' (dynamic quantisation) is only supported on CPU, not {torch_device}")
     state = load_checkpoint(checkpoint)
     config = config_from_checkpoint(state)
     tokenizer: Tokenizer | None = None
@@ -327,6 +343,14 @@ def load_model(
     network = AVHubertModel(config.encoder, config.decoder, vocab_size, padding_idx)
     load_fairseq_weights(network, state["model"], seq2seq=config.kind == "seq2seq")
     network.eval().to(torch_device)
-    autocast_dtype = _DTYPES[dtype] if dtype else None
-    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, autocast_dtype)
+    autocast_dtype = _DTYPES[precision] if torch_device.type == "cuda" and precision in _DTYPES else None
+    if precision == "bf16" and torch_device.type == "cpu":
+        network.to(torch.bfloat16)
+        backbone = network.encoder.video_frontend.backbone
+        assert backbone is not None  # the video front end always has its ResNet
+        backbone.float()  # the ResNet stays fp32 (faster on CPU)
+    network.prepare_for_inference()
+    if precision == "int8":
+        network.quantize_linear_int8()
+    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, autocast_dtype, precision)
 

@@ -106,12 +106,13 @@ class _Decoding:
     """Decoder calls for the active hypotheses (``bsz * beam`` rows) of the active items."""
 
     def __init__(
-        self, decoder: TransformerDecoder, memory: Tensor, mask: Tensor | None, incremental: bool
+        self, decoder: TransformerDecoder, memory: Tensor, mask: Tensor | None, incremental: bool, beam: int,
+        steps: int,
     ) -> None:
         self.decoder = decoder
         self.memory = memory
         self.mask = mask
-        self.cache = decoder.init_cache(memory) if incremental else None
+        self.cache = decoder.init_cache(memory, memory.size(0) * beam, steps) if incremental else None
 
     def select_items(self, items: Tensor) -> None:
         self.memory = self.memory[items]
@@ -119,9 +120,9 @@ class _Decoding:
         if self.cache is not None:
             self.cache.select_items(items)
 
-    def reorder(self, rows: Tensor) -> None:
+    def reorder(self, rows: Tensor, same_prefix: Tensor | None = None) -> None:
         if self.cache is not None:
-            self.cache.reorder(rows)
+            self.cache.reorder(rows, same_prefix)
 
     def log_probs(self, tokens: Tensor, temperature: float) -> Tensor:
         logits = self.decoder(tokens, self.memory, self.mask, self.cache)[:, -1, :]
@@ -203,7 +204,7 @@ def beam_search(
     bsz = encoder_out.size(0)
     vocab = decoder.embed_tokens.num_embeddings
     beam = min(cfg.beam_size, vocab - 1)
-    decoding = _Decoding(decoder, encoder_out, encoder_padding_mask, cfg.incremental)
+    decoding = _Decoding(decoder, encoder_out, encoder_padding_mask, cfg.incremental, beam, max(max_lens) + 1)
 
     cap = torch.tensor(max_lens, device=device)  # per active item
     src_len = None
@@ -223,13 +224,14 @@ def beam_search(
     bbsz_offsets = (torch.arange(bsz, device=device) * beam).unsqueeze(1)
     cand_offsets = torch.arange(cand_size, device=device)
     reorder: Tensor | None = None
+    same_prefix: Tensor | None = None
     kept_items: Tensor | None = None
 
     for step in range(longest + 1):
         if reorder is not None:
             if kept_items is not None:
                 decoding.select_items(kept_items)
-            decoding.reorder(reorder)
+            decoding.reorder(reorder, same_prefix)
         lprobs = decoding.log_probs(tokens[:, : step + 1], cfg.temperature)
         lprobs[lprobs != lprobs] = -math.inf
         lprobs[:, pad] = -math.inf
@@ -291,6 +293,10 @@ def beam_search(
         cands_to_ignore = new_ignore.ge(cand_size)[:, :beam]
         active_rows = torch.gather(cand_bbsz_idx, 1, active_hypos).view(-1)
 
+        same_prefix = None
+        if kept_items is None:  # per row: leading steps whose cached keys/values stay valid
+            differs = tokens[active_rows, : step + 1].ne(tokens[:, : step + 1])
+            same_prefix = torch.where(differs.any(1), differs.int().argmax(1), step + 1)
         tokens[:, : step + 1] = tokens[active_rows, : step + 1]
         tokens.view(n, beam, -1)[:, :, step + 1] = torch.gather(cand_indices, 1, active_hypos)
         if step > 0:

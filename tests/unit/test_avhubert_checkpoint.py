@@ -182,9 +182,10 @@ def test_compressed_archive_records_are_read(tiny: Path, tmp_path: Path) -> None
 def test_device_and_dtype_options(tiny: Path) -> None:
     assert load_model(tiny, device="auto").info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="only supported on CUDA"):
-        load_model(tiny, device="cpu", dtype="bf16")
+        load_model(tiny, device="cpu", dtype="fp16")
     with pytest.raises(ValueError, match="dtype must be"):
-        load_model(tiny, dtype="int8")
+        load_model(tiny, dtype="int4")
+    assert load_model(tiny, dtype="fp32").info["dtype"] == "fp32"
 
 
 def test_float16_checkpoint_with_optimizer_state_loads(tiny: Path, tmp_path: Path) -> None:
