@@ -10,7 +10,10 @@ from tasks.settings import Settings
 
 
 def record(status: str, stage: str) -> dict:
-    return {"job_id": "a" * 32, "status": status, "stage": stage, "progress": 0.5, "created_at": 1.0}
+    request = {"input": {"type": "video", "bucket": "b", "key": "k"}, "modality": "auto", "beam_size": 5,
+               "output": None, "callback_url": None}
+    return {"job_id": "a" * 32, "status": status, "stage": stage, "progress": 0.5, "created_at": 1.0,
+            "request": request}
 
 
 @pytest.mark.parametrize(("live", "status", "stage", "waiting_for"), [
