@@ -15,9 +15,9 @@ from flask import request
 from api import schema
 from api.errors import ApiError
 from tasks.jobs import is_job_id
+from tasks.pinned_http import canonical_host, non_global_address
 from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, UrlInput, VideoInput
 from tasks.settings import Settings, Tenant
-from tasks.webhooks import canonical_host, non_global_address
 
 MODALITIES, JOB_FIELDS = schema.MODALITIES, schema.JOB_FIELDS
 S3_INPUT_FIELDS = ("s3_bucket", "s3_prefix", "s3_key", "fps")

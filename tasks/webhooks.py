@@ -19,12 +19,9 @@ to that checked address (Host header and TLS SNI of the name), unless AVSR_CALLB
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import random
-import re
-import socket
 import time
 import uuid
 from typing import Any
@@ -32,7 +29,8 @@ from urllib.parse import urlparse
 
 import urllib3
 
-from tasks import jobs
+from tasks import jobs, pinned_http
+from tasks.pinned_http import canonical_host
 from tasks.settings import get_settings
 from tasks.signing import signature
 
@@ -41,59 +39,6 @@ log = logging.getLogger(__name__)
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 TIMEOUT_S = 10.0
 _STATE_KEY = "avsr:job:{}:webhook"
-_NUMERIC_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
-
-
-# --- addresses -------------------------------------------------------------------------------
-
-def canonical_host(host: str) -> str:
-    """The host as a resolver reads it: IP literals in canonical form (ValueError for a numeric host
-    that is no address), names lower-cased without a trailing dot."""
-    host = host.strip().lower().rstrip(".")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if _NUMERIC_IPV4.match(host):  # inet_aton semantics: what getaddrinfo accepts as an IPv4 literal
-        try:
-            return socket.inet_ntoa(socket.inet_aton(host))
-        except OSError:
-            raise ValueError(f"{host!r} is not an IPv4 address") from None
-    return host
-
-
-def _non_global(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not ip.is_global
-
-
-def non_global_address(url: str, *, resolve: bool = True) -> str | None:
-    """The first non-global address `url`'s host is (or, with `resolve`, resolves to), else None."""
-    try:
-        host = canonical_host(urlparse(url).hostname or "")
-    except ValueError:
-        return urlparse(url).hostname
-    if host == "localhost" or host.endswith(".localhost"):
-        return host
-    try:
-        return host if _non_global(host) else None
-    except ValueError:
-        pass
-    if not resolve:
-        return None
-    try:
-        addresses = resolve_host(host, 0)
-    except OSError:
-        return None  # unresolvable: the POST fails on its own
-    return next((a for a in addresses if _non_global(a)), None)
-
-
-def resolve_host(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (an IP literal: itself)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
 
 
 def state(job_id: str) -> dict[str, Any] | None:
@@ -162,37 +107,10 @@ def post(url: str, body: bytes, delivery_id: str, secret: str, allow_private: bo
 
     PermissionError when the host is (or resolves to) a non-global address and that is not allowed.
     """
-    parsed = urlparse(url)
-    host = canonical_host(parsed.hostname or "")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    addresses = resolve_host(host, port)
-    blocked = [a for a in addresses if _non_global(a)]
-    if blocked and not allow_private:
-        raise PermissionError(f"the callback host resolves to a non-global address ({blocked[0]})")
     timestamp = str(int(time.time()))
-    headers = {"Content-Type": "application/json", "Host": parsed.netloc.rsplit("@", 1)[-1],
-               "User-Agent": "avsr-pipeline-webhook", "webhook-id": delivery_id, "webhook-timestamp": timestamp,
-               "webhook-signature": signature(secret, delivery_id, timestamp, body)}
-    path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
-    for number, address in enumerate(addresses, 1):  # every one was checked; the next if one does not connect
-        try:
-            return _post_to(address, port, parsed.scheme == "https", host, path, body, headers)
-        except urllib3.exceptions.NewConnectionError:
-            if number == len(addresses):
-                raise
-    raise OSError(f"{host} resolves to no address")
-
-
-def _post_to(address: str, port: int, tls: bool, host: str, path: str, body: bytes, headers: dict[str, str]) -> int:
-    """POST to `address` itself (TLS: SNI and certificate check of `host`); the HTTP status."""
-    timeout = urllib3.Timeout(connect=5.0, read=TIMEOUT_S)
-    pool: urllib3.HTTPConnectionPool
-    if tls:
-        pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host, assert_hostname=host,
-                                           timeout=timeout, retries=False)
-    else:
-        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
-    with pool:
-        response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, retries=False,
-                                assert_same_host=False)
-        return int(response.status)
+    headers = {"Content-Type": "application/json", "User-Agent": "avsr-pipeline-webhook", "webhook-id": delivery_id,
+               "webhook-timestamp": timestamp, "webhook-signature": signature(secret, delivery_id, timestamp, body)}
+    response = pinned_http.request("POST", url, host=canonical_host(urlparse(url).hostname or ""),
+                                   allow_private=allow_private, headers=headers, body=body,
+                                   timeout=urllib3.Timeout(connect=5.0, read=TIMEOUT_S))
+    return int(response.status)

@@ -95,7 +95,7 @@ def test_callbacks_to_private_addresses_are_refused_by_default(url):
 
 
 def test_webhook_target_check_resolves_names():
-    from tasks.webhooks import non_global_address
+    from tasks.pinned_http import non_global_address
 
     assert non_global_address("https://example.org/hook", resolve=False) is None
     assert non_global_address("http://8.8.8.8/hook") is None

@@ -178,3 +178,19 @@ def test_cli_transcribe_without_a_model_says_so(monkeypatch, capsys, tmp_path):
 def test_cli_unreachable_service_is_an_error(capsys):
     assert main(["--url", "http://127.0.0.1:9", "status", "0" * 32]) == 1
     assert capsys.readouterr().err.startswith("error: unreachable:")
+
+
+def test_a_name_is_checked_by_what_it_resolves_to_and_connected_to_that(server, tmp_path, monkeypatch):
+    from tasks import pinned_http
+
+    # a public-looking name that resolves to a private address (DNS rebinding's second answer) is refused
+    monkeypatch.setattr(pinned_http, "resolve_host", lambda host, port: ["10.1.2.3"])
+    with pytest.raises(JobError) as info:
+        fetch("http://videos.example.org/video.mp4", tmp_path, allow_private=False)
+    assert info.value.code == "url_not_allowed"
+    # the connection goes to the address that was resolved and checked, the name stays the Host
+    port = int(server.rsplit(":", 1)[1])
+    calls = []
+    monkeypatch.setattr(pinned_http, "resolve_host", lambda host, p: calls.append((host, p)) or ["127.0.0.1"])
+    assert fetch(f"http://videos.example.org:{port}/video.mp4", tmp_path) == len(BODY)
+    assert calls == [("videos.example.org", port)]

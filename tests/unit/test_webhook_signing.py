@@ -8,8 +8,8 @@ import time
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from tasks.pinned_http import canonical_host
 from tasks.signing import signature
-from tasks.webhooks import canonical_host
 
 
 @pytest.mark.parametrize("secret", ["webhook-secret", "whsec_" + base64.b64encode(b"\x00raw key bytes").decode()])
