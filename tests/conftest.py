@@ -20,6 +20,13 @@ def reference_face_frames() -> np.ndarray:
         return np.stack([f.to_ndarray(format="bgr24") for f in container.decode(video=0)])
 
 
+def reference_source(inputs: dict[str, np.ndarray], utt: str, mod: str) -> dict[str, np.ndarray | None]:
+    """The model inputs of fixture utterance `utt` for modality `mod` (video, audio or av) from `inputs.npz`."""
+    video = inputs[f"{utt}__video"]
+    audio = inputs[f"{utt}__audio"].transpose(0, 2, 1)  # official [B, F, T] -> model [B, T, F]
+    return {"video": video if mod != "audio" else None, "audio": audio if mod != "video" else None}
+
+
 @pytest.fixture(scope="session")
 def frames() -> np.ndarray:
     return reference_face_frames()

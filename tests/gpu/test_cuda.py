@@ -14,6 +14,7 @@ import torch
 
 from gpu_worker.avhubert import AVHubert, load_model
 from tests.conftest import REFERENCE
+from tests.conftest import reference_source as _source
 
 UTTS = ["rand29", "face50", "rand75"]
 MODS = ["video", "audio", "av"]
@@ -43,11 +44,6 @@ def beams() -> dict:
 def models() -> dict[str, AVHubert]:
     path = REFERENCE / "checkpoints" / "finetune_s2s.pt"
     return {dtype or "fp32": load_model(path, device="cuda", dtype=dtype) for dtype in (None, "fp16", "bf16")}
-
-
-def _source(inputs: dict[str, np.ndarray], utt: str, mod: str) -> dict[str, np.ndarray | None]:
-    audio = inputs[f"{utt}__audio"].transpose(0, 2, 1)
-    return {"video": inputs[f"{utt}__video"] if mod != "audio" else None, "audio": audio if mod != "video" else None}
 
 
 @pytest.mark.parametrize("mod", MODS)

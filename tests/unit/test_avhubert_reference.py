@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpu_worker.avhubert import AVHubert, audio_from_features, collate, load_model, video_from_rois
+from tests.conftest import reference_source as _source
 
 REF = Path(__file__).resolve().parents[1] / "fixtures" / "avhubert_reference"
 UTTS = ["rand29", "face50", "rand75"]
@@ -48,12 +49,6 @@ def outputs() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def beams() -> dict:
     return json.loads((REF / "outputs" / "s2s_beam.json").read_text())
-
-
-def _source(inputs: dict[str, np.ndarray], utt: str, mod: str) -> dict[str, np.ndarray | None]:
-    video = inputs[f"{utt}__video"]
-    audio = inputs[f"{utt}__audio"].transpose(0, 2, 1)  # official [B, F, T] -> model [B, T, F]
-    return {"video": video if mod != "audio" else None, "audio": audio if mod != "video" else None}
 
 
 def _max_diff(a: torch.Tensor, b: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from gpu_worker.avhubert.checkpoint import load_checkpoint
 from gpu_worker.avhubert.config import config_from_checkpoint
 from gpu_worker.avhubert.importer import load_fairseq_weights
 from gpu_worker.avhubert.model import AVHubertModel
+from tests.conftest import reference_source as _source
 
 REF = Path(__file__).resolve().parents[1] / "fixtures" / "avhubert_reference"
 UTTS = ["rand29", "face50", "rand75"]
@@ -49,11 +50,6 @@ def inputs() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, np.ndarray]:
     return dict(np.load(REF / "outputs" / "s2s_outputs.npz"))
-
-
-def _source(inputs: dict[str, np.ndarray], utt: str, mod: str) -> dict[str, np.ndarray | None]:
-    audio = inputs[f"{utt}__audio"].transpose(0, 2, 1)
-    return {"video": inputs[f"{utt}__video"] if mod != "audio" else None, "audio": audio if mod != "video" else None}
 
 
 def test_prepared_network_equals_plain_network(fp32: AVHubert, inputs) -> None:
