@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from avsr_client.client import AvsrError, Client, Job
+from tasks.errors import JobError
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
 FORMATS = ("text", "json", "srt", "vtt")
@@ -91,8 +92,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print("error: no model: give --model PATH or set AVHUBERT_MODEL_PATH to an AV-HuBERT checkpoint (.pt)",
               file=sys.stderr)
         return 2
-    result = local.transcribe(args.file, model=model, modality=args.modality, beam_size=args.beam,
-                              device=args.device, progress=not args.quiet)
+    try:
+        result = local.transcribe(args.file, model=model, modality=args.modality, beam_size=args.beam,
+                                  device=args.device, progress=not args.quiet)
+    except JobError as exc:  # what the service would fail the job with: bad_media, no_face_detected, ...
+        print(f"\nerror: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
     sys.stdout.write(local.render(result, args.format))
     return 0
 

@@ -19,7 +19,7 @@ from cpu_worker import frames as frames_lib
 from cpu_worker import segmentation
 from cpu_worker.errors import NoFrames
 from cpu_worker.mouth_roi import extract_mouth_rois, stitch_results
-from cpu_worker.stages import CHUNK_OVERLAP, build_result, plan_clip
+from cpu_worker.stages import CHUNK_OVERLAP, build_result, plan_clip, resolve_modality
 from gpu_worker.engine import Engine
 from tasks.records import FPS, JobResult
 from tasks.settings import get_settings
@@ -56,11 +56,7 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
     if num_frames <= 0:
         raise NoFrames("the video has no decodable frames")
     wave = video.audio() if video.has_audio else None
-    chosen = modality or "auto"
-    if chosen == "auto":
-        chosen = "audiovisual" if wave is not None else "video"
-    if chosen in ("audio", "audiovisual") and wave is None:
-        raise ValueError(f"modality {chosen} needs sound and the video has none")
+    chosen = resolve_modality(modality or "auto", wave is not None)
     chunks = segmentation.plan_chunks(num_frames, chunk_frames=settings.chunk_frames, overlap=CHUNK_OVERLAP)
     parts = []
     for chunk in chunks:

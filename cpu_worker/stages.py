@@ -116,14 +116,19 @@ def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> Inpu
         storage.put_arrays(work_bucket(), work_key(job_id, "audio.npz"),
                            features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),
                            energy_db=audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS))
-    modality = request["modality"]
-    if modality == "auto":
-        modality = "audiovisual" if has_audio else "video"
-    if modality in ("audio", "audiovisual") and not has_audio:
-        raise JobError("no_audio", f"modality {modality} needs sound and the video has none")
+    modality = resolve_modality(request["modality"], has_audio)
     return {"type": "video", "bucket": source["bucket"], "key": source["key"], "etag": obj.etag,
             "size": obj.size, "num_frames": num_frames, "modality": modality, "has_audio": has_audio,
             "chunks": []}
+
+
+def resolve_modality(requested: str, has_audio: bool) -> Any:
+    """The modality a video is decoded with: `auto` is audiovisual when it has sound, else video;
+    audio and audiovisual need sound (`no_audio`)."""
+    modality = ("audiovisual" if has_audio else "video") if requested == "auto" else requested
+    if modality in ("audio", "audiovisual") and not has_audio:
+        raise JobError("no_audio", f"modality {modality} needs sound and the video has none")
+    return modality
 
 
 # --- preprocess ----------------------------------------------------------------------------

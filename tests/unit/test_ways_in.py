@@ -194,3 +194,10 @@ def test_a_name_is_checked_by_what_it_resolves_to_and_connected_to_that(server, 
     monkeypatch.setattr(pinned_http, "resolve_host", lambda host, p: calls.append((host, p)) or ["127.0.0.1"])
     assert fetch(f"http://videos.example.org:{port}/video.mp4", tmp_path) == len(BODY)
     assert calls == [("videos.example.org", port)]
+
+
+def test_cli_transcribe_reports_a_bad_video_like_the_service(capsys, tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00not a video" * 100)
+    assert main(["transcribe", str(video), "--model", str(tmp_path / "unused.pt"), "--quiet"]) == 1
+    assert "error: bad_media:" in capsys.readouterr().err
