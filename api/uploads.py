@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, jsonify, request
 
-from api.auth import authenticate
+from api.auth import authenticate, current_tenant
 from api.errors import ApiError
 from api.validation import upload_key
 from tasks import storage
@@ -52,7 +52,7 @@ def create_upload():
         raise ApiError("invalid_field", "'filename' must be a string of at most 255 characters")
     upload_id = uuid.uuid4().hex
     expires_s = settings.upload_expiry_s
-    tenant = authenticate(settings)
+    tenant = current_tenant()  # resolved once, in before_request
     url = storage.presign_put(settings.work_bucket, upload_key(upload_id, tenant.id), content_type=content_type,
                               content_length=size, expires_s=expires_s)
     expires_at = datetime.fromtimestamp(time.time() + expires_s, UTC).isoformat().replace("+00:00", "Z")
