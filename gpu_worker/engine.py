@@ -54,8 +54,9 @@ class Engine:
     def transcribe(self, *, rois: np.ndarray | None, audio: np.ndarray | None, segments: Sequence[SegmentSpan],
                    modality: str, beam_size: int = 5,
                    on_progress: Callable[[int], None] | None = None) -> list[DecodedSegment]:
-        """Decode each segment (`start_frame`/`end_frame` into `rois` uint8[T,96,96] and `audio`
-        float32[T,104] stacked filterbanks); returns, in segment order, the best hypothesis of each."""
+        """Decode each segment (`start_frame`/`end_frame` into `rois` uint8[T,96,96] — or [S,T,96,96], one
+        stream per face read, picked by the segment's `stream` — and `audio` float32[T,104] stacked
+        filterbanks); returns, in segment order, the best hypothesis of each."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         use_video, use_audio = modality != "audio", modality != "video"
@@ -92,9 +93,10 @@ class Engine:
         in halves (results are the same: per-item length caps), down to single segments."""
         info = self.model.info
         spans = [(segments[i]["start_frame"], segments[i]["end_frame"]) for i in batch]
+        streams = [_stream(rois, segments[i]) for i in batch] if rois is not None else []
         videos = None if rois is None else [
-            video_from_rois(rois[a:b], info["image_crop_size"], info["image_mean"], info["image_std"])
-            for a, b in spans]
+            video_from_rois(stream[a:b], info["image_crop_size"], info["image_mean"], info["image_std"])
+            for stream, (a, b) in zip(streams, spans, strict=True)]
         audios = None if audio is None else [
             audio_from_features(audio[a:b], num_frames=b - a, normalize=info["normalize"]) for a, b in spans]
         inputs = collate(videos, audios)
@@ -133,3 +135,9 @@ class Engine:
             return {"gpu_memory_allocated": None, "gpu_memory_reserved": None}
         return {"gpu_memory_allocated": torch.cuda.memory_allocated(device),
                 "gpu_memory_reserved": torch.cuda.memory_reserved(device)}
+
+
+def _stream(rois: np.ndarray, span: SegmentSpan) -> np.ndarray:
+    """The ROI stream [T,96,96] a segment reads: `rois` itself, or `rois[span["stream"]]` when 4-D."""
+    stream: np.ndarray = rois[span.get("stream", 0)] if rois.ndim == 4 else rois
+    return stream

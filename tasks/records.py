@@ -18,6 +18,16 @@ FPS = 25.0
 """AV-HuBERT's frame rate: every input is mapped onto this grid, and everything after `prepare` is at it."""
 
 Modality = Literal["auto", "video", "audio", "audiovisual"]
+SpeakerMode = Literal["largest", "center", "speaking", "all"]
+"""Whom to read when several faces are visible (see `SpeakerHint` for a point on a face)."""
+
+
+class SpeakerHint(TypedDict):
+    """The face under pixel (`x`, `y`) of the source video at `t` seconds (a click on a frame)."""
+
+    t: float
+    x: float
+    y: float
 
 
 class FramesInput(TypedDict):
@@ -53,6 +63,7 @@ class JobRequest(TypedDict):
     beam_size: int
     output: OutputLocation | None
     callback_url: str | None
+    speaker: NotRequired[SpeakerMode | SpeakerHint]  # absent: "largest"
 
 
 class Chunk(TypedDict):
@@ -88,11 +99,26 @@ class ChunkSummary(TypedDict):
 
 
 class SegmentSpan(TypedDict):
-    """Frames `[start_frame, end_frame)` of the clip, decoded at once."""
+    """Frames `[start_frame, end_frame)` of the clip, decoded at once, of face track `track` (1-based id,
+    see `FaceTrackInfo`), whose mouth ROIs are stream `stream` of `features.npz` (`rois` is [T,96,96] when
+    there is one stream, [S,T,96,96] when several faces are read)."""
 
     id: int
     start_frame: int
     end_frame: int
+    track: NotRequired[int]
+    stream: NotRequired[int]
+
+
+class FaceTrackInfo(TypedDict):
+    """One face followed through the clip: frames `[start, end)` seconds, `frames` with the face found, and
+    its box `[t, x0, y0, x1, y1]` (seconds, source-video pixels) about once a second."""
+
+    id: int
+    start: float
+    end: float
+    frames: int
+    boxes: list[list[float]]
 
 
 class Quality(TypedDict):
@@ -101,6 +127,8 @@ class Quality(TypedDict):
     face_ratio: float
     face_breaks: list[list[int]]
     corrupt_frames_skipped: int
+    tracks: NotRequired[list[FaceTrackInfo]]  # every face track found (at most AVSR_MAX_FACES)
+    speaker: NotRequired[str]  # how the track of each segment was chosen
 
 
 class SegmentPlan(TypedDict):
@@ -149,6 +177,15 @@ class ResultSegment(TypedDict):
     text: str
     confidence: float
     words: list[Word]  # no word times: no alignment is computed (see the README)
+    track: NotRequired[int]  # the face track read (`quality.tracks`)
+
+
+class TrackTranscript(TypedDict):
+    """The text of one face track (several with speaker "all")."""
+
+    track: int
+    text: str
+    confidence: float
 
 
 class JobResult(TypedDict):
@@ -160,6 +197,7 @@ class JobResult(TypedDict):
     duration_s: float
     modality: str
     segments: list[ResultSegment]
+    transcripts: NotRequired[list[TrackTranscript]]  # per face track read, in track order
     quality: Quality | dict[str, Any]
     model: dict[str, Any]
     timings: dict[str, float]
