@@ -19,9 +19,10 @@ from cpu_worker import frames as frames_lib
 from cpu_worker import segmentation
 from cpu_worker.errors import NoFrames
 from cpu_worker.mouth_roi import extract_mouth_rois, stitch_results
-from cpu_worker.stages import CHUNK_OVERLAP, build_result, plan_clip, resolve_modality
+from cpu_worker.speakers import needs_track_rois
+from cpu_worker.stages import CHUNK_OVERLAP, build_result, plan_clip, resolve_modality, tracker_config
 from gpu_worker.engine import Engine
-from tasks.records import FPS, JobResult
+from tasks.records import FPS, JobResult, SpeakerHint
 from tasks.settings import get_settings
 from tasks.subtitles import render_result
 
@@ -45,7 +46,7 @@ class ProgressBar:
 
 def transcribe(path: str | Path, *, model: str | Path, modality: str | None = None, beam_size: int | None = None,
                device: str = "auto", spm_path: str | None = None, dict_path: str | None = None,
-               progress: bool = False) -> JobResult:
+               speaker: str | SpeakerHint | None = None, progress: bool = False) -> JobResult:
     """The result the service would give for this video (preprocessing 0-60 %, decoding 60-100 %)."""
     settings = get_settings()
     bar = ProgressBar(progress)
@@ -63,13 +64,15 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
         bar.show(0.6 * chunk.index / len(chunks), f"preprocessing {chunk.index + 1}/{len(chunks)}")
         parts.append(extract_mouth_rois(frames_lib.VideoFile(path).window(chunk.start, chunk.end), fps=FPS,
                                         start_frame=chunk.start, require_face=False,
-                                        workers=settings.cpu_threads or None))
-    clip = stitch_results(parts)
+                                        workers=settings.cpu_threads or None, config=tracker_config(),
+                                        crop_tracks=needs_track_rois(speaker)))
+    clip = stitch_results(parts, max_tracks=settings.max_faces)
     features = energy = None
     if wave is not None:
         features = audio_lib.audio_features(wave, frames_lib.AUDIO_RATE)
         energy = audio_lib.frame_energy_db(wave, frames_lib.AUDIO_RATE, fps=FPS)
-    plan = plan_clip(clip, energy, int(clip.stats.get("corrupt_skipped", 0)), settings.max_segment_s, chosen)
+    plan, rois = plan_clip(clip, energy, int(clip.stats.get("corrupt_skipped", 0)), settings.max_segment_s, chosen,
+                           speaker)
     timings["preprocess"] = round(time.perf_counter() - started, 3)
     bar.show(0.6, "loading the model")
     loaded = time.perf_counter()
@@ -82,7 +85,7 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
         bar.show(0.6 + 0.4 * done / max(1, total), f"decoding {done}/{total}")
 
     decoded_so_far(0)
-    decoded = engine.transcribe(rois=clip.rois, audio=features, segments=plan["segments"], modality=chosen,
+    decoded = engine.transcribe(rois=rois, audio=features, segments=plan["segments"], modality=plan["modality"],
                                 beam_size=beam_size or settings.beam_size, on_progress=decoded_so_far)
     timings["inference"] = round(time.perf_counter() - loaded, 3)
     bar.close()

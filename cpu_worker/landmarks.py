@@ -16,7 +16,8 @@ Here each frame is still given a real HOG detection (so "face present" means the
 * the tracker is reset at every multiple of ``block`` frames, so blocks are independent: they run on
   several threads (dlib releases the GIL) and a clip cut into chunks gives the same landmarks as the
   whole clip.  When several faces are seen, every one is followed through the block (``Track``) and the
-  caller keeps the speaker of the previous block (``select_track``).
+  caller keeps the speaker of the previous block (``select_track``); ``TrackLinker`` gives each face a
+  persistent track id across blocks (the face tracks of the result).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class TrackerConfig:
 
     block: int = 24  # tracker reset period (frames, absolute index multiples)
     hog_every: int = 2  # HOG on frames idx % hog_every == 0; in between, the box is interpolated
-    max_faces: int = 3  # faces followed in parallel when several are seen (to keep the same speaker)
+    max_faces: int = 4  # faces followed in parallel when several are seen (AVSR_MAX_FACES): the face tracks
     detect_max_side: int = 320  # full-frame HOG image size (longest side)
     roi_face_px: float = 90.0  # face size in the tracking window's detection image
     roi_margin: float = 0.35  # tracking window half-size, in face sizes
@@ -368,6 +369,57 @@ def select_track(candidates: list[Track], previous: Box | None) -> Track:
     if not found:
         return candidates[0]
     return min(found, key=lambda c: (_centre(c.first_box)[0] - px) ** 2 + (_centre(c.first_box)[1] - py) ** 2)  # type: ignore[arg-type]
+
+
+class TrackLinker:
+    """Persistent face-track ids across reset periods: a period's candidate continues the track whose last
+    box (in an earlier period) is nearest to where the candidate starts, if their centres are less than half
+    a face apart; other candidates open new tracks, at most ``max_tracks`` in all (later faces are not
+    followed as tracks)."""
+
+    def __init__(self, max_tracks: int) -> None:
+        self.max_tracks = max_tracks
+        self.last: dict[int, Box] = {}  # track id -> where it was last seen
+
+    def link(self, candidates: list[Track]) -> dict[int, Track]:
+        """The candidates of one period by track id (candidates without a face, or past the cap, left out)."""
+        pairs = []
+        for c, cand in enumerate(candidates):
+            if cand.first_box is None:
+                continue
+            cx, cy = _centre(cand.first_box)
+            size = max(cand.first_box[2] - cand.first_box[0], cand.first_box[3] - cand.first_box[1])
+            for tid, box in self.last.items():
+                d = float(np.hypot(_centre(box)[0] - cx, _centre(box)[1] - cy))
+                if d < 0.5 * size:
+                    pairs.append((d, c, tid))
+        linked: dict[int, Track] = {}
+        used: set[int] = set()
+        for _, c, tid in sorted(pairs):
+            if c not in used and tid not in linked:
+                linked[tid] = candidates[c]
+                used.add(c)
+        for c, cand in enumerate(candidates):
+            if cand.first_box is None or c in used:
+                continue
+            if any(_same_face(cand, other) for other in linked.values()):
+                continue  # two trackers ended on one face
+            if len(self.last) >= self.max_tracks:
+                break
+            tid = len(self.last)
+            self.last[tid] = cand.first_box
+            linked[tid] = cand
+        for tid, cand in linked.items():
+            self.last[tid] = cand.last_box or cand.first_box or self.last[tid]
+        return linked
+
+
+def _same_face(a: Track, b: Track) -> bool:
+    if a.first_box is None or b.first_box is None:
+        return False
+    size = max(a.first_box[2] - a.first_box[0], a.first_box[3] - a.first_box[1])
+    (ax, ay), (bx, by) = _centre(a.first_box), _centre(b.first_box)
+    return bool(np.hypot(ax - bx, ay - by) < 0.25 * size)
 
 
 def last_resort_detect(

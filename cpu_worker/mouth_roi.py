@@ -25,7 +25,15 @@ import numpy as np
 from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
-from cpu_worker.landmarks import Box, DetectionStats, TrackerConfig, last_resort_detect, select_track, track_block
+from cpu_worker.landmarks import (
+    Box,
+    DetectionStats,
+    TrackerConfig,
+    TrackLinker,
+    last_resort_detect,
+    select_track,
+    track_block,
+)
 from tasks.records import FPS
 
 _TAIL = WINDOW + 2  # frames at a chunk's end whose ROI may differ from the single-piece run
@@ -38,6 +46,10 @@ class MouthRoiResult:
     ``landmarks`` are the (interpolated) landmarks used for the crop; ``detected`` marks frames where a
     face was actually found; ``breaks`` are half-open frame ranges (relative to this result) where the
     face track is missing for longer than ``max_gap_s`` — split the clip there.
+
+    ``tracks`` are the face tracks found (track id = position + 1), each a result of the same length
+    holding one face only (no ``tracks`` of its own); their ``rois`` are empty unless they were cropped
+    (``extract_mouth_rois(crop_tracks=True)``).  The clip's own ROIs follow the default speaker.
     """
 
     rois: np.ndarray  # uint8 [T,96,96]
@@ -47,13 +59,14 @@ class MouthRoiResult:
     stats: dict[str, Any] = field(default_factory=dict)
     start_frame: int = 0
     fps: float = FPS
+    tracks: list[MouthRoiResult] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return int(self.rois.shape[0])
+        return int(self.detected.shape[0])
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Plain arrays (for ``np.savez``); ``from_arrays`` restores the result."""
-        return {
+        arrays = {
             "rois": self.rois,
             "landmarks": self.landmarks,
             "detected": self.detected,
@@ -62,18 +75,27 @@ class MouthRoiResult:
             "fps": np.asarray(self.fps, dtype=np.float64),
             "stats_json": np.asarray(json.dumps(self.stats, default=_json_default)),
         }
+        if not prefix:
+            arrays["num_tracks"] = np.asarray(len(self.tracks), dtype=np.int64)
+        out = {prefix + k: v for k, v in arrays.items()}
+        for k, track in enumerate(self.tracks):
+            out.update(track.to_arrays(prefix=f"track{k}."))
+        return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MouthRoiResult:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = "") -> MouthRoiResult:
         """Inverse of ``to_arrays`` (accepts an ``NpzFile`` too)."""
+        tracks = [] if prefix or "num_tracks" not in arrays else [
+            cls.from_arrays(arrays, prefix=f"track{k}.") for k in range(int(arrays["num_tracks"]))]
         return cls(
-            rois=np.asarray(arrays["rois"], dtype=np.uint8),
-            landmarks=np.asarray(arrays["landmarks"], dtype=np.float32),
-            detected=np.asarray(arrays["detected"], dtype=bool),
-            breaks=[(int(a), int(b)) for a, b in np.asarray(arrays["breaks"]).reshape(-1, 2)],
-            stats=json.loads(str(arrays["stats_json"])) if "stats_json" in arrays else {},
-            start_frame=int(arrays["start_frame"]),
-            fps=float(arrays["fps"]) if "fps" in arrays else FPS,
+            rois=np.asarray(arrays[prefix + "rois"], dtype=np.uint8),
+            landmarks=np.asarray(arrays[prefix + "landmarks"], dtype=np.float32),
+            detected=np.asarray(arrays[prefix + "detected"], dtype=bool),
+            breaks=[(int(a), int(b)) for a, b in np.asarray(arrays[prefix + "breaks"]).reshape(-1, 2)],
+            stats=json.loads(str(arrays[prefix + "stats_json"])) if prefix + "stats_json" in arrays else {},
+            start_frame=int(arrays[prefix + "start_frame"]),
+            fps=float(arrays[prefix + "fps"]) if prefix + "fps" in arrays else FPS,
+            tracks=tracks,
         )
 
 
@@ -191,9 +213,10 @@ def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tu
 class _RoiBuilder:
     """Gap filling (``_GapFiller``) feeding the crop (``RoiCropper``): frames with landmarks in, ROIs out."""
 
-    def __init__(self, max_gap: int, max_lead: int) -> None:
+    def __init__(self, max_gap: int, max_lead: int, crop: bool = True) -> None:
         self.filler = _GapFiller(max_gap, max_lead)
         self.cropper = RoiCropper()
+        self.crop = crop
         self.rois: list[np.ndarray] = []
         self.landmarks: list[np.ndarray] = []
 
@@ -203,6 +226,8 @@ class _RoiBuilder:
     def _crop(self, items: list[_Item]) -> None:
         for _, gray, lm in items:
             self.landmarks.append(lm)
+            if not self.crop:
+                continue
             if np.isnan(lm).any():  # dropped from an overlong leading gap (nothing is in the cropper yet)
                 self.rois.append(np.zeros((CROP_SIZE, CROP_SIZE), np.uint8))
                 continue
@@ -210,17 +235,23 @@ class _RoiBuilder:
 
     def finish(self, n: int) -> None:
         self._crop(self.filler.flush(n))
-        self.rois.extend(self.cropper.flush())
+        if self.crop:
+            self.rois.extend(self.cropper.flush())
+
+
+_Tracked = tuple[int, np.ndarray, np.ndarray | None, dict[int, np.ndarray | None]]
 
 
 def _tracked(stream: Iterable[np.ndarray], start_frame: int, cfg: TrackerConfig, n_workers: int,
-             det_stats: DetectionStats) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """``(absolute index, grey frame, landmarks or None)`` per frame, in order.
+             det_stats: DetectionStats) -> Iterator[_Tracked]:
+    """``(absolute index, grey frame, landmarks or None, {track id: landmarks or None})`` per frame, in order.
 
     Blocks of ``cfg.block`` frames are tracked on a thread pool (``track_block``), at most
-    ``n_workers`` ahead; in each block's periods the face followed so far is chosen (``select_track``).
+    ``n_workers`` ahead; in each block's periods the face followed so far is chosen (``select_track``),
+    and every candidate is linked to its face track (``TrackLinker``).
     """
     speaker: Box | None = None  # where the followed face was last seen
+    linker = TrackLinker(cfg.max_faces)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         inflight: deque[tuple[int, Future]] = deque()
         blocks = _blocks(stream, start_frame, cfg.block)
@@ -233,12 +264,15 @@ def _tracked(stream: Iterable[np.ndarray], start_frame: int, cfg: TrackerConfig,
             periods, grays, stats = future.result()
             det_stats.merge(stats)
             landmarks: list[np.ndarray | None] = []
+            by_track: list[dict[int, np.ndarray | None]] = []
             for candidates in periods:
                 track = select_track(candidates, speaker)
                 landmarks.extend(track.landmarks)
                 speaker = track.last_box or speaker
+                linked = linker.link(candidates)
+                by_track.extend({tid: t.landmarks[i] for tid, t in linked.items()} for i in range(len(track.landmarks)))
             for k, (gray, lm) in enumerate(zip(grays, landmarks, strict=True)):
-                yield first + k, gray, lm
+                yield first + k, gray, lm, by_track[k]
 
 
 def extract_mouth_rois(
@@ -251,6 +285,7 @@ def extract_mouth_rois(
     config: TrackerConfig | None = None,
     corrupt_skipped: int = 0,
     require_face: bool = True,
+    crop_tracks: bool = False,
 ) -> MouthRoiResult:
     """Detect, track, align and crop the speaker's mouth in BGR uint8 frames ([T,H,W,3] or an iterable).
 
@@ -259,6 +294,9 @@ def extract_mouth_rois(
     ``NoFrames`` for an empty input and ``NoFaceDetected`` when no frame has a face — unless
     ``require_face`` is False (a chunk of a longer clip): then the result has no detection, zero ROIs,
     NaN landmarks and the whole range as a break (if longer than ``max_gap_s``).
+
+    Every face followed (at most ``config.max_faces``) is also returned as a face track (``tracks``),
+    with its own gap filling and breaks, and its own ROIs when ``crop_tracks``.
     """
     t0 = time.perf_counter()
     cfg = config or TrackerConfig()
@@ -270,9 +308,17 @@ def extract_mouth_rois(
     builder = _RoiBuilder(max_gap, max_lead=max(250, 10 * max_gap))
     detected: list[bool] = []
     det_stats = DetectionStats()
-    for idx, gray, lm in _tracked(stream, start_frame, cfg, n_workers, det_stats):
+    tracks = [_RoiBuilder(max_gap, max_lead=max_gap, crop=crop_tracks) for _ in range(cfg.max_faces)]
+    track_detected: list[list[bool]] = [[] for _ in tracks]
+    frame_size: list[int] = []
+    for idx, gray, lm, by_track in _tracked(stream, start_frame, cfg, n_workers, det_stats):
+        frame_size = frame_size or [int(gray.shape[1]), int(gray.shape[0])]
         detected.append(lm is not None)
         builder.push(idx - start_frame, gray, lm)
+        for tid, track in enumerate(tracks):
+            track_lm = by_track.get(tid)
+            track_detected[tid].append(track_lm is not None)
+            track.push(idx - start_frame, gray, track_lm)
     n = len(detected)
     if n == 0:
         raise NoFrames()
@@ -307,15 +353,29 @@ def extract_mouth_rois(
         "detector_calls_by_kind": dict(calls),  # "between": predictor on an interpolated box, no detector
         "corrupt_skipped": int(corrupt_skipped or getattr(frames, "corrupt_skipped", 0)),
         "faces_seen": det_stats.faces_seen,
+        "frame_size": frame_size,  # [width, height] of the first frame
         "crops_clamped": builder.cropper.clamped,
         "seconds": elapsed,
         "fps": n / elapsed if elapsed > 0 else float("inf"),
     }
     return MouthRoiResult(rois=rois, landmarks=landmarks.astype(np.float32), detected=np.array(detected, dtype=bool),
-                          breaks=breaks, stats=stats, start_frame=start_frame)
+                          breaks=breaks, stats=stats, start_frame=start_frame,
+                          tracks=[_track_result(t, d, start_frame) for t, d in zip(tracks, track_detected, strict=True)
+                                  if any(d)])
 
 
-def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) -> MouthRoiResult:
+def _track_result(builder: _RoiBuilder, detected: list[bool], start_frame: int) -> MouthRoiResult:
+    """One face track of a chunk from its builder (every frame pushed; at least one detection)."""
+    n = len(detected)
+    builder.finish(n)
+    rois = np.stack(builder.rois) if builder.rois else np.zeros((0, CROP_SIZE, CROP_SIZE), np.uint8)
+    return MouthRoiResult(rois=rois, landmarks=np.stack(builder.landmarks).astype(np.float32),
+                          detected=np.array(detected, dtype=bool), breaks=list(builder.filler.breaks),
+                          stats={"frames_detected": int(sum(detected))}, start_frame=start_frame)
+
+
+def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None,
+                   max_tracks: int | None = None) -> MouthRoiResult:
     """Join chunk results (each from ``extract_mouth_rois(..., start_frame=s)``) into one clip result.
 
     Consecutive chunks must overlap by at least ``block + 14`` frames (38 by default); each boundary
@@ -324,12 +384,16 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
     reset, and a ROI only on the landmarks of the next 11 frames, which the earlier chunk still holds
     (the last 14 frames of a chunk — smoothing window, end-of-chunk HOG key frame — are never kept).
     Not covered: a face gap that straddles a boundary is filled from each chunk's own side.
+
+    Face tracks are joined too: a chunk's track continues the clip's track last seen (before the
+    boundary) less than half a face from where it is first seen after it; the others become new tracks
+    (at most ``max_tracks`` in all, by default ``TrackerConfig.max_faces``).
     """
     if not results:
         raise ValueError("nothing to stitch")
     block = block or TrackerConfig().block
     parts = sorted(results, key=lambda r: r.start_frame)
-    keep: list[tuple[MouthRoiResult, int, int]] = []  # (result, absolute keep start, absolute keep end)
+    keep: list[tuple[int, int]] = []  # (absolute keep start, absolute keep end) per part
     begin = parts[0].start_frame
     for a, b in itertools.pairwise(parts):
         a_end = a.start_frame + len(a)
@@ -339,14 +403,37 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
                 f"chunks starting at {a.start_frame} and {b.start_frame} overlap too little "
                 f"(need at least {block + _TAIL} frames)"
             )
-        keep.append((a, begin, split))
+        keep.append((begin, split))
         begin = split
     last = parts[-1]
-    keep.append((last, begin, last.start_frame + len(last)))
+    keep.append((begin, last.start_frame + len(last)))
+    clip = _join(parts, keep)
+    calls: dict[str, int] = {}
+    for r in parts:
+        for k, v in r.stats.get("detector_calls_by_kind", {}).items():
+            calls[k] = calls.get(k, 0) + v
+    clip.stats = {
+        "frames_total": int(clip.detected.size),
+        "frames_detected": int(clip.detected.sum()),
+        "frames_interpolated": int(clip.detected.size - clip.detected.sum()),
+        "detector_calls": _detector_total(calls),
+        "detector_calls_by_kind": calls,
+        "corrupt_skipped": int(sum(r.stats.get("corrupt_skipped", 0) for r in parts)),
+        "faces_seen": max(r.stats.get("faces_seen", 0) for r in parts),
+        "frame_size": parts[0].stats.get("frame_size"),
+        "chunks": len(parts),
+    }
+    cap = max_tracks or TrackerConfig().max_faces
+    clip.tracks = [_join(pieces, keep) for pieces in _link_chunk_tracks(parts, keep, cap)]
+    return clip
+
+
+def _join(parts: Sequence[MouthRoiResult], keep: Sequence[tuple[int, int]]) -> MouthRoiResult:
+    """Frames ``keep[i]`` (absolute) of each part, concatenated; breaks joined across boundaries."""
+    origin = parts[0].start_frame
     rois, lms, det = [], [], []
     breaks: list[tuple[int, int]] = []
-    calls: dict[str, int] = {}
-    for r, s, e in keep:
+    for r, (s, e) in zip(parts, keep, strict=True):
         lo, hi = s - r.start_frame, e - r.start_frame
         rois.append(r.rois[lo:hi])
         lms.append(r.landmarks[lo:hi])
@@ -354,29 +441,65 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None) 
         for bs, be in r.breaks:
             bs, be = max(bs, lo), min(be, hi)
             if bs < be:
-                bs, be = bs + r.start_frame - parts[0].start_frame, be + r.start_frame - parts[0].start_frame
+                bs, be = bs + r.start_frame - origin, be + r.start_frame - origin
                 if breaks and breaks[-1][1] == bs:
                     breaks[-1] = (breaks[-1][0], be)
                 else:
                     breaks.append((bs, be))
-        for k, v in r.stats.get("detector_calls_by_kind", {}).items():
-            calls[k] = calls.get(k, 0) + v
     detected = np.concatenate(det)
-    stats = {
-        "frames_total": int(detected.size),
-        "frames_detected": int(detected.sum()),
-        "frames_interpolated": int(detected.size - detected.sum()),
-        "detector_calls": _detector_total(calls),
-        "detector_calls_by_kind": calls,
-        "corrupt_skipped": int(sum(r.stats.get("corrupt_skipped", 0) for r in parts)),
-        "faces_seen": max(r.stats.get("faces_seen", 0) for r in parts),
-        "chunks": len(parts),
-    }
-    return MouthRoiResult(
-        rois=np.concatenate(rois),
-        landmarks=np.concatenate(lms),
-        detected=detected,
-        breaks=breaks,
-        stats=stats,
-        start_frame=parts[0].start_frame,
-    )
+    return MouthRoiResult(rois=np.concatenate(rois), landmarks=np.concatenate(lms), detected=detected,
+                          breaks=breaks, stats={"frames_detected": int(detected.sum())}, start_frame=origin)
+
+
+def _box_at(track: MouthRoiResult, frames: Iterable[int]) -> Box | None:
+    """The landmarks' bounding box at the first of ``frames`` (relative) where the track has its face."""
+    for f in frames:
+        if 0 <= f < len(track) and track.detected[f]:
+            x0, y0 = track.landmarks[f].min(axis=0)
+            x1, y1 = track.landmarks[f].max(axis=0)
+            return float(x0), float(y0), float(x1), float(y1)
+    return None
+
+
+def _absent(part: MouthRoiResult, cropped: bool) -> MouthRoiResult:
+    """A track piece for a chunk where the face is not seen: no detection, the whole chunk a break."""
+    n = len(part)
+    return MouthRoiResult(rois=np.zeros((n if cropped else 0, CROP_SIZE, CROP_SIZE), np.uint8),
+                          landmarks=np.full((n, 68, 2), np.nan, np.float32), detected=np.zeros(n, bool),
+                          breaks=[(0, n)] if n else [], start_frame=part.start_frame)
+
+
+def _link_chunk_tracks(parts: Sequence[MouthRoiResult], keep: Sequence[tuple[int, int]],
+                       max_tracks: int) -> list[list[MouthRoiResult]]:
+    """Per clip track, its piece in every part (``_absent`` where the part does not see it)."""
+    clip_tracks: list[list[MouthRoiResult | None]] = []
+    last_box: list[Box | None] = []  # where each clip track was last seen, up to the current boundary
+    for p, (part, (s, e)) in enumerate(zip(parts, keep, strict=True)):
+        lo, hi = s - part.start_frame, e - part.start_frame
+        firsts = [_box_at(t, range(lo, hi)) for t in part.tracks]
+        pairs = []
+        for local, box in enumerate(firsts):
+            if box is None:
+                continue
+            size = max(box[2] - box[0], box[3] - box[1])
+            for g, seen in enumerate(last_box):
+                if seen is not None:
+                    d = float(np.hypot(box[0] + box[2] - seen[0] - seen[2], box[1] + box[3] - seen[1] - seen[3])) / 2
+                    if d < 0.5 * size:
+                        pairs.append((d, local, g))
+        taken: dict[int, int] = {}  # local -> clip track
+        for _, local, g in sorted(pairs):
+            if local not in taken and g not in taken.values():
+                taken[local] = g
+        for local, box in enumerate(firsts):
+            if box is not None and local not in taken and len(clip_tracks) < max_tracks:
+                taken[local] = len(clip_tracks)
+                clip_tracks.append([None] * len(parts))
+                last_box.append(None)
+        for local, g in taken.items():
+            track = part.tracks[local]
+            clip_tracks[g][p] = track
+            last_box[g] = _box_at(track, range(hi - 1, lo - 1, -1)) or last_box[g]
+    cropped = any(len(t.rois) for part in parts for t in part.tracks)
+    return [[piece if piece is not None else _absent(parts[p], cropped) for p, piece in enumerate(pieces)]
+            for pieces in clip_tracks]

@@ -17,8 +17,9 @@ import numpy as np
 
 from cpu_worker import audio as audio_lib
 from cpu_worker import frames as frames_lib
-from cpu_worker import segmentation, url_input
+from cpu_worker import segmentation, speakers, url_input
 from cpu_worker.errors import NoFaceDetected, NoFrames
+from cpu_worker.landmarks import TrackerConfig
 from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
 from tasks import jobs, storage
 from tasks.errors import JobError, input_not_found, input_too_large
@@ -33,6 +34,8 @@ from tasks.records import (
     ResultSegment,
     SegmentPlan,
     SegmentSpan,
+    SpeakerHint,
+    TrackTranscript,
     Transcript,
     UrlInput,
     VideoInput,
@@ -149,9 +152,16 @@ def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
     chunk = plan["chunks"][chunk_index]
     # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
     roi = extract_mouth_rois(_chunk_frames(plan, chunk["start"], chunk["end"]), fps=FPS, start_frame=chunk["start"],
-                             require_face=False, workers=get_settings().cpu_threads or None)
+                             require_face=False, workers=get_settings().cpu_threads or None,
+                             config=tracker_config(),
+                             crop_tracks=speakers.needs_track_rois(job["request"].get("speaker")))
     storage.put_arrays(work_bucket(), work_key(job_id, f"chunks/{chunk_index:04d}.npz"), **roi.to_arrays())
     return {"index": chunk_index, "frames": len(roi), "stats": _jsonable(roi.stats)}
+
+
+def tracker_config() -> TrackerConfig:
+    """The tracker's settings (`AVSR_MAX_FACES`: how many faces are followed as tracks)."""
+    return TrackerConfig(max_faces=get_settings().max_faces)
 
 
 def chunk_progress(job: jobs.Job) -> float:
@@ -164,9 +174,10 @@ def chunk_progress(job: jobs.Job) -> float:
 # --- assemble ------------------------------------------------------------------------------
 
 def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skipped: int, max_segment_s: float,
-              modality: Any) -> SegmentPlan:
-    """The segments and quality of a stitched clip (pure): cut at face-track breaks, pauses and
-    silence (`energy_db`, the audio's per-frame energy, when it has sound)."""
+              modality: Any, speaker: str | SpeakerHint | None = None) -> tuple[SegmentPlan, np.ndarray]:
+    """The segments and quality of a stitched clip, and the ROI streams they read (pure): cut at face-track
+    breaks, pauses and silence (`energy_db`, the audio's per-frame energy, when it has sound), for the
+    face(s) the request's `speaker` names (`cpu_worker/speakers.py`)."""
     if len(clip) == 0:
         raise NoFrames("no decodable frames in the input")
     if not clip.detected.any():
@@ -175,22 +186,74 @@ def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skippe
     if energy_db is not None:
         energy = np.full(len(clip), energy_db.min(initial=-100.0), np.float32)
         energy[:min(len(clip), len(energy_db))] = energy_db[:len(clip)]
-    face_track = np.ones(len(clip), bool)  # short gaps were interpolated; only breaks lack a face
-    for start, end in clip.breaks:
-        face_track[start:end] = False
-    segments = segmentation.plan_segments(
-        len(clip), FPS, face_present=face_track, mouth_motion=segmentation.mouth_motion(clip.rois),
-        audio_energy_db=energy, max_segment_s=max_segment_s)
+    tracks = speakers.face_tracks(clip)
+    mode = "hint" if isinstance(speaker, dict) else (speaker or speakers.DEFAULT)
+    if mode == "speaking" and energy is None:
+        mode = speakers.DEFAULT  # nothing to synchronise with: documented fallback
+    rois = clip.rois
+    read = clip
+    if mode == speakers.DEFAULT:
+        spans = _spans(clip, energy, max_segment_s)
+        for span in spans:
+            span["track"] = speakers.default_track(clip, tracks, span["start_frame"], span["end_frame"]) + 1
+    elif mode in ("hint", "center"):
+        k = (speakers.choose_hint(tracks, speaker) if isinstance(speaker, dict)
+             else speakers.choose_center(tracks, clip.stats.get("frame_size")))
+        read, rois = tracks[k], tracks[k].rois
+        spans = [{**span, "track": k + 1} for span in _spans(read, energy, max_segment_s)]
+    elif mode == "speaking":
+        assert energy is not None
+        spans, rois = _speaking(clip, tracks, energy, max_segment_s)
+    elif mode == "all":
+        spans = sorted(({**span, "track": k + 1, "stream": k} for k, track in enumerate(tracks)
+                        for span in _spans(track, None, max_segment_s)),
+                       key=lambda span: (span["start_frame"], span["track"]))
+        spans = [{**span, "id": i} for i, span in enumerate(spans)]
+        rois, modality = np.stack([t.rois for t in tracks]), "video"
+    else:
+        raise ValueError(f"unknown speaker {speaker!r}")
     quality: Quality = {
         "frames": len(clip),
-        "frames_with_face": int(clip.detected.sum()),
-        "face_ratio": round(float(clip.detected.mean()), 4),
-        "face_breaks": [list(b) for b in clip.breaks],
+        "frames_with_face": int(read.detected.sum()),
+        "face_ratio": round(float(read.detected.mean()), 4),
+        "face_breaks": [list(b) for b in read.breaks],
         "corrupt_frames_skipped": corrupt_skipped,
+        "tracks": speakers.track_info(tracks),
+        "speaker": mode,
     }
-    spans: list[SegmentSpan] = [{"id": s.id, "start_frame": s.start_frame, "end_frame": s.end_frame}
-                                for s in segments]
-    return {"num_frames": len(clip), "modality": modality, "quality": quality, "segments": spans}
+    return {"num_frames": len(clip), "modality": modality, "quality": quality, "segments": spans}, rois
+
+
+def _spans(clip: MouthRoiResult, energy: np.ndarray | None, max_segment_s: float,
+           face: np.ndarray | None = None) -> list[SegmentSpan]:
+    """The segments of one ROI stream (`segmentation.plan_segments` on its face run, motion and the audio)."""
+    segments = segmentation.plan_segments(
+        len(clip), FPS, face_present=speakers.face_mask(clip) if face is None else face,
+        mouth_motion=segmentation.mouth_motion(clip.rois) if face is None else None,
+        audio_energy_db=energy, max_segment_s=max_segment_s)
+    return [{"id": s.id, "start_frame": s.start_frame, "end_frame": s.end_frame} for s in segments]
+
+
+def _speaking(clip: MouthRoiResult, tracks: list[MouthRoiResult], energy: np.ndarray,
+              max_segment_s: float) -> tuple[list[SegmentSpan], np.ndarray]:
+    """`speaking`: segments where any face is seen, cut at the audio's pauses; each reads the track whose
+    mouth opening follows the audio energy best (`speakers.sync_score`), else the default track."""
+    anyone = np.logical_or.reduce([speakers.face_mask(t) for t in tracks])
+    spans = _spans(clip, energy, max_segment_s, face=anyone)
+    rois = clip.rois.copy()
+    for span in spans:
+        a, b = span["start_frame"], span["end_frame"]
+        scores: dict[int, float] = {}
+        for k, track in enumerate(tracks):
+            seen = track.detected[a:b]
+            if seen.mean() >= speakers.SYNC_MIN_COVERAGE:
+                score = speakers.sync_score(speakers.mouth_opening(track.landmarks[a:b]), energy[a:b], seen)
+                if score is not None:
+                    scores[k] = score
+        k = max(scores, key=lambda t: scores[t]) if scores else speakers.default_track(clip, tracks, a, b)
+        span["track"] = k + 1
+        rois[a:b] = tracks[k].rois[a:b]
+    return spans, rois
 
 
 def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
@@ -199,13 +262,14 @@ def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
     bucket = work_bucket()
     plan: InputPlan = storage.get_json(bucket, work_key(job_id, INPUT_PLAN))
     chunk_keys = [work_key(job_id, f"chunks/{i:04d}.npz") for i in range(len(plan["chunks"]))]
-    clip = stitch_results([MouthRoiResult.from_arrays(storage.get_arrays(bucket, key)) for key in chunk_keys])
+    clip = stitch_results([MouthRoiResult.from_arrays(storage.get_arrays(bucket, key)) for key in chunk_keys],
+                          max_tracks=get_settings().max_faces)
     sound = storage.get_arrays(bucket, work_key(job_id, "audio.npz")) if plan["has_audio"] else None
     corrupt = sum(int(s["stats"].get("corrupt_skipped", 0)) for s in summaries)
-    segment_plan = plan_clip(clip, sound["energy_db"] if sound else None, corrupt, get_settings().max_segment_s,
-                             plan["modality"])
+    segment_plan, rois = plan_clip(clip, sound["energy_db"] if sound else None, corrupt, get_settings().max_segment_s,
+                                   plan["modality"], job["request"].get("speaker"))
     # The audio features stay at their own length: inference cuts or pads them to each segment.
-    storage.put_arrays(bucket, work_key(job_id, "features.npz"), rois=clip.rois,
+    storage.put_arrays(bucket, work_key(job_id, "features.npz"), rois=rois,
                        **({"audio": sound["features"]} if sound else {}))
     jobs.update(job_id, segments_total=len(segment_plan["segments"]), quality=segment_plan["quality"],
                 num_frames=len(clip), progress=0.6)
@@ -219,21 +283,27 @@ def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult
     plan = transcript["plan"]
     segments: list[ResultSegment] = []
     for span, hyp in zip(plan["segments"], transcript["decoded"], strict=True):
-        segments.append({
+        segment: ResultSegment = {
             "id": span["id"],
             "start": round(span["start_frame"] / FPS, 3),
             "end": round(span["end_frame"] / FPS, 3),
             "text": hyp["text"],
             "confidence": round(hyp["confidence"], 4),
             "words": [{**w, "confidence": round(w["confidence"], 4)} for w in hyp.get("words", [])],
-        })
-    spoken = [s for s in segments if s["text"]]
-    weights = [s["end"] - s["start"] for s in spoken]
-    confidence = (sum(w * s["confidence"] for w, s in zip(weights, spoken, strict=True)) / sum(weights)
-                  if spoken and sum(weights) > 0 else 0.0)
+        }
+        if "track" in span:
+            segment["track"] = span["track"]
+        segments.append(segment)
+    text, confidence = _joined(segments)
+    tracks = sorted({s["track"] for s in segments if "track" in s})
+    transcripts: list[TrackTranscript] = []
+    for track in tracks:
+        track_text, track_confidence = _joined([s for s in segments if s.get("track") == track])
+        transcripts.append({"track": track, "text": track_text, "confidence": track_confidence})
     return {
-        "text": " ".join(s["text"] for s in spoken),
-        "confidence": round(confidence, 4),
+        "text": text,
+        "confidence": confidence,
+        "transcripts": transcripts,
         "num_frames": plan["num_frames"],
         "duration_s": round(plan["num_frames"] / FPS, 3),
         "modality": plan["modality"],
@@ -242,6 +312,15 @@ def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult
         "model": transcript["model"],
         "timings": timings,
     }
+
+
+def _joined(segments: list[ResultSegment]) -> tuple[str, float]:
+    """Text of the segments that have any, and their confidence weighted by duration."""
+    spoken = [s for s in segments if s["text"]]
+    weights = [s["end"] - s["start"] for s in spoken]
+    confidence = (sum(w * s["confidence"] for w, s in zip(weights, spoken, strict=True)) / sum(weights)
+                  if spoken and sum(weights) > 0 else 0.0)
+    return " ".join(s["text"] for s in spoken), round(confidence, 4)
 
 
 def result_location(job: jobs.Job) -> tuple[str, str]:

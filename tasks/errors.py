@@ -52,6 +52,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "bad_media": ErrorCode(422, "the input cannot be decoded as video or images", job=True),
     "no_frames": ErrorCode(422, "the input decodes to no usable frames", job=True),
     "no_face_detected": ErrorCode(422, "no face was found in any frame", job=True),
+    "speaker_not_found": ErrorCode(422, "no face near the speaker hint's point and time", job=True),
     "s3_error": ErrorCode(502, "S3 refused a request for another reason", job=True),
     "transient_error": ErrorCode(503, "S3 or the network failed after every retry", job=True),
     "model_unavailable": ErrorCode(503, "the GPU worker has no model loaded", job=True),

@@ -107,6 +107,8 @@ class Settings:
                                    doc="longest segment decoded at once, seconds")
     max_batch_frames: int = setting("AVSR_MAX_BATCH_FRAMES", 3000, kind=int,
                                     doc="inference memory budget: segments per batch × longest segment, in frames")
+    max_faces: int = setting("AVSR_MAX_FACES", 4, kind=int,
+                             doc="faces followed as face tracks (speaker: center, a hint, speaking, all)")
     chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,
                                 doc="frames per preprocessing task; longer clips fan out over CPU workers")
     cache_dir: str = setting("AVSR_CACHE_DIR", "", doc="where a worker keeps input videos its tasks share; "

@@ -7,6 +7,10 @@ closes at a syllable rate of 3–5 Hz (a warp of the lower lip and chin plus a d
 and the audio is a harmonic tone (f0 ≈ 125 Hz, 10 harmonics) whose amplitude follows the
 syllables; in pauses the mouth is closed and the audio is faint noise (≈ -60 dBFS).
 
+Several people: ``grid=(columns, rows)`` puts one face per cell of the frame, each talking on its
+own random schedule; the audio is the voice of the first (top-left) face only, so the others move
+their lips out of sync with it (the active-speaker case).
+
 Frames are rendered and encoded one at a time (constant memory). Video is H.264 (libx264,
 falling back to MPEG-4 Part 2); audio is 16 kHz mono AAC in .mp4/.mov, 16-bit PCM in .mkv.
 
@@ -180,11 +184,35 @@ def synth_audio(schedule: Schedule, start: int, stop: int, rng: np.random.Genera
     return (amplitude * tone + noise).astype(np.float32)
 
 
+class GridRenderer:
+    """One ``FaceRenderer`` per cell of a ``grid`` (columns, rows) of the frame; cell ``k`` (row-major)
+    talks on ``Schedule.random(seconds, seed + 7 k)``. ``schedules[0]`` is the voice's."""
+
+    def __init__(self, seconds: float, size: tuple[int, int], fps: float, seed: int,
+                 grid: tuple[int, int] = (1, 1)) -> None:
+        cols, rows = grid
+        self.size, self.grid = size, grid
+        self.cell = (size[0] // cols, size[1] // rows)
+        self.schedules = [Schedule.random(seconds, seed + 7 * k) for k in range(cols * rows)]
+        self.renderers = [FaceRenderer(sched, self.cell, fps, seed + 7 * k) for k, sched in enumerate(self.schedules)]
+
+    def render(self, i: int) -> np.ndarray:
+        if len(self.renderers) == 1:
+            return self.renderers[0].render(i)
+        cols = self.grid[0]
+        (cw, ch), (width, height) = self.cell, self.size
+        frame = np.zeros((height, width, 3), np.uint8)
+        for k, renderer in enumerate(self.renderers):
+            x, y = (k % cols) * cw, (k // cols) * ch
+            frame[y : y + ch, x : x + cw] = renderer.render(i)
+        return frame
+
+
 def make_face_frames(
-    n: int, size: tuple[int, int] = (640, 480), seed: int = 0, fps: float = 25.0
+    n: int, size: tuple[int, int] = (640, 480), seed: int = 0, fps: float = 25.0, grid: tuple[int, int] = (1, 1)
 ) -> Iterator[np.ndarray]:
     """The first ``n`` frames (BGR uint8) of the synthetic video ``write_face_video`` writes."""
-    renderer = FaceRenderer(Schedule.random(n / fps, seed), size, fps, seed)
+    renderer = GridRenderer(n / fps, size, fps, seed, grid)
     for i in range(n):
         yield renderer.render(i)
 
@@ -208,8 +236,10 @@ def write_face_video(
     size: tuple[int, int] = (640, 480),
     with_audio: bool = True,
     seed: int = 0,
+    grid: tuple[int, int] = (1, 1),
 ) -> list[tuple[float, float]]:
-    """Write the synthetic talking-face video; returns the utterance intervals (seconds).
+    """Write the synthetic talking-face video; returns the utterance intervals (seconds) of the voice
+    (the first face).
 
     ``round(seconds * fps)`` frames; the audio (16 kHz mono) lasts ``seconds``. AAC in .mp4/.mov,
     PCM in .mkv. Streams frame by frame, so memory does not grow with the length.
@@ -217,8 +247,8 @@ def write_face_video(
     path = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     n = round(seconds * fps)
-    schedule = Schedule.random(n / fps, seed)
-    renderer = FaceRenderer(schedule, size, fps, seed)
+    renderer = GridRenderer(n / fps, size, fps, seed, grid)
+    schedule = renderer.schedules[0]
     rng = np.random.default_rng(seed + 2)
     with av.open(str(path), "w") as container:
         video = _video_stream(container, rate, size)
@@ -257,10 +287,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
     parser.add_argument("--no-audio", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, nargs=2, default=(1, 1), metavar=("COLS", "ROWS"),
+                        help="one talking face per cell; the voice is the top-left face's")
     args = parser.parse_args()
     t0 = time.perf_counter()
     size = (args.size[0], args.size[1])
-    utterances = write_face_video(args.path, args.seconds, args.fps, size, not args.no_audio, args.seed)
+    utterances = write_face_video(args.path, args.seconds, args.fps, size, not args.no_audio, args.seed,
+                                  (args.grid[0], args.grid[1]))
     elapsed = time.perf_counter() - t0
     mb = Path(args.path).stat().st_size / 1e6
     print(f"{args.path}: {args.seconds:.0f} s, {len(utterances)} utterances, {mb:.1f} MB in {elapsed:.1f} s "
