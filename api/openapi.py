@@ -134,7 +134,19 @@ def openapi_spec() -> dict:
                 "Segment": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
                     "text": {"type": "string"}, "confidence": {"type": "number"},
-                    "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}}}},
+                    "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}},
+                    "track": {"type": "integer", "minimum": 1, "description": "The face track read (quality.tracks)"}}},
+                "TrackTranscript": {"type": "object", "properties": {
+                    "track": {"type": "integer", "minimum": 1}, "text": {"type": "string"},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
+                "FaceTrack": {"type": "object", "description": (
+                    "A face followed through the clip: seconds [start, end), frames with the face found, and the "
+                    "box of its landmarks [t, x0, y0, x1, y1] (seconds, source pixels) about once a second"),
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1}, "start": {"type": "number"}, "end": {"type": "number"},
+                        "frames": {"type": "integer"},
+                        "boxes": {"type": "array", "items": {"type": "array", "items": {"type": "number"},
+                                                             "minItems": 5, "maxItems": 5}}}},
                 "Word": {"type": "object", "description": (
                     "A word of the segment's text; confidence = exp(mean log-prob of its sentencepiece pieces). "
                     "No times: no audio-visual alignment is computed."), "properties": {
@@ -144,7 +156,12 @@ def openapi_spec() -> dict:
                     "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                     "num_frames": {"type": "integer"}, "duration_s": {"type": "number"},
                     "segments": {"type": "array", "items": {"$ref": "#/components/schemas/Segment"}},
-                    "model": {"type": "object"}, "timings": {"type": "object"}, "quality": {"type": "object"}}},
+                    "transcripts": {"type": "array", "items": {"$ref": "#/components/schemas/TrackTranscript"},
+                                    "description": "One per face track read, in track order"},
+                    "model": {"type": "object"}, "timings": {"type": "object"},
+                    "quality": {"type": "object", "properties": {
+                        "tracks": {"type": "array", "items": {"$ref": "#/components/schemas/FaceTrack"}},
+                        "speaker": {"type": "string", "enum": ["largest", "center", "hint", "speaking", "all"]}}}}},
                 "Job": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
                     "stage": {"type": "string", "enum": [*STAGES, "cancelled"]},
