@@ -221,8 +221,10 @@ class FaceTracker:
         escalate = self.miss >= cfg.escalate_every and idx % cfg.escalate_every == 0
         # a face this block has not seen yet, or one too small for the fast pass, may need finer scales
         small_face_possible = self.last_size is None or self.last_size * self.full_scale < 70.0
-        # one early look at the next finer scale on the second miss in a row, then only on the schedule
-        early = small_face_possible and self.miss > 0 and not self.finer_tried
+        # one early look at the next finer scale: on the period's first look when no face was seen yet
+        # (a face under ~160 px in 640×480 is too small for the fast pass), else on the second miss in a
+        # row; then only on the schedule
+        early = small_face_possible and (self.miss > 0 or self.last_size is None) and not self.finer_tried
         for level, scale in enumerate(self.escalation_scales):
             if not (escalate or (level == 0 and early)):
                 break
