@@ -105,11 +105,11 @@ def test_all_reads_each_face_and_its_rois_equal_single_face_extraction_of_its_ha
         assert {s["stream"] for s in plan["segments"] if s["track"] == k + 1} == {k}
         alone = extract_mouth_rois([np.ascontiguousarray(f[:, offset:offset + HALF]) for f in scene["frames"]])
         track = speakers.face_tracks(clip)[k]
-        # The same face in a frame twice as wide: the first whole-frame HOG pass of a tracker period runs at
-        # another scale, so a period's first frame may be found in one and interpolated in the other.
-        assert (track.detected == alone.detected).mean() > 0.95
-        assert np.abs(track.landmarks - (alone.landmarks + [offset, 0])).mean() < 0.5
-        assert np.abs(rois[k].astype(int) - alone.rois).mean() < 3.0
+        # The same face in a frame twice as wide: a tracker period's first whole-frame HOG pass runs at another
+        # scale, so its box (and the landmarks, smoothed over 12 frames) may differ by a pixel there.
+        np.testing.assert_array_equal(track.detected, alone.detected)
+        assert np.abs(track.landmarks - (alone.landmarks + [offset, 0])).mean() < 0.2
+        assert np.abs(rois[k].astype(int) - alone.rois).mean() < 1.5
         assert np.corrcoef(rois[k].ravel(), alone.rois.ravel())[0, 1] > 0.99
 
 

@@ -1,0 +1,87 @@
+"""Several faces through the real stack (API, Celery workers, S3): a generated two-person clip — two
+talking faces side by side, each on its own schedule, the voice being the left one's — read with each
+`speaker` mode; the clip spans two preprocessing chunks, so face tracks are joined across them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import INPUT_BUCKET
+
+pytestmark = pytest.mark.integration
+
+KEY = "faces/two.mp4"
+
+
+@pytest.fixture(scope="module")
+def two_faces(s3, tmp_path_factory) -> str:
+    from deploy.local.sample_media import write_face_video
+
+    path: Path = tmp_path_factory.mktemp("faces") / "two.mp4"
+    write_face_video(path, seconds=6.0, with_audio=True, seed=5, grid=(2, 1))
+    s3.upload_file(str(path), INPUT_BUCKET, KEY)
+    return KEY
+
+
+def _job(api, speaker) -> dict:
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_key": KEY, "beam_size": 1, "speaker": speaker}))
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def _run(api, speaker) -> dict:
+    return _job(api, speaker)["result"]
+
+
+def _ids(result: dict) -> dict[str, int]:
+    """Track id by side of the frame (from `quality.tracks`' boxes)."""
+    sides = {}
+    for track in result["quality"]["tracks"]:
+        centres = [(b[1] + b[3]) / 2 for b in track["boxes"]]
+        sides["left" if sum(centres) / len(centres) < 320 else "right"] = track["id"]
+    return sides
+
+
+def test_default_lists_both_tracks_and_names_the_track_of_every_segment(api, two_faces):
+    result = _run(api, "largest")
+    assert sorted(_ids(result)) == ["left", "right"]
+    assert result["quality"]["speaker"] == "largest"
+    assert result["segments"] and all(s["track"] in (1, 2) for s in result["segments"])
+    assert [t["track"] for t in result["transcripts"]] == sorted({s["track"] for s in result["segments"]})
+
+
+def test_speaking_reads_the_face_that_matches_the_voice(api, two_faces):
+    result = _run(api, "speaking")
+    assert result["quality"]["speaker"] == "speaking"
+    assert result["segments"]
+    assert {s["track"] for s in result["segments"]} == {_ids(result)["left"]}
+
+
+def test_a_hint_reads_the_face_clicked(api, two_faces):
+    default = _run(api, "largest")
+    right = next(t for t in default["quality"]["tracks"] if t["id"] == _ids(default)["right"])
+    t, x0, y0, x1, y1 = right["boxes"][2]
+    result = _run(api, {"t": t, "x": (x0 + x1) / 2, "y": (y0 + y1) / 2})
+    assert result["quality"]["speaker"] == "hint"
+    assert {s["track"] for s in result["segments"]} == {right["id"]}
+
+
+def test_a_hint_on_no_face_fails_the_job_with_speaker_not_found(api, two_faces):
+    job = api.wait(api.submit({"s3_bucket": INPUT_BUCKET, "s3_key": KEY, "speaker": {"t": 1.0, "x": 320, "y": 2}}))
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "speaker_not_found"
+
+
+def test_all_gives_a_transcript_per_face_and_labelled_subtitles(api, two_faces):
+    job = _job(api, "all")
+    result = job["result"]
+    assert result["modality"] == "video"
+    assert [t["track"] for t in result["transcripts"]] == [1, 2]
+    assert {s["track"] for s in result["segments"]} == {1, 2}
+    starts = [(s["start"], s["track"]) for s in result["segments"]]
+    assert starts == sorted(starts)
+    vtt = api.request("GET", f"/v1/jobs/{job['job_id']}/result?format=vtt").text
+    assert vtt.count("<v track-1>") == sum(s["track"] == 1 for s in result["segments"] if s["text"])
+    assert vtt.count("<v track-2>") == sum(s["track"] == 2 for s in result["segments"] if s["text"])
