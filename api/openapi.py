@@ -134,7 +134,9 @@ def openapi_spec() -> dict:
                 "Segment": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
                     "text": {"type": "string"}, "confidence": {"type": "number"},
-                    "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}}}},
+                    "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}},
+                    "track": {"type": "integer", "minimum": 1, "description": "the face track read "
+                              "(quality.tracks); labels the subtitles when the segments have several"}}},
                 "Word": {"type": "object", "description": (
                     "A word of the segment's text; confidence = exp(mean log-prob of its sentencepiece pieces). "
                     "No times: no audio-visual alignment is computed."), "properties": {
@@ -144,6 +146,10 @@ def openapi_spec() -> dict:
                     "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                     "num_frames": {"type": "integer"}, "duration_s": {"type": "number"},
                     "segments": {"type": "array", "items": {"$ref": "#/components/schemas/Segment"}},
+                    "transcripts": {"type": "array", "description": "one per face track read (speaker 'all')",
+                                    "items": {"type": "object", "properties": {
+                                        "track": {"type": "integer"}, "text": {"type": "string"},
+                                        "confidence": {"type": "number"}}}},
                     "model": {"type": "object"}, "timings": {"type": "object"}, "quality": {"type": "object"}}},
                 "Job": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "status": {"type": "string", "enum": list(STATUSES)},
