@@ -218,3 +218,56 @@ def test_a_click_on_the_video_sends_the_source_pixel_and_time(browser, stack, tm
     body, stored = _submitted(browser, stack, monkeypatch)
     assert body["speaker"] == {"t": 1.0, "x": x, "y": y}
     assert stored["speaker"] == {"t": 1.0, "x": float(x), "y": float(y)}
+
+
+# The job as a two-face job would show it (the workers of this stack read one face): the page's GETs of
+# the job are answered here, its upload and submission go to the stack.
+FAKE_STATUS = """
+const segments = [
+  {id: 0, start: 0.0, end: 0.6, text: "hello there", confidence: 0.9, words: [], track: 1},
+  {id: 1, start: 0.4, end: 1.0, text: "good day", confidence: 0.8, words: [], track: 2}];
+const running = {status: "running", stage: "inference", progress: 0.5, segments_done: 1, segments_total: 2,
+                 partial_segments: segments.map(({words, ...s}) => s)};
+const done = {status: "succeeded", stage: "finalize", progress: 1, segments_done: 2, segments_total: 2,
+              result: {text: "hello there good day", confidence: 0.85, segments, num_frames: 25,
+                       transcripts: [{track: 1, text: "hello there", confidence: 0.9},
+                                     {track: 2, text: "good day", confidence: 0.8}]}};
+const vtt = "WEBVTT\\n\\n0\\n00:00:00.000 --> 00:00:00.600\\n<v track-1>hello there\\n";
+const original = window.fetch;
+window.finish = false;
+window.fetch = (path, init) => {
+  const match = String(path).match(/^\\/v1\\/jobs\\/([0-9a-f]{32})(\\/result\\?format=(\\w+))?$/);
+  if (!match || (init && init.method !== "GET")) return original(path, init);
+  const body = match[3] ? (match[3] === "json" ? JSON.stringify(done.result) : vtt)
+                        : JSON.stringify({...(window.finish ? done : running), job_id: match[1], links: {}});
+  return Promise.resolve(new Response(body, {status: 200}));
+};"""
+
+
+def test_partial_segments_and_tracks_are_shown(browser, stack, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from deploy.local.sample_media import write_face_video
+
+    clip = tmp_path / "faces.mp4"
+    write_face_video(clip, seconds=1.0, with_audio=True, seed=6)
+    browser.get(stack.config.api_url + "/")
+    browser.execute_script(FAKE_STATUS)
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    browser.find_element(By.ID, "file").send_keys(str(clip))
+    partial = WebDriverWait(browser, 60).until(
+        lambda d: [li.text for li in d.find_elements(By.CSS_SELECTOR, "#partial li")] or None)
+    assert partial == ["track-1 hello there", "track-2 good day"]
+    job_id = browser.find_element(By.ID, "job-id").text
+    requests.delete(f"{stack.config.api_url}/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}, timeout=10)
+    browser.execute_script("window.finish = true")
+    WebDriverWait(browser, 60, poll_frequency=0.5).until(
+        lambda d: d.find_element(By.ID, "status").get_attribute("data-status") in ("succeeded", "failed"))
+    assert browser.find_element(By.ID, "status").get_attribute("data-status") == "succeeded"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#partial li")  # the result replaces them
+    items = browser.find_elements(By.CSS_SELECTOR, "#segments li")
+    assert [i.find_element(By.CLASS_NAME, "track").text for i in items] == ["track-1", "track-2"]
+    assert [i.find_element(By.CLASS_NAME, "text").text for i in items] == ["hello there", "good day"]
+    lines = browser.find_elements(By.CSS_SELECTOR, "#transcript .line")
+    assert [line.text for line in lines] == ["track-1 hello there", "track-2 good day"]
