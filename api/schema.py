@@ -55,9 +55,9 @@ SPEAKER_HINT: dict[str, Any] = {
                    "y": {"type": "number", "minimum": 0, "maximum": MAX_HINT_XY}}}
 SPEAKER: dict[str, Any] = {
     "default": "largest",
-    "description": "Whom to read when several faces are visible (video only): the 'largest' face, the face "
-                   "nearest the 'center', the face 'speaking' (audio-visual synchrony; 'largest' without audio), "
-                   "'all' (one transcript per face), or a point {t, x, y} on the face",
+    "description": "Whom to read when several faces are visible (not used with modality 'audio'): the 'largest' "
+                   "face, the face nearest the 'center', the face 'speaking' (audio-visual synchrony; 'largest' "
+                   "without audio), 'all' (one transcript per face), or a point {t, x, y} on the face",
     "oneOf": [{"type": "string", "enum": list(SPEAKER_MODES)}, SPEAKER_HINT]}
 
 UPLOAD_ID: dict[str, Any] = {"type": "string", "pattern": "^[0-9a-f]{32}$",

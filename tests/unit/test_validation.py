@@ -72,6 +72,14 @@ def test_speaker_modes_are_stored(mode):
     assert parse_job_request({**FRAMES, "speaker": mode}, SETTINGS)["speaker"] == mode
 
 
+def test_speaker_is_normalised_so_equal_requests_are_equal():
+    # the Idempotency-Key fingerprint is of the stored request: the default given or not, 1 or 1.0, is one job
+    assert parse_job_request(FRAMES, SETTINGS) == parse_job_request({**FRAMES, "speaker": "largest"}, SETTINGS)
+    assert parse_job_request({**FRAMES, "speaker": None}, SETTINGS)["speaker"] == "largest"  # null: absent
+    assert (parse_job_request({**FRAMES, "speaker": {"t": 1, "x": 2, "y": 3}}, SETTINGS)
+            == parse_job_request({**FRAMES, "speaker": {"y": 3.0, "x": 2.0, "t": 1.0}}, SETTINGS))
+
+
 def test_speaker_hint_is_stored_as_floats():
     request = parse_job_request({**FRAMES, "speaker": {"t": 1, "x": 640.5, "y": 0}}, SETTINGS)
     assert request["speaker"] == {"t": 1.0, "x": 640.5, "y": 0.0}
