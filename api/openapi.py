@@ -135,7 +135,8 @@ def openapi_spec() -> dict:
                     "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
                     "text": {"type": "string"}, "confidence": {"type": "number"},
                     "words": {"type": "array", "items": {"$ref": "#/components/schemas/Word"}},
-                    "track": {"type": "integer", "minimum": 1, "description": "The face track read (quality.tracks)"}}},
+                    "track": {"type": "integer", "minimum": 1, "description": "The face track read "
+                              "(quality.tracks); labels the subtitles when the segments have several"}}},
                 "TrackTranscript": {"type": "object", "properties": {
                     "track": {"type": "integer", "minimum": 1}, "text": {"type": "string"},
                     "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},

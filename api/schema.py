@@ -9,13 +9,18 @@ the webhook rules (http(s), global address, a configured secret).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
+
+from tasks.records import SpeakerMode
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
 FPS_RANGE = (1.0, 120.0)
 BEAM_RANGE = (1, 50)
 MAX_PATH_BYTES = 1024  # an S3 key's limit (UTF-8 bytes)
 MAX_URL_LENGTH = 2048
+SPEAKER_MODES: tuple[str, ...] = get_args(SpeakerMode)
+MAX_HINT_T = 86_400.0  # seconds: a day of video
+MAX_HINT_XY = 16_384.0  # source-video pixels
 BUCKET_PATTERN = "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"  # (not an IPv4 address either)
 
 _PATH_RULES = ("relative: no leading '/', no '.', '..' or empty ('//') segment, no control characters, "
@@ -42,6 +47,18 @@ CALLBACK: dict[str, Any] = {
     "type": "string", "format": "uri", "pattern": "^https?://[^/@:?#]+(:[0-9]{1,5})?(/|$)", "maxLength": MAX_URL_LENGTH,
     "description": "http(s) URL POSTed when the job ends (Standard Webhooks signature); a global address, "
                    "no credentials; needs a webhook secret for the API key"}
+SPEAKER_HINT: dict[str, Any] = {
+    "type": "object", "required": ["t", "x", "y"], "additionalProperties": False,
+    "description": "The face under pixel (x, y) of the source video (its own pixels, not as displayed) at t seconds",
+    "properties": {"t": {"type": "number", "minimum": 0, "maximum": MAX_HINT_T},
+                   "x": {"type": "number", "minimum": 0, "maximum": MAX_HINT_XY},
+                   "y": {"type": "number", "minimum": 0, "maximum": MAX_HINT_XY}}}
+SPEAKER: dict[str, Any] = {
+    "default": "largest",
+    "description": "Whom to read when several faces are visible (not used with modality 'audio'): the 'largest' "
+                   "face, the face nearest the 'center', the face 'speaking' (audio-visual synchrony; 'largest' "
+                   "without audio), 'all' (one transcript per face), or a point {t, x, y} on the face",
+    "oneOf": [{"type": "string", "enum": list(SPEAKER_MODES)}, SPEAKER_HINT]}
 
 UPLOAD_ID: dict[str, Any] = {"type": "string", "pattern": "^[0-9a-f]{32}$",
                              "description": "A video uploaded via POST /v1/uploads (by the same API key's tenant)"}
@@ -64,7 +81,8 @@ JOB_REQUEST: dict[str, Any] = {
               _one_input(["upload_id"], ["s3_bucket", "s3_prefix", "s3_key", "fps", "url"]),
               _one_input(["url"], ["s3_bucket", "s3_prefix", "s3_key", "fps", "upload_id"])],
     "properties": {"s3_bucket": BUCKET, "s3_prefix": PREFIX, "s3_key": KEY, "fps": FPS, "upload_id": UPLOAD_ID,
-                   "url": URL, "modality": MODALITY, "beam_size": BEAM, "output": OUTPUT, "callback_url": CALLBACK}}
+                   "url": URL, "modality": MODALITY, "beam_size": BEAM, "output": OUTPUT, "callback_url": CALLBACK,
+                   "speaker": SPEAKER}}
 PREDICT_REQUEST: dict[str, Any] = {  # frames only: no s3_key, upload_id or url, so no oneOf
     "type": "object", "required": ["s3_bucket", "s3_prefix"], "additionalProperties": False,
     "description": "A frame sequence only",

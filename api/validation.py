@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 from flask import request
@@ -16,7 +16,16 @@ from api import schema
 from api.errors import ApiError
 from tasks.jobs import is_job_id
 from tasks.pinned_http import canonical_host, non_global_address
-from tasks.records import FPS, FramesInput, JobRequest, OutputLocation, UrlInput, VideoInput
+from tasks.records import (
+    FPS,
+    FramesInput,
+    JobRequest,
+    OutputLocation,
+    SpeakerHint,
+    SpeakerMode,
+    UrlInput,
+    VideoInput,
+)
 from tasks.settings import Settings, Tenant
 
 MODALITIES, JOB_FIELDS = schema.MODALITIES, schema.JOB_FIELDS
@@ -114,8 +123,32 @@ def parse_job_request(body: Any, settings: Settings, *, tenant: Tenant | None = 
         "beam_size": int(_number(body, "beam_size", settings.beam_size, *schema.BEAM_RANGE, integer=True)),
         "output": _output(body.get("output"), tenant, settings),
         "callback_url": _callback(body.get("callback_url"), tenant, settings.callback_allow_private),
+        "speaker": speaker(body.get("speaker")),
     }
     return request
+
+
+def speaker(value: Any) -> SpeakerMode | SpeakerHint:
+    """The `speaker` field: a mode (absent: "largest") or a hint `{t, x, y}` of finite numbers in the schema's
+    bounds (as floats), else 400 `invalid_field`."""
+    if value is None:
+        return "largest"
+    if isinstance(value, str):
+        if value not in schema.SPEAKER_MODES:
+            raise bad("invalid_field", f"'speaker' must be one of {', '.join(schema.SPEAKER_MODES)} or {{t, x, y}}")
+        return cast(SpeakerMode, value)
+    fields = schema.SPEAKER_HINT["properties"]
+    if not isinstance(value, dict) or set(value) != set(fields):
+        raise bad("invalid_field", "'speaker' must be a mode or an object {\"t\", \"x\", \"y\"} (numbers)")
+    hint = {}
+    for name, rule in fields.items():
+        number = value[name]
+        if (isinstance(number, bool) or not isinstance(number, int | float)
+                or not rule["minimum"] <= number <= rule["maximum"]):  # NaN fails the comparison too
+            raise bad("invalid_field", f"'speaker.{name}' must be a number from {rule['minimum']:g} to "
+                                       f"{rule['maximum']:g}")
+        hint[name] = float(number)
+    return {"t": hint["t"], "x": hint["x"], "y": hint["y"]}
 
 
 def _s3_input(body: dict, tenant: Tenant, settings: Settings, legacy: bool) -> FramesInput | VideoInput:

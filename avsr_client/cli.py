@@ -3,6 +3,7 @@
 Remote (a running service; base install):
     avsr upload clip.mp4                         → upload_id
     avsr submit clip.mp4 | --upload-id ID | --url URL | --s3-bucket B --s3-key K   → job_id
+        [--speaker largest|center|speaking|all|T,X,Y]  (whom to read when several faces are visible)
     avsr status JOB / avsr wait JOB / avsr result JOB --format srt
 Local (in-process, no Redis or S3; needs the cpu and gpu extras):
     avsr transcribe clip.mp4 --format srt --model finetune.pt
@@ -13,15 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from typing import Any
+from typing import Any, cast, get_args
 
-from avsr_client.client import AvsrError, Client, Job
+from avsr_client.client import AvsrError, Client, Job, result_text
 from tasks.errors import JobError
+from tasks.records import SpeakerHint, SpeakerMode
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
 FORMATS = ("text", "json", "srt", "vtt")
+SPEAKER_MODES: tuple[str, ...] = get_args(SpeakerMode)
+
+
+def speaker_arg(value: str) -> SpeakerMode | SpeakerHint:
+    """`--speaker`: a mode, or `T,X,Y` (seconds, source-video pixels) for the face under that point."""
+    if value in SPEAKER_MODES:
+        return cast(SpeakerMode, value)
+    try:
+        t, x, y = (float(part) for part in value.split(","))
+        valid = all(math.isfinite(n) and n >= 0 for n in (t, x, y))
+    except ValueError:  # not three numbers
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected one of {', '.join(SPEAKER_MODES)}, or T,X,Y "
+                                         "(seconds, and source-video pixels of a point on the face; >= 0)")
+    return {"t": t, "x": x, "y": y}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -51,7 +70,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         upload_id = client.upload(args.file)
     job = client.submit(upload_id=upload_id, url=args.input_url, s3_bucket=args.s3_bucket, s3_key=args.s3_key,
                         s3_prefix=args.s3_prefix, modality=args.modality, beam_size=args.beam,
-                        callback_url=args.callback_url, idempotency_key=args.idempotency_key)
+                        callback_url=args.callback_url, idempotency_key=args.idempotency_key,
+                        speaker=args.speaker)
     print(job["job_id"])
     return 0
 
@@ -78,7 +98,7 @@ def cmd_result(args: argparse.Namespace) -> int:
     if args.format in ("srt", "vtt"):
         sys.stdout.write(client.result(args.job_id, args.format))
     elif args.format == "text":
-        print(client.result(args.job_id)["text"])
+        print(result_text(client.result(args.job_id)))
     else:
         _print_json(client.result(args.job_id))
     return 0
@@ -94,7 +114,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return 2
     try:
         result = local.transcribe(args.file, model=model, modality=args.modality, beam_size=args.beam,
-                                  device=args.device, progress=not args.quiet)
+                                  device=args.device, progress=not args.quiet, speaker=args.speaker)
     except JobError as exc:  # what the service would fail the job with: bad_media, no_face_detected, ...
         print(f"\nerror: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -113,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     def job_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--modality", choices=MODALITIES, default=None)
         p.add_argument("--beam", type=int, default=None, help="beam size (1-50)")
+        p.add_argument("--speaker", type=speaker_arg, default=None, metavar="{" + ",".join(SPEAKER_MODES) + ",T,X,Y}",
+                       help="whom to read when several faces are visible (default largest; speaking: the face in "
+                            "sync with the audio; all: one transcript per face; T,X,Y: the face under pixel X,Y of "
+                            "the video at T seconds)")
 
     p = commands.add_parser("upload", help="upload a local video; prints its upload_id")
     p.add_argument("file")

@@ -12,7 +12,7 @@ from typing import Any, Literal, overload
 import requests
 
 from tasks import signing
-from tasks.records import JobResult
+from tasks.records import JobResult, SpeakerHint, SpeakerMode
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 Job = dict[str, Any]
@@ -67,12 +67,14 @@ class Client:
     def submit(self, *, s3_bucket: str | None = None, s3_key: str | None = None, s3_prefix: str | None = None,
                upload_id: str | None = None, url: str | None = None, fps: float | None = None,
                modality: str | None = None, beam_size: int | None = None, output: Mapping[str, str] | None = None,
-               callback_url: str | None = None, idempotency_key: str | None = None) -> Job:
+               callback_url: str | None = None, idempotency_key: str | None = None,
+               speaker: SpeakerMode | SpeakerHint | None = None) -> Job:
         """Submit a job on one input (an S3 video or frame prefix, an upload or a URL); returns
-        `{"job_id", "status", "links"}`."""
+        `{"job_id", "status", "links"}`. `speaker`: whom to read (a mode, or `{"t", "x", "y"}` in source
+        pixels; default "largest")."""
         fields = {"s3_bucket": s3_bucket, "s3_key": s3_key, "s3_prefix": s3_prefix, "upload_id": upload_id,
                   "url": url, "fps": fps, "modality": modality, "beam_size": beam_size,
-                  "output": dict(output) if output else None, "callback_url": callback_url}
+                  "output": dict(output) if output else None, "callback_url": callback_url, "speaker": speaker}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {k: v for k, v in fields.items() if v is not None}
         return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
@@ -135,13 +137,21 @@ class Client:
 
     def transcribe_file(self, path: str | os.PathLike[str], *, timeout: float | None = 3600.0,
                         on_update: Callable[[Job], None] | None = None, **options: Any) -> JobResult:
-        """Upload `path`, submit it (`options`: modality, beam_size, ...), wait and return its result;
+        """Upload `path`, submit it (`options`: modality, beam_size, speaker, ...), wait and return its result;
         `JobFailed` if the job fails."""
         job = self.submit(upload_id=self.upload(path), **options)
         done = self.wait(job["job_id"], timeout=timeout, on_update=on_update)
         if done["status"] != "succeeded":
             raise JobFailed(done)
         return done["result"]
+
+
+def result_text(result: JobResult) -> str:
+    """A result as plain text: its text, or one `track-N: text` line per face track when several were read."""
+    transcripts = result.get("transcripts") or []
+    if len(transcripts) > 1:
+        return "\n".join(f"track-{t['track']}: {t['text']}" for t in transcripts)
+    return result["text"]
 
 
 def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str, *, tolerance_s: float = 300.0,

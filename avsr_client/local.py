@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from avsr_client.client import result_text
 from cpu_worker import audio as audio_lib
 from cpu_worker import frames as frames_lib
 from cpu_worker import segmentation
@@ -22,7 +23,7 @@ from cpu_worker.mouth_roi import extract_mouth_rois, stitch_results
 from cpu_worker.speakers import needs_track_rois
 from cpu_worker.stages import CHUNK_OVERLAP, build_result, plan_clip, resolve_modality, tracker_config
 from gpu_worker.engine import Engine
-from tasks.records import FPS, JobResult, SpeakerHint
+from tasks.records import FPS, JobResult, SpeakerHint, SpeakerMode
 from tasks.settings import get_settings
 from tasks.subtitles import render_result
 
@@ -46,8 +47,9 @@ class ProgressBar:
 
 def transcribe(path: str | Path, *, model: str | Path, modality: str | None = None, beam_size: int | None = None,
                device: str = "auto", spm_path: str | None = None, dict_path: str | None = None,
-               speaker: str | SpeakerHint | None = None, progress: bool = False) -> JobResult:
-    """The result the service would give for this video (preprocessing 0-60 %, decoding 60-100 %)."""
+               speaker: SpeakerMode | SpeakerHint | None = None, progress: bool = False) -> JobResult:
+    """The result the service would give for this video (preprocessing 0-60 %, decoding 60-100 %);
+    `speaker` as the request's field (None: "largest")."""
     settings = get_settings()
     bar = ProgressBar(progress)
     timings: dict[str, float] = {}
@@ -95,7 +97,7 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
 def render(result: JobResult, fmt: str) -> str:
     """The result as `text` (one line), `json`, `srt` or `vtt`."""
     if fmt == "text":
-        return result["text"] + "\n"
+        return result_text(result) + "\n"
     if fmt == "json":
         return json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     return render_result(result, fmt)[0]

@@ -5,6 +5,11 @@ the source clip. Segments with empty text are skipped. Text is wrapped at ~42 ch
 at most 2 lines per cue; a longer text is spread over consecutive cues, its time shared in
 proportion to the characters. Times are rounded to the millisecond once, so both formats agree.
 
+When the segments carry more than one distinct ``track`` (face track, issue #14), every cue says
+whose it is: a WebVTT voice span ``<v track-N>`` and an SRT prefix ``[track-N] `` on its first
+line. The label does not count toward the line width (a WebVTT voice name is not displayed; an
+SRT first line is that much longer). With one track, or none, the output is as without tracks.
+
 SRT is written with ``srt.compose``. WebVTT is written with webvtt-py 0.6 (``WebVTT.content``
 gives the file as a string); webvtt-py does not escape cue text, so ``&``, ``<`` and ``>`` are
 escaped here as WebVTT requires.
@@ -38,12 +43,13 @@ MIMETYPES = {
 
 @dataclass(frozen=True)
 class Cue:
-    """One subtitle cue: times in milliseconds, 1–2 lines of text."""
+    """One subtitle cue: times in milliseconds, 1–2 lines of text, whose (`track-N`, when labelled)."""
 
     identifier: str
     start_ms: int
     end_ms: int
     lines: tuple[str, ...]
+    voice: str | None = None
 
 
 def _to_ms(seconds: float) -> int:
@@ -78,7 +84,10 @@ def _balanced(text: str, width: int, max_lines: int) -> list[str]:
 
 def segments_to_cues(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHARS,
                      max_lines: int = MAX_LINES) -> list[Cue]:
-    """Segments → cues in time order; empty texts skipped, long texts split over several cues."""
+    """Segments → cues in time order; empty texts skipped, long texts split over several cues; each cue
+    labelled with its segment's track when the segments have several."""
+    segments = list(segments)
+    labelled = len({seg["track"] for seg in segments if "track" in seg}) > 1
     cues: list[Cue] = []
     for seg in sorted(segments, key=lambda s: (_to_ms(s["start"]), _to_ms(s["end"]))):
         start, end = _to_ms(seg["start"]), _to_ms(seg["end"])
@@ -92,7 +101,8 @@ def segments_to_cues(segments: Iterable[Mapping[str, Any]], width: int = LINE_CH
             done += weight
             b = start + round((end - start) * done / total)
             ident = str(seg.get("id", len(cues))) + (f".{k + 1}" if len(groups) > 1 else "")
-            cues.append(Cue(ident, a, b, tuple(group)))
+            voice = f"track-{seg['track']}" if labelled and "track" in seg else None
+            cues.append(Cue(ident, a, b, tuple(group), voice))
     return cues
 
 
@@ -103,7 +113,7 @@ def segments_to_srt(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHA
             index=i,
             start=timedelta(milliseconds=c.start_ms),
             end=timedelta(milliseconds=c.end_ms),
-            content="\n".join(c.lines),
+            content="\n".join(c.lines) if c.voice is None else f"[{c.voice}] " + "\n".join(c.lines),
         )
         for i, c in enumerate(segments_to_cues(segments, width, max_lines), start=1)
     ]
@@ -121,13 +131,20 @@ def _vtt_escape(line: str) -> str:
     return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _vtt_lines(cue: Cue) -> list[str]:
+    lines = [_vtt_escape(line) for line in cue.lines]
+    if cue.voice is not None:
+        lines[0] = f"<v {cue.voice}>{lines[0]}"
+    return lines
+
+
 def segments_to_vtt(segments: Iterable[Mapping[str, Any]], width: int = LINE_CHARS, max_lines: int = MAX_LINES) -> str:
     """WebVTT text of the segments (cue identifiers are the segment ids)."""
     captions = [
         webvtt.Caption(
             start=_vtt_time(c.start_ms),
             end=_vtt_time(c.end_ms),
-            text=[_vtt_escape(line) for line in c.lines],
+            text=_vtt_lines(c),
             identifier=c.identifier,
         )
         for c in segments_to_cues(segments, width, max_lines)

@@ -4,7 +4,7 @@ Two kinds of event:
 
 * Direct invocation: ``{"s3_bucket": ..., "s3_key": ...}`` (a video) or
   ``{"s3_bucket": ..., "s3_prefix": ...}`` (image frames), plus optional ``modality``,
-  ``beam_size``, ``callback_url``, ``fps`` (frames only), ``output`` and ``idempotency_key``.
+  ``beam_size``, ``callback_url``, ``fps`` (frames only), ``output``, ``speaker`` and ``idempotency_key``.
 * S3 ``ObjectCreated`` notifications (``Records[].s3``). Keys arrive URL-encoded (``+`` for a
   space) and are decoded with ``urllib.parse.unquote_plus``.
   - a key ending in a video extension (``AVSR_VIDEO_EXTENSIONS``) becomes one ``s3_key`` job;
@@ -64,7 +64,8 @@ ENVIRONMENT = {
 }
 DEFAULT_VIDEO_EXTENSIONS = ".mp4,.mov,.webm,.avi,.mkv,.m4v"
 # Forwarded from a direct invocation (the API's request fields; anything else is dropped).
-JOB_FIELDS = ("s3_bucket", "s3_key", "s3_prefix", "modality", "beam_size", "callback_url", "fps", "output")
+JOB_FIELDS = ("s3_bucket", "s3_key", "s3_prefix", "modality", "beam_size", "callback_url", "fps", "output",
+              "speaker")
 
 
 class SubmitError(RuntimeError):

@@ -183,6 +183,7 @@ def test_direct_prefix_job_with_every_option(api, handler):
         "beam_size": 3,
         "callback_url": "https://hooks.example.com/avsr",
         "fps": 25,
+        "speaker": {"t": 1.5, "x": 320, "y": 180},
     }
     result = handler.lambda_handler(event)
     assert api.posts[0]["body"] == event

@@ -64,7 +64,8 @@ def test_speaking_reads_the_face_in_sync_with_the_voice_on_every_segment(scene, 
     assert {s["track"] for s in plan["segments"]} == {ids[voice]}
     chosen = speakers.face_tracks(clip)[ids[voice] - 1]
     for s in plan["segments"]:  # the stream inference reads is that face's mouth
-        np.testing.assert_array_equal(rois[s["start_frame"]:s["end_frame"]], chosen.rois[s["start_frame"]:s["end_frame"]])
+        a, b = s["start_frame"], s["end_frame"]
+        np.testing.assert_array_equal(rois[a:b], chosen.rois[a:b])
 
 
 def test_speaking_without_audio_falls_back_to_the_default(scene):
@@ -80,7 +81,8 @@ def test_a_hint_on_a_face_reads_that_face(scene, side):
     track = speakers.face_tracks(clip)[ids[side] - 1]
     f = int(np.flatnonzero(track.detected)[40])
     x, y = track.landmarks[f].mean(axis=0)
-    plan, rois = plan_clip(clip, scene["energy"][0], 0, 15.0, "audiovisual", {"t": f / 25, "x": float(x), "y": float(y)})
+    hint = {"t": f / 25, "x": float(x), "y": float(y)}
+    plan, rois = plan_clip(clip, scene["energy"][0], 0, 15.0, "audiovisual", hint)
     assert plan["quality"]["speaker"] == "hint"
     assert {s["track"] for s in plan["segments"]} == {ids[side]}
     assert rois is track.rois
@@ -108,7 +110,7 @@ def test_all_reads_each_face_and_its_rois_equal_single_face_extraction_of_its_ha
         # The same face in a frame twice as wide: a tracker period's first whole-frame HOG pass runs at another
         # scale, so its box (and the landmarks, smoothed over 12 frames) may differ by a pixel there.
         np.testing.assert_array_equal(track.detected, alone.detected)
-        assert np.abs(track.landmarks - (alone.landmarks + [offset, 0])).mean() < 0.2
+        assert np.abs(track.landmarks - (alone.landmarks + np.array([offset, 0]))).mean() < 0.2
         assert np.abs(rois[k].astype(int) - alone.rois).mean() < 1.5
         assert np.corrcoef(rois[k].ravel(), alone.rois.ravel())[0, 1] > 0.99
 

@@ -138,3 +138,43 @@ def test_line_width_and_count_are_configurable():
     assert cues[0].start_ms == 0 and cues[-1].end_ms == 6000
     three = segments_to_cues(segments, width=20, max_lines=3)
     assert len(three) == 1 and len(three[0].lines) == 3
+
+
+TWO_FACES = [
+    {"id": 0, "start": 0.0, "end": 2.0, "text": "hello <you> & me", "confidence": 0.9, "track": 1},
+    {"id": 1, "start": 1.0, "end": 9.0, "text": LONG, "confidence": 0.8, "track": 2},
+]
+
+
+def test_one_track_or_none_is_unlabelled_byte_for_byte() -> None:
+    one = [{**s, "track": 3} for s in SEGMENTS]
+    assert segments_to_srt(one) == segments_to_srt(SEGMENTS)
+    assert segments_to_vtt(one) == segments_to_vtt(SEGMENTS)
+    assert segments_to_srt(one, 12, 1) == segments_to_srt(SEGMENTS, 12, 1)
+
+
+def test_several_tracks_label_every_vtt_cue_with_a_voice() -> None:
+    body = segments_to_vtt(TWO_FACES)
+    caps = list(webvtt.from_string(body, strict=True))
+    assert len(caps) > 2  # the long text is spread over several cues, each labelled
+    assert [c.voice for c in caps] == ["track-1"] + ["track-2"] * (len(caps) - 1)
+    assert caps[0].raw_text == "<v track-1>hello &lt;you&gt; &amp; me"  # the text escaped, the span not
+    assert all(c.raw_text.startswith(f"<v {c.voice}>") and c.raw_text.count("<v ") == 1 for c in caps)
+    assert " ".join(html.unescape(c.text).replace("\n", " ") for c in caps[1:]) == LONG
+
+
+def test_several_tracks_prefix_every_srt_cue() -> None:
+    subs = parsed_srt(segments_to_srt(TWO_FACES))
+    assert subs[0].content == "[track-1] hello <you> & me"
+    assert all(s.content.startswith("[track-2] ") for s in subs[1:])
+    # the label is not counted in the line width: the text after it is wrapped as without tracks
+    unlabelled = parsed_srt(segments_to_srt([{k: v for k, v in s.items() if k != "track"} for s in TWO_FACES]))
+    assert [s.content for s in subs] == [f"[track-{1 if i == 0 else 2}] {u.content}" for i, u in enumerate(unlabelled)]
+    narrow = segments_to_cues(TWO_FACES, width=12, max_lines=1)
+    assert all(len(c.lines) == 1 and len(c.lines[0]) <= 12 and c.voice for c in narrow)
+
+
+def test_a_segment_without_a_track_among_tracks_is_unlabelled() -> None:
+    mixed = [*TWO_FACES, {"id": 2, "start": 20.0, "end": 21.0, "text": "who", "confidence": 0.5}]
+    assert parsed_srt(segments_to_srt(mixed))[-1].content == "who"
+    assert segments_to_cues(mixed)[-1].voice is None

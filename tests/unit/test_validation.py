@@ -22,6 +22,7 @@ def test_frames_request_is_normalised():
     assert request == {
         "input": {"type": "frames", "bucket": "clips", "prefix": "talk/", "fps": 30.0},
         "modality": "auto", "beam_size": SETTINGS.beam_size, "output": None, "callback_url": None,
+        "speaker": "largest",
     }
 
 
@@ -61,6 +62,54 @@ def test_video_request_with_options():
 def test_bad_requests_have_codes(body, code, status):
     error = error_of(body)
     assert (error.code, error.status) == (code, status)
+
+
+FRAMES = {"s3_bucket": "clips", "s3_prefix": "a/"}
+
+
+@pytest.mark.parametrize("mode", ["largest", "center", "speaking", "all"])
+def test_speaker_modes_are_stored(mode):
+    assert parse_job_request({**FRAMES, "speaker": mode}, SETTINGS)["speaker"] == mode
+
+
+def test_speaker_is_normalised_so_equal_requests_are_equal():
+    # the Idempotency-Key fingerprint is of the stored request: the default given or not, 1 or 1.0, is one job
+    assert parse_job_request(FRAMES, SETTINGS) == parse_job_request({**FRAMES, "speaker": "largest"}, SETTINGS)
+    assert parse_job_request({**FRAMES, "speaker": None}, SETTINGS)["speaker"] == "largest"  # null: absent
+    assert (parse_job_request({**FRAMES, "speaker": {"t": 1, "x": 2, "y": 3}}, SETTINGS)
+            == parse_job_request({**FRAMES, "speaker": {"y": 3.0, "x": 2.0, "t": 1.0}}, SETTINGS))
+
+
+def test_speaker_hint_is_stored_as_floats():
+    request = parse_job_request({**FRAMES, "speaker": {"t": 1, "x": 640.5, "y": 0}}, SETTINGS)
+    assert request["speaker"] == {"t": 1.0, "x": 640.5, "y": 0.0}
+    assert all(type(v) is float for v in request["speaker"].values())
+    legacy = parse_job_request({**FRAMES, "speaker": "center"}, SETTINGS, legacy=True)  # /predict too
+    assert legacy["speaker"] == "center"
+
+
+@pytest.mark.parametrize("value", [
+    "loudest", "", "ALL", True, 0, 1.5, [], ["all"], {}, {"t": 1, "x": 2}, {"t": 1, "x": 2, "y": 3, "z": 4},
+    {"t": -0.1, "x": 1, "y": 1}, {"t": 1, "x": 16385, "y": 1}, {"t": 1, "x": 1, "y": 1e300},
+    {"t": 86401, "x": 1, "y": 1}, {"t": 10**400, "x": 1, "y": 1}, {"t": float("nan"), "x": 1, "y": 1},
+    {"t": float("inf"), "x": 1, "y": 1}, {"t": True, "x": 1, "y": 1}, {"t": "1", "x": 1, "y": 1},
+    {"t": None, "x": 1, "y": 1}, {"t": {"t": 1}, "x": 1, "y": 1}, {"t": [1], "x": 1, "y": 1},
+])
+def test_bad_speaker_is_invalid_field(value):
+    error = error_of({**FRAMES, "speaker": value})
+    assert (error.code, error.status) == ("invalid_field", 400)
+    assert "speaker" in error.message
+
+
+def test_speaker_field_matches_the_schema():
+    from typing import get_args
+
+    from api import schema
+    from tasks.records import SpeakerMode
+
+    modes, hint = schema.SPEAKER["oneOf"]
+    assert modes["enum"] == list(get_args(SpeakerMode)) and hint is schema.SPEAKER_HINT
+    assert "speaker" in schema.PREDICT_REQUEST["properties"]
 
 
 def test_empty_allow_list_accepts_any_bucket():
@@ -176,3 +225,14 @@ def test_idempotency_keys_are_printable_ascii():
         with pytest.raises(ApiError) as info:
             idempotency_key(value)
         assert info.value.code == "invalid_header"
+
+
+@pytest.mark.parametrize("raw", ['{"t": NaN, "x": 1, "y": 2}', '{"t": 1e999, "x": 1, "y": 2}', '"all "',
+                                 '{"t": 1, "x": 1, "y": {"t": 1, "x": 1, "y": 1}}'])
+def test_bad_speaker_over_http_is_400(raw):
+    from api import create_app
+
+    client = create_app(Settings(api_keys=("k",))).test_client()
+    response = client.post("/v1/jobs", data=f'{{"upload_id": "{"0" * 32}", "speaker": {raw}}}',
+                           headers={"X-API-Key": "k", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_field"

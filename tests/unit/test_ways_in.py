@@ -4,6 +4,7 @@ local HTTP server (SSRF guard, byte cap, content type, redirects), webhook verif
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 
@@ -201,3 +202,83 @@ def test_cli_transcribe_reports_a_bad_video_like_the_service(capsys, tmp_path):
     video.write_bytes(b"\x00not a video" * 100)
     assert main(["transcribe", str(video), "--model", str(tmp_path / "unused.pt"), "--quiet"]) == 1
     assert "error: bad_media:" in capsys.readouterr().err
+
+
+# --- --speaker: the CLI's parsing, the client's body, per-track text --------------------------------
+
+class _Recorder:
+    """A `requests.Session` stand-in: records each request, answers a job or a result."""
+
+    def __init__(self, result: dict | None = None):
+        self.headers: dict = {}
+        self.calls: list[tuple[str, str, dict]] = []
+        self.result = result
+
+    def request(self, method, url, **kwargs):
+        import requests
+
+        self.calls.append((method, url, kwargs))
+        response = requests.Response()
+        response.status_code = 200
+        body = self.result if url.endswith("/result") else {"job_id": "j" * 32, "status": "queued", "links": {}}
+        response._content = json.dumps(body).encode()
+        return response
+
+
+@pytest.mark.parametrize(("argument", "sent"), [
+    ("all", "all"), ("speaking", "speaking"), ("1.5,640,360", {"t": 1.5, "x": 640.0, "y": 360.0}),
+    ("0,0,0", {"t": 0.0, "x": 0.0, "y": 0.0}),
+])
+def test_cli_submit_sends_the_speaker(monkeypatch, capsys, argument, sent):
+    from avsr_client import cli
+
+    recorder = _Recorder()
+    monkeypatch.setattr(cli, "_client", lambda args: cli.Client(args.server, session=recorder))
+    assert main(["submit", "--upload-id", UPLOAD_ID, "--speaker", argument]) == 0
+    ((method, url, kwargs),) = recorder.calls
+    assert (method, url.rsplit("/", 2)[-2:]) == ("POST", ["v1", "jobs"])
+    assert kwargs["json"] == {"upload_id": UPLOAD_ID, "speaker": sent}
+    assert capsys.readouterr().out.strip() == "j" * 32
+
+
+def test_client_omits_an_unset_speaker():
+    from avsr_client.client import Client
+
+    recorder = _Recorder()
+    Client("http://api", session=recorder).submit(upload_id=UPLOAD_ID)
+    assert "speaker" not in recorder.calls[0][2]["json"]  # the service's default: "largest"
+
+
+@pytest.mark.parametrize("argument", ["loudest", "1,2", "1,2,3,4", "a,b,c", "-1,2,3", "1,nan,3", "1,inf,3", ""])
+def test_cli_bad_speaker_is_an_argparse_error(capsys, argument):
+    with pytest.raises(SystemExit) as info:
+        main(["submit", "--upload-id", UPLOAD_ID, "--speaker", argument])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--speaker" in err and "T,X,Y" in err
+
+
+def test_cli_prints_one_line_per_track(monkeypatch, capsys):
+    from avsr_client import cli
+
+    two = {"text": "hi there bye", "transcripts": [{"track": 1, "text": "hi there", "confidence": 0.9},
+                                                   {"track": 2, "text": "bye", "confidence": 0.7}]}
+    one = {"text": "hi there", "transcripts": [{"track": 1, "text": "hi there", "confidence": 0.9}]}
+    for result, printed in ((two, "track-1: hi there\ntrack-2: bye\n"), (one, "hi there\n"),
+                            ({"text": "plain"}, "plain\n")):
+        monkeypatch.setattr(cli, "_client", lambda args, r=result: cli.Client(args.server, session=_Recorder(r)))
+        assert main(["result", "j" * 32, "--format", "text"]) == 0
+        assert capsys.readouterr().out == printed
+
+
+def test_cli_transcribe_takes_the_speaker(monkeypatch, capsys, tmp_path):
+    import sys
+    import types
+
+    seen = {}
+    fake = types.SimpleNamespace(transcribe=lambda path, **kw: seen.update(kw) or {"text": "x"},
+                                 render=lambda result, fmt: result["text"] + "\n")
+    monkeypatch.setitem(sys.modules, "avsr_client.local", fake)
+    monkeypatch.setattr("avsr_client.local", fake, raising=False)
+    assert main(["transcribe", str(tmp_path / "a.mp4"), "--model", "m.pt", "--speaker", "2,10,20"]) == 0
+    assert seen["speaker"] == {"t": 2.0, "x": 10.0, "y": 20.0}
