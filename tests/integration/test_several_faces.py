@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INPUT_BUCKET
+from tasks.settings import get_settings
+
+from .conftest import CHECKPOINT, INPUT_BUCKET
 
 pytestmark = pytest.mark.integration
 
@@ -16,13 +18,13 @@ KEY = "faces/two.mp4"
 
 
 @pytest.fixture(scope="module")
-def two_faces(s3, tmp_path_factory) -> str:
+def two_faces(s3, tmp_path_factory) -> Path:
     from deploy.local.sample_media import write_face_video
 
     path: Path = tmp_path_factory.mktemp("faces") / "two.mp4"
     write_face_video(path, seconds=6.0, with_audio=True, seed=5, grid=(2, 1))
     s3.upload_file(str(path), INPUT_BUCKET, KEY)
-    return KEY
+    return path
 
 
 def _job(api, speaker) -> dict:
@@ -87,3 +89,20 @@ def test_all_gives_a_transcript_per_face_and_labelled_subtitles(api, two_faces):
     spoken = {s["track"] for s in result["segments"] if s["text"]}
     assert cues and all(cue.split("\n")[2].startswith("<v track-") for cue in cues)
     assert {int(cue.split("\n")[2].split(">")[0].removeprefix("<v track-")) for cue in cues} == spoken
+
+
+@pytest.mark.parametrize("speaker", ["speaking", "all"])
+def test_avsr_transcribe_reads_the_same_faces_as_the_service(api, two_faces, speaker, monkeypatch):
+    from avsr_client.local import transcribe
+
+    for name, value in {"AVSR_CHUNK_FRAMES": "100", "AVSR_MAX_SEGMENT_S": "4"}.items():  # the stack's
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        local = transcribe(two_faces, model=CHECKPOINT, beam_size=1, device="cpu", speaker=speaker)
+    finally:
+        get_settings.cache_clear()
+    remote = _run(api, speaker)
+    keys = ("id", "start", "end", "track", "text")
+    assert [{k: s[k] for k in keys} for s in local["segments"]] == [{k: s[k] for k in keys} for s in remote["segments"]]
+    assert local["transcripts"] == remote["transcripts"]
