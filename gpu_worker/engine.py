@@ -90,13 +90,12 @@ class Engine:
     def _decode(self, items: list[SegmentInput], beam_size: int) -> list[Hypothesis]:
         """Best hypothesis of each item. A batch that runs out of GPU memory is decoded in halves
         (results are the same: per-item length caps), down to single segments."""
-        info = self.model.info
-        videos = None if items[0].video is None else [
-            video_from_rois(item.video, info["image_crop_size"], info["image_mean"], info["image_std"])
-            for item in items]
-        audios = None if items[0].audio is None else [
-            audio_from_features(item.audio, num_frames=item.frames, normalize=info["normalize"]) for item in items]
-        inputs = collate(videos, audios)
+        info = self.model.info  # the items of a batch use the same modality: all or none have video, audio
+        videos = [video_from_rois(item.video, info["image_crop_size"], info["image_mean"], info["image_std"])
+                  for item in items if item.video is not None]
+        audios = [audio_from_features(item.audio, num_frames=item.frames, normalize=info["normalize"])
+                  for item in items if item.audio is not None]
+        inputs = collate(videos or None, audios or None)
         try:
             hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
                                        beam_size=beam_size, max_len_from="item")

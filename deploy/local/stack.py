@@ -229,7 +229,8 @@ class Stack:
 
     def start_worker(self, name: str, queue: str, concurrency: int = 1) -> subprocess.Popen:
         """Start one Celery worker process (`name@host`) on `queue`: the CPU worker (`cpu_worker.worker`,
-        prefork) or the GPU worker (`gpu_worker.worker`, solo pool: the model process must not fork)."""
+        prefork) or the GPU worker (`gpu_worker.worker`, threads pool: the model process must not fork;
+        AVSR_GPU_CONCURRENT_JOBS jobs at once)."""
         return self._spawn(name, worker_argv(name, queue, concurrency))
 
     def _start_workers(self) -> None:
@@ -263,7 +264,7 @@ class Stack:
 def worker_argv(name: str, queue: str, concurrency: int = 1, bin_dir: Path = VENV_BIN) -> list[str]:
     """The command line of one worker process, as the images and systemd units run it."""
     if queue == "gpu":
-        app, pool = "gpu_worker.worker", ["--pool", "solo"]
+        app, pool = "gpu_worker.worker", ["--pool", "threads"]
     else:
         app, pool = "cpu_worker.worker", ["--pool", "prefork", "--concurrency", str(concurrency)]
     return [str(bin_dir / "celery"), "--app", app, "worker", "--queues", queue, *pool, "--prefetch-multiplier", "1",
