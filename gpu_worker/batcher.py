@@ -23,6 +23,7 @@ import numpy as np
 from gpu_worker.batching import Waiting, next_batch
 from gpu_worker.engine import Engine, SegmentInput, segment_inputs
 from tasks.errors import JobError
+from tasks.logs import current_job_id
 from tasks.records import DecodedSegment, SegmentSpan
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class _Job:
     """One `transcribe` call: its segments, those not yet in a batch (`items[next:]`), the results."""
 
     number: int  # submissions to this batcher before it (`on_batch` names jobs by it)
+    job_id: str  # the submitting task's job (for the batch log line)
     items: list[SegmentInput]
     beam_size: int
     group: tuple[str, int]  # (modality, beam size): only segments of one group share a forward pass
@@ -79,7 +81,8 @@ class Batcher:
         if not items:
             return []
         with self._cond:
-            job = _Job(self._submitted, items, beam_size, (modality, beam_size), [None] * len(items))
+            job = _Job(self._submitted, current_job_id.get() or "", items, beam_size, (modality, beam_size),
+                       [None] * len(items))
             self._submitted += 1
             self._waiting.append(job)
             self._cond.notify_all()
@@ -139,8 +142,10 @@ class Batcher:
         """One forward pass over the batch; if it fails, each job's part alone, so only the job whose
         segments raise fails."""
         beam_size = batch[0][0].beam_size
+        items = [item for job, a, b in batch for item in job.items[a:b]]
+        started = time.perf_counter()
         try:
-            decoded = self.engine.decode([item for job, a, b in batch for item in job.items[a:b]], beam_size)
+            decoded = self.engine.decode(items, beam_size)
         except Exception:
             if len(batch) == 1:
                 raise
@@ -152,6 +157,9 @@ class Batcher:
                 except Exception as exc:
                     self._finish([part], exc)
             return
+        log.info("batch decoded", extra={
+            "jobs": len(batch), "segments": len(items), "padded_frames": len(items) * max(i.frames for i in items),
+            "seconds": round(time.perf_counter() - started, 4), "job_ids": ",".join(job.job_id for job, _, _ in batch)})
         offset = 0
         for part in batch:
             self._store(part, decoded[offset:offset + part[2] - part[1]])
