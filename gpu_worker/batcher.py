@@ -119,10 +119,13 @@ class Batcher:
     def _take(self) -> list[Part]:
         """Wait for segments, linger for more (unless the budget is already full), take the next batch."""
         with self._cond:
-            while not self._waiting:
-                self._cond.wait()
-            deadline = time.monotonic() + self.linger_s
+            deadline = None
             while True:
+                if not self._waiting:  # nothing, or every waiting job was cancelled while lingering
+                    deadline = None
+                    self._cond.wait()
+                    continue
+                deadline = deadline or time.monotonic() + self.linger_s
                 plan = next_batch([Waiting(j.group, [i.frames for i in j.items[j.next:]]) for j in self._waiting],
                                   self.max_batch_frames, self.max_batch_size)
                 remaining = deadline - time.monotonic()
