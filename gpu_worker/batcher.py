@@ -43,7 +43,7 @@ class _Job:
     beam_size: int
     group: tuple[str, int]  # (modality, beam size): only segments of one group share a forward pass
     results: list[DecodedSegment | None]
-    next: int = 0
+    next: int = 0  # items[next:] wait for a batch
     done: int = 0  # results stored (a prefix: a job's segments are batched in order)
     seen: int = 0  # results the submitting thread has reported
     error: BaseException | None = None
