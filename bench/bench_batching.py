@@ -81,8 +81,9 @@ def run_mode(stack: Stack, name: str, env: dict[str, str], clips: list[tuple[str
     from tasks.celery_app import app
     from tasks.storage import work_key
 
-    worker = stack.start_worker(name, "gpu", env=env)
     log = stack.logs / f"{name}.log"
+    log.unlink(missing_ok=True)  # the stack appends to a worker's log: count this run's batches only
+    worker = stack.start_worker(name, "gpu", env=env)
     deadline = time.monotonic() + 300
     while "ready." not in (log.read_text() if log.exists() else ""):
         assert worker.poll() is None and time.monotonic() < deadline, f"{name} did not start"
