@@ -52,6 +52,7 @@ bench: install
 	$(PY) -m bench.bench_model
 	$(PY) -m bench.bench_roi
 	$(PY) -m bench.bench_service
+	$(PY) -m bench.bench_batching
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

@@ -49,6 +49,8 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
     if job["status"] == jobs.SUCCEEDED:
         view["result"] = job["result"]
         view["result_location"] = job.get("result_location")
+    else:  # text as it comes (a succeeded job has all of it in `result.segments`)
+        view["partial_segments"] = job.get("partial_segments") or []
     if job.get("error"):
         view["error"] = job["error"]
     if job["status"] not in jobs.TERMINAL:

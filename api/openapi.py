@@ -153,6 +153,11 @@ def openapi_spec() -> dict:
                     "No times: no audio-visual alignment is computed."), "properties": {
                     "word": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                     "tokens": {"type": "integer", "minimum": 1}}},
+                "PartialSegment": {"type": "object", "required": ["id", "start", "end", "text", "confidence"],
+                                   "properties": {
+                    "id": {"type": "integer"}, "start": {"type": "number"}, "end": {"type": "number"},
+                    "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                    "track": {"type": "integer", "description": "the face track read, when several are"}}},
                 "Result": {"type": "object", "properties": {
                     "text": {"type": "string"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
                     "num_frames": {"type": "integer"}, "duration_s": {"type": "number"},
@@ -168,6 +173,11 @@ def openapi_spec() -> dict:
                     "stage": {"type": "string", "enum": [*STAGES, "cancelled"]},
                     "progress": {"type": "number"}, "segments_done": {"type": "integer"},
                     "segments_total": {"type": ["integer", "null"]},
+                    "partial_segments": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/PartialSegment"},
+                        "description": ("until the job succeeds: its segments decoded so far, in segment order "
+                                        "(the first ones, up to the first not yet decoded); grows during "
+                                        "inference; the result's `segments` replace it")},
                     "created_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
                     "finished_at": {"type": ["string", "null"]}, "updated_at": {"type": ["string", "null"]},
                     "result": {"$ref": "#/components/schemas/Result"},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,24 +58,24 @@ class Engine:
         """Decode each segment (`start_frame`/`end_frame` into `rois` uint8[T,96,96] — or [S,T,96,96], one
         stream per face read, picked by the segment's `stream` — and `audio` float32[T,104] stacked
         filterbanks); returns, in segment order, the best hypothesis of each."""
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        use_video, use_audio = modality != "audio", modality != "video"
-        if (use_video and rois is None) or (use_audio and audio is None):
-            raise ValueError(f"modality {modality} needs {'video' if use_video else 'audio'} input")
-        lengths = [s["end_frame"] - s["start_frame"] for s in segments]
+        items = segment_inputs(rois, audio, segments, modality)
         results: list[DecodedSegment | None] = [None] * len(segments)
         done = 0
-        for batch in batch_segments(lengths, self.max_batch_frames, self.max_batch_size):
-            for i, best in self._decode(batch, segments, rois if use_video else None,
-                                        audio if use_audio else None, beam_size):
-                results[i] = {"id": segments[i]["id"], "text": best.text, "confidence": float(best.confidence),
-                              "score": float(best.score), "num_tokens": len(best.tokens),
-                              "words": self.words(best), "end_logprob": float(best.token_logprobs[-1])}
+        for batch in batch_segments([item.frames for item in items], self.max_batch_frames, self.max_batch_size):
+            for i, decoded in zip(batch, self.decode([items[i] for i in batch], beam_size), strict=True):
+                results[i] = decoded
             done += len(batch)
             if on_progress is not None:
                 on_progress(done)
         return [r for r in results if r is not None]
+
+    def decode(self, items: Sequence[SegmentInput], beam_size: int) -> list[DecodedSegment]:
+        """Decode `items` (of one modality) in one forward pass (in halves if it runs out of GPU memory);
+        each gives exactly what it gives alone. This is what `gpu_worker/batcher.py` calls across jobs."""
+        return [{"id": item.span["id"], "text": best.text, "confidence": float(best.confidence),
+                 "score": float(best.score), "num_tokens": len(best.tokens), "words": self.words(best),
+                 "end_logprob": float(best.token_logprobs[-1])}
+                for item, best in zip(items, self._decode(list(items), beam_size), strict=True)]
 
     def words(self, hyp: Hypothesis) -> list[Word]:
         """Each word of `hyp` with its confidence: exp(mean log-prob of the pieces that spell it).
@@ -86,33 +87,27 @@ class Engine:
         return [{"word": word, "confidence": math.exp(sum(lps) / len(lps)), "tokens": len(lps)}
                 for word, lps in tokenizer.words(hyp.tokens, hyp.token_logprobs)]
 
-    def _decode(self, batch: list[int], segments: Sequence[SegmentSpan], rois: np.ndarray | None,
-                audio: np.ndarray | None,
-                beam_size: int) -> list[tuple[int, Hypothesis]]:
-        """Best hypothesis of each segment in `batch`. A batch that runs out of GPU memory is decoded
-        in halves (results are the same: per-item length caps), down to single segments."""
-        info = self.model.info
-        spans = [(segments[i]["start_frame"], segments[i]["end_frame"]) for i in batch]
-        streams = [_stream(rois, segments[i]) for i in batch] if rois is not None else []
-        videos = None if rois is None else [
-            video_from_rois(stream[a:b], info["image_crop_size"], info["image_mean"], info["image_std"])
-            for stream, (a, b) in zip(streams, spans, strict=True)]
-        audios = None if audio is None else [
-            audio_from_features(audio[a:b], num_frames=b - a, normalize=info["normalize"]) for a, b in spans]
-        inputs = collate(videos, audios)
+    def _decode(self, items: list[SegmentInput], beam_size: int) -> list[Hypothesis]:
+        """Best hypothesis of each item. A batch that runs out of GPU memory is decoded in halves
+        (results are the same: per-item length caps), down to single segments."""
+        info = self.model.info  # the items of a batch use the same modality: all or none have video, audio
+        videos = [video_from_rois(item.video, info["image_crop_size"], info["image_mean"], info["image_std"])
+                  for item in items if item.video is not None]
+        audios = [audio_from_features(item.audio, num_frames=item.frames, normalize=info["normalize"])
+                  for item in items if item.audio is not None]
+        inputs = collate(videos or None, audios or None)
         try:
             hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
                                        beam_size=beam_size, max_len_from="item")
         except torch.OutOfMemoryError:
-            if len(batch) == 1:
+            if len(items) == 1:
                 raise
             del inputs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            half = len(batch) // 2
-            return (self._decode(batch[:half], segments, rois, audio, beam_size)
-                    + self._decode(batch[half:], segments, rois, audio, beam_size))
-        return [(i, item_hyps[0]) for i, item_hyps in zip(batch, hyps, strict=True)]
+            half = len(items) // 2
+            return self._decode(items[:half], beam_size) + self._decode(items[half:], beam_size)
+        return [item_hyps[0] for item_hyps in hyps]
 
     def describe(self) -> dict[str, Any]:
         """What `/health` and job results report about the model."""
@@ -135,6 +130,33 @@ class Engine:
             return {"gpu_memory_allocated": None, "gpu_memory_reserved": None}
         return {"gpu_memory_allocated": torch.cuda.memory_allocated(device),
                 "gpu_memory_reserved": torch.cuda.memory_reserved(device)}
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """One segment's model inputs: its span, and its frames of mouth ROIs (uint8 [T,96,96]) and/or of
+    audio features (float32 [T,104]) — None for a modality it does not use."""
+
+    span: SegmentSpan
+    video: np.ndarray | None
+    audio: np.ndarray | None
+
+    @property
+    def frames(self) -> int:
+        return self.span["end_frame"] - self.span["start_frame"]
+
+
+def segment_inputs(rois: np.ndarray | None, audio: np.ndarray | None, segments: Sequence[SegmentSpan],
+                   modality: str) -> list[SegmentInput]:
+    """Each segment's slice of `rois` (its `stream` when 4-D) and of `audio`, as `modality` uses them."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    use_video, use_audio = modality != "audio", modality != "video"
+    if (use_video and rois is None) or (use_audio and audio is None):
+        raise ValueError(f"modality {modality} needs {'video' if use_video else 'audio'} input")
+    rois, audio = (rois if use_video else None), (audio if use_audio else None)
+    return [SegmentInput(s, None if rois is None else _stream(rois, s)[s["start_frame"]:s["end_frame"]],
+                         None if audio is None else audio[s["start_frame"]:s["end_frame"]]) for s in segments]
 
 
 def _stream(rois: np.ndarray, span: SegmentSpan) -> np.ndarray:

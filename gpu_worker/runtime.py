@@ -1,7 +1,8 @@
-"""The GPU worker process's one inference engine: loaded once, warmed up, reported by its heartbeat.
+"""The GPU worker process's one inference engine: loaded once, warmed up, reported by its heartbeat,
+and driven by one `Batcher` thread that decodes the segments of every job in inference together.
 
-`load_engine` runs from `worker_process_init` (the solo pool sends it in the worker process
-itself, so CUDA never meets a fork). A model that fails to load is reported by `/health` and
+`load_engine` runs from `worker_init` (the threads pool runs tasks in the worker process itself, so
+CUDA never meets a fork), before any task. A model that fails to load is reported by `/health` and
 by every inference task (`model_unavailable`, retried).
 """
 
@@ -12,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from gpu_worker.batcher import Batcher
 from gpu_worker.engine import Engine
 from tasks.errors import JobError
 from tasks.settings import get_settings
@@ -19,6 +21,7 @@ from tasks.settings import get_settings
 log = logging.getLogger(__name__)
 
 _engine: Engine | None = None
+_batcher: Batcher | None = None
 _engine_error: str | None = None
 _engine_lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -26,7 +29,7 @@ _state: dict[str, Any] = {}
 
 def load_engine() -> None:
     """Load and warm up the AV-HuBERT engine in this process (GPU worker start-up)."""
-    global _engine, _engine_error
+    global _engine, _batcher, _engine_error
     settings = get_settings()
     with _engine_lock:
         if _engine is not None:
@@ -44,6 +47,9 @@ def load_engine() -> None:
             _engine_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
             return
+        _batcher = Batcher(engine, linger_s=settings.batch_linger_ms / 1000, max_batch_frames=engine.max_batch_frames,
+                           max_batch_size=engine.max_batch_size)
+        _batcher.start()
         _engine, _engine_error = engine, None
         _state.update(loaded_at=loaded, load_seconds=round(loaded - started, 3),
                       warmup_seconds=round(time.time() - loaded, 3))
@@ -57,6 +63,13 @@ def engine() -> Engine:
     if _engine is None:
         raise JobError("model_unavailable", f"the model is not loaded: {_engine_error}", retryable=True)
     return _engine
+
+
+def batcher() -> Batcher:
+    """This process's batcher (its engine loaded as `engine()` does)."""
+    engine()
+    assert _batcher is not None  # set with the engine
+    return _batcher
 
 
 def model_state() -> dict[str, Any]:

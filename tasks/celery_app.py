@@ -3,7 +3,7 @@
 Every process uses this one app; the workers add their own tasks to it:
     celery --app cpu_worker.worker worker --queues cpu --pool prefork --concurrency 2 \
         --prefetch-multiplier 1 --hostname cpu@%h
-    celery --app gpu_worker.worker worker --queues gpu --pool solo --prefetch-multiplier 1 --hostname gpu@%h
+    celery --app gpu_worker.worker worker --queues gpu --pool threads --prefetch-multiplier 1 --hostname gpu@%h
     celery --app tasks.celery_app flower --port=5555
 The API only publishes by task name (`tasks/chain.py`).
 """

@@ -161,6 +161,17 @@ class DecodedSegment(TypedDict):
     end_logprob: float  # ln p(</s>)
 
 
+class PartialSegment(TypedDict):
+    """A segment decoded while its job is still running (the job's `partial_segments`)."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    confidence: float
+    track: NotRequired[int]
+
+
 class Transcript(TypedDict):
     """What inference hands to `finalize`: the plan, each segment's text (in plan order), the model."""
 

@@ -107,6 +107,12 @@ class Settings:
                                    doc="longest segment decoded at once, seconds")
     max_batch_frames: int = setting("AVSR_MAX_BATCH_FRAMES", 3000, kind=int,
                                     doc="inference memory budget: segments per batch × longest segment, in frames")
+    gpu_concurrent_jobs: int = setting("AVSR_GPU_CONCURRENT_JOBS", 8, kind=int,
+                                       doc="jobs one GPU worker has in inference at once (its Celery threads); "
+                                           "their segments share batches; 1 decodes one job at a time")
+    batch_linger_ms: float = setting("AVSR_BATCH_LINGER_MS", 25.0, kind=float,
+                                     doc="how long the GPU worker waits for other jobs' segments to fill a batch "
+                                         "(not when the frame budget is already full); 0 never waits")
     max_faces: int = setting("AVSR_MAX_FACES", 4, kind=int,
                              doc="faces followed as face tracks (speaker: center, a hint, speaking, all)")
     chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,

@@ -129,11 +129,11 @@ class Stack:
         self.logs = config.state_dir / "logs"
 
     # -- process helpers -----------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.config.env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.config.env(), **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         self.pids[name] = proc.pid
         self._save()
         return proc
@@ -227,10 +227,12 @@ class Stack:
         _wait(lambda: requests.get(f"{self.config.api_url}/health", timeout=2).status_code in (200, 503),
               "API", 60, proc, self.logs / "api.log")
 
-    def start_worker(self, name: str, queue: str, concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(self, name: str, queue: str, concurrency: int = 1,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start one Celery worker process (`name@host`) on `queue`: the CPU worker (`cpu_worker.worker`,
-        prefork) or the GPU worker (`gpu_worker.worker`, solo pool: the model process must not fork)."""
-        return self._spawn(name, worker_argv(name, queue, concurrency))
+        prefork) or the GPU worker (`gpu_worker.worker`, threads pool: the model process must not fork;
+        AVSR_GPU_CONCURRENT_JOBS jobs at once); `env` adds to the stack's environment."""
+        return self._spawn(name, worker_argv(name, queue, concurrency), env)
 
     def _start_workers(self) -> None:
         for i in range(self.config.cpu_workers):
@@ -263,7 +265,7 @@ class Stack:
 def worker_argv(name: str, queue: str, concurrency: int = 1, bin_dir: Path = VENV_BIN) -> list[str]:
     """The command line of one worker process, as the images and systemd units run it."""
     if queue == "gpu":
-        app, pool = "gpu_worker.worker", ["--pool", "solo"]
+        app, pool = "gpu_worker.worker", ["--pool", "threads"]
     else:
         app, pool = "cpu_worker.worker", ["--pool", "prefork", "--concurrency", str(concurrency)]
     return [str(bin_dir / "celery"), "--app", app, "worker", "--queues", queue, *pool, "--prefetch-multiplier", "1",

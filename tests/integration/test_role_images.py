@@ -183,7 +183,7 @@ def test_gpu_worker_loads_the_model_and_reaches_ready(venvs, role_redis, tmp_pat
     checkpoint = tmp_path / "model.pt"
     shutil.copy(REFERENCE / "checkpoints" / "finetune_s2s.pt", checkpoint)
     argv = [str(venvs["gpu"] / "bin" / "celery"), "--app", "gpu_worker.worker", "worker", "--queues", "gpu",
-            "--pool", "solo", "--hostname", hostname, "--loglevel", "INFO"]
+            "--pool", "threads", "--hostname", hostname, "--loglevel", "INFO"]
     env = _env(AVHUBERT_MODEL_PATH=str(checkpoint), AVSR_DEVICE="cpu")
     with _Process(argv, tmp_path, env) as worker:
         worker.wait_for(lambda: (_beat(role_redis, hostname) or {}).get("model_loaded"), "GPU worker model", 180)

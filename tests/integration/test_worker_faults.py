@@ -56,8 +56,8 @@ def stack_worker_paused(control, name: str, queue: str):
         control.add_consumer(queue, destination=destination, reply=True, timeout=10)
 
 
-def start_ready(stack, name: str, queue: str):
-    worker = stack.start_worker(name, queue)
+def start_ready(stack, name: str, queue: str, env: dict[str, str] | None = None):
+    worker = stack.start_worker(name, queue, env=env)
     wait_for(stack.logs / f"{name}.log", lambda e: e["message"].endswith("ready."), f"{name} ready", 180)
     return worker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker.batching import batch_segments
+from gpu_worker.batching import Waiting, batch_segments, next_batch
 
 
 def test_batches_respect_budget_and_group_similar_lengths() -> None:
@@ -29,3 +29,50 @@ def test_batch_examples() -> None:
     assert batch_segments([], 500, 4) == []
     with pytest.raises(ValueError):
         batch_segments([1], 0, 1)
+
+
+def batch_of(waiting: list[tuple[str, list[int]]], frames: int = 1000, size: int = 8) -> tuple[list[int], bool]:
+    plan = next_batch([Waiting(group, lengths) for group, lengths in waiting], frames, size)
+    return plan.take, plan.full
+
+
+def test_jobs_take_turns_so_a_long_job_does_not_starve_a_short_one() -> None:
+    long_job = ("video", [100] * 50)
+    # the long job leads, yet the short job that arrived after it is in the very next batch
+    assert batch_of([long_job, ("video", [75])], frames=1000, size=8) == ([7, 1], True)
+    # three jobs share a batch of 6 two segments each, whatever their lengths
+    assert batch_of([long_job, ("video", [100] * 9), ("video", [100] * 3)], size=6) == ([2, 2, 2], True)
+
+
+def test_each_job_keeps_its_order_and_a_segment_that_does_not_fit_stops_its_job_only() -> None:
+    # job 0's second segment (900 frames) would make 2 × 900 > 1000: job 0 stops, job 1 goes on
+    assert batch_of([("video", [50, 900, 50]), ("video", [60, 60, 60])]) == ([1, 3], True)
+    # a segment over the budget on its own is a batch of one
+    assert batch_of([("video", [1500, 10]), ("video", [10])]) == ([1, 0], True)
+
+
+def test_only_the_lead_jobs_group_shares_the_batch() -> None:
+    waiting = [("audio", [50, 50]), ("video", [50]), ("audio", [50])]
+    assert batch_of(waiting) == ([2, 0, 1], False)  # not full: more segments could still join
+    # the batcher then moves the lead to the back: the video job leads the next batch
+    assert batch_of([waiting[1], waiting[2], ("audio", [])]) == ([1, 0, 0], False)
+
+
+def test_rotating_the_lead_serves_every_group() -> None:
+    waiting = [["a", 40], ["b", 40], ["a", 40]]  # (group, segments left) per job, in lead order
+    served = []
+    while waiting:
+        take, _ = batch_of([(g, [25] * n) for g, n in waiting], frames=10_000, size=16)
+        served.append(waiting[0][0])
+        for job, n in zip(waiting, take, strict=True):
+            job[1] -= n
+        waiting = [job for job in waiting[1:] + waiting[:1] if job[1]]
+    assert served[:2] == ["a", "b"]  # group b is served second, not after both long "a" jobs
+    # and no batch is smaller than it must be: 80 "a" segments in 5 batches of 16, 40 "b" ones in 3
+    assert (served.count("a"), served.count("b")) == (5, 3)
+
+
+def test_next_batch_edges() -> None:
+    assert batch_of([]) == ([], False)
+    with pytest.raises(ValueError):
+        next_batch([Waiting("video", [1])], 0, 1)

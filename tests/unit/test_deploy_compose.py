@@ -44,7 +44,7 @@ API_COMMAND = ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--thread
 CPU_COMMAND = ["celery", "--app", "cpu_worker.worker", "worker", "--queues", "cpu", "--pool", "prefork",
                "--concurrency", "2", "--prefetch-multiplier", "1", "--hostname", "cpu@%h",
                "--loglevel", "INFO"]
-GPU_COMMAND = ["celery", "--app", "gpu_worker.worker", "worker", "--queues", "gpu", "--pool", "solo",
+GPU_COMMAND = ["celery", "--app", "gpu_worker.worker", "worker", "--queues", "gpu", "--pool", "threads",
                "--prefetch-multiplier", "1", "--hostname", "gpu@%h", "--loglevel", "INFO"]
 # Flower passes its options to tornado, which only parses --name=value (`--port 5555` dies).
 FLOWER_COMMAND = ["celery", "--app", "tasks.celery_app", "flower", "--port=5555"]
@@ -203,9 +203,10 @@ def test_worker_healthchecks_ping_their_own_node(services):
         assert test[1] == f"celery --app tasks.celery_app inspect ping --destination {prefix}@$$HOSTNAME"
 
 
-def test_gpu_worker_has_solo_pool_gpu_reservation_and_cuda_image(services):
+def test_gpu_worker_has_threads_pool_gpu_reservation_and_cuda_image(services):
     gpu = services["gpu-worker"]
-    assert gpu["command"][gpu["command"].index("--pool") + 1] == "solo"
+    assert gpu["command"][gpu["command"].index("--pool") + 1] == "threads"
+    assert "--concurrency" not in gpu["command"]  # AVSR_GPU_CONCURRENT_JOBS
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) and d.get("driver") == "nvidia" for d in devices)
     assert gpu["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"

@@ -101,7 +101,8 @@ def test_workers_may_finish_the_task_in_hand_before_sigkill(unit):
 def test_gpu_worker_instance_is_the_gpu_index():
     assert environment("avsr-gpu-worker@.service")["CUDA_VISIBLE_DEVICES"] == "%i"
     argv = shlex.split(service("avsr-gpu-worker@.service")["ExecStart"][0])
-    assert argv[argv.index("--pool") + 1] == "solo"
+    assert argv[argv.index("--pool") + 1] == "threads"
+    assert "--concurrency" not in argv  # AVSR_GPU_CONCURRENT_JOBS
 
 
 def test_env_example_covers_the_settings_and_parses(monkeypatch):

@@ -28,3 +28,22 @@ def test_waiting_for(monkeypatch, live, status, stage, waiting_for):
     with create_app(Settings()).test_request_context():
         job = record(status, stage) | ({"result": {}} if status == "succeeded" else {})
         assert api_jobs.job_view(job).get("waiting_for") == waiting_for
+
+
+def test_partial_segments_until_the_job_succeeds(monkeypatch):
+    from gpu_worker.tasks import partial_segments
+
+    monkeypatch.setattr(api_jobs, "_live_roles", lambda: frozenset({"cpu", "gpu"}))
+    spans = [{"id": 0, "start_frame": 0, "end_frame": 50, "track": 2, "stream": 1},
+             {"id": 1, "start_frame": 50, "end_frame": 90}, {"id": 2, "start_frame": 90, "end_frame": 100}]
+    decoded = {"text": "hello", "confidence": 0.812345, "score": -0.2, "num_tokens": 2, "words": [],
+               "end_logprob": -0.1}
+    # segments 0 and 2 are decoded, 1 is not: only the first is shown (the prefix: text in order)
+    partial = partial_segments(spans, [decoded, None, {**decoded, "id": 2}])
+    assert partial == [{"id": 0, "start": 0.0, "end": 2.0, "text": "hello", "confidence": 0.8123, "track": 2}]
+    with create_app(Settings()).test_request_context():
+        assert api_jobs.job_view(record("queued", "queued"))["partial_segments"] == []
+        running = record("running", "inference") | {"partial_segments": partial}
+        assert api_jobs.job_view(running)["partial_segments"] == partial
+        done = record("succeeded", "done") | {"partial_segments": partial, "result": {}}
+        assert "partial_segments" not in api_jobs.job_view(done)
