@@ -27,7 +27,7 @@ import numpy as np
 from cpu_worker import segmentation
 from cpu_worker.mouth_roi import MouthRoiResult
 from tasks.errors import JobError
-from tasks.records import FPS, FaceTrackInfo, SegmentSpan, SpeakerHint
+from tasks.records import FPS, FaceTrackInfo, SegmentSpan, SpeakerHint, seconds
 
 DEFAULT = "largest"
 SYNC_MAX_LAG = 2  # frames either way
@@ -71,7 +71,7 @@ def track_info(tracks: list[MouthRoiResult]) -> list[FaceTrackInfo]:
                 f = int(in_second[0])
                 (x0, y0), (x1, y1) = track.landmarks[f].min(axis=0), track.landmarks[f].max(axis=0)
                 boxes.append([round(f / FPS, 2), *(round(float(v), 1) for v in (x0, y0, x1, y1))])
-        info.append({"id": k + 1, "start": round(seen[0] / FPS, 3), "end": round((seen[-1] + 1) / FPS, 3),
+        info.append({"id": k + 1, "start": seconds(seen[0]), "end": seconds(seen[-1] + 1),
                      "frames": int(seen.size), "boxes": boxes})
     return info
 

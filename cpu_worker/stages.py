@@ -39,6 +39,7 @@ from tasks.records import (
     Transcript,
     UrlInput,
     VideoInput,
+    seconds,
 )
 from tasks.settings import get_settings
 from tasks.storage import work_bucket, work_key
@@ -285,8 +286,8 @@ def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult
     for span, hyp in zip(plan["segments"], transcript["decoded"], strict=True):
         segment: ResultSegment = {
             "id": span["id"],
-            "start": round(span["start_frame"] / FPS, 3),
-            "end": round(span["end_frame"] / FPS, 3),
+            "start": seconds(span["start_frame"]),
+            "end": seconds(span["end_frame"]),
             "text": hyp["text"],
             "confidence": round(hyp["confidence"], 4),
             "words": [{**w, "confidence": round(w["confidence"], 4)} for w in hyp.get("words", [])],
@@ -305,7 +306,7 @@ def build_result(transcript: Transcript, timings: dict[str, float]) -> JobResult
         "confidence": confidence,
         "transcripts": transcripts,
         "num_frames": plan["num_frames"],
-        "duration_s": round(plan["num_frames"] / FPS, 3),
+        "duration_s": seconds(plan["num_frames"]),
         "modality": plan["modality"],
         "segments": segments,
         "quality": plan.get("quality", {}),

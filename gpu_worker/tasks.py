@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gpu_worker import runtime
 from tasks import chain, jobs, storage
-from tasks.records import FPS, DecodedSegment, PartialSegment, SegmentPlan, SegmentSpan, Transcript
+from tasks.records import DecodedSegment, PartialSegment, SegmentPlan, SegmentSpan, Transcript, seconds
 from tasks.stage_task import stage_task
 from tasks.storage import work_key
 
@@ -46,8 +46,8 @@ def partial_segments(spans: list[SegmentSpan], results: list[DecodedSegment | No
     for span, result in zip(spans, results, strict=True):
         if result is None:
             break
-        segment: PartialSegment = {"id": span["id"], "start": round(span["start_frame"] / FPS, 3),
-                                   "end": round(span["end_frame"] / FPS, 3), "text": result["text"],
+        segment: PartialSegment = {"id": span["id"], "start": seconds(span["start_frame"]),
+                                   "end": seconds(span["end_frame"]), "text": result["text"],
                                    "confidence": round(result["confidence"], 4)}
         if "track" in span:
             segment["track"] = span["track"]

@@ -17,6 +17,11 @@ from typing import Any, Literal, NotRequired, TypedDict
 FPS = 25.0
 """AV-HuBERT's frame rate: every input is mapped onto this grid, and everything after `prepare` is at it."""
 
+
+def seconds(frame: int | float) -> float:
+    """The time of a frame index (or a frame count's duration) in a result: seconds, to the millisecond."""
+    return round(float(frame) / FPS, 3)
+
 Modality = Literal["auto", "video", "audio", "audiovisual"]
 SpeakerMode = Literal["largest", "center", "speaking", "all"]
 """Whom to read when several faces are visible (see `SpeakerHint` for a point on a face)."""
