@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import requests
+import torch
 
 from deploy.local.sample_media import write_face_video
 from deploy.local.stack import Stack, StackConfig
@@ -119,7 +120,8 @@ def main() -> int:
         started = time.monotonic()
         write_face_video(video, seconds=args.seconds, with_audio=True, seed=7)
         print(f"wrote a {args.seconds:.0f} s 640x480 talk with audio in {time.monotonic() - started:.0f} s "
-              f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, no GPU",
+              f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, "
+              f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
               flush=True)
         runs = [run_once(video, args.seconds, w, checkpoint) for w in args.workers]
     print(f"{'cpu workers':>11}{'wall s':>9}{'RTF':>7}{'segments':>10}  stage seconds (summed over tasks)"

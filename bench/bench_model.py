@@ -18,7 +18,8 @@ Measured (median of ``--repeats`` runs after one warm-up):
   ``torch.cuda.max_memory_allocated`` (CUDA);
 - ``RTF``: (encoder + beam) time / clip duration.
 
-Usage: ``python bench/bench_model.py [--sizes base large] [--device cpu|cuda|auto] [--dtype bf16]``
+Usage: ``python -m bench.bench_model [--sizes base large] [--batch 1 8 32] [--device cpu|cuda|auto] [--dtype bf16]``
+(``--batch``: that many clips of the same length decoded at once; ``clips/s`` is the throughput).
 
 Side by side with the official implementation (``--official-venv VENV --official-src SRC``: a
 virtual environment and the fairseq/av_hubert source trees built as a benchmark baseline outside
@@ -108,11 +109,11 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     path = make_random_checkpoint(workdir / size / "model.pt", size=size, seed=0)
     model = load_model(path, device=args.device, dtype=args.dtype)
     device = model.device
-    video = torch.randn(1, 1, args.frames, 88, 88, generator=torch.Generator().manual_seed(0)).to(device)
+    video = torch.randn(args.batch, 1, args.frames, 88, 88, generator=torch.Generator().manual_seed(0)).to(device)
     net = model.network
     with torch.inference_mode(), model.autocast():
         memory, mask = net.encoder(video.to(model._input_dtype))
-    caps = [args.tokens]
+    caps = [args.tokens] * args.batch
     dictionary = model.tokenizer.dictionary
     special = (dictionary.eos_index, dictionary.pad_index, dictionary.unk_index)
 
@@ -136,14 +137,16 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     info = model.info
     return {
         "size": size,
+        "batch": args.batch,
         "params M": info["num_parameters"] / 1e6,
         "encoder ms": encoder_ms,
         "beam ms": beam_ms,
-        "tok/s": (args.tokens + 1) / (beam_ms / 1000),
+        "tok/s": args.batch * (args.tokens + 1) / (beam_ms / 1000),
+        "clips/s": args.batch / ((encoder_ms + beam_ms) / 1000),
         "baseline ms": baseline_ms,
         "speed-up": baseline_ms / beam_ms,
         "peak MB": peak,
-        "RTF": (encoder_ms + beam_ms) / 1000 / (args.frames / FPS),
+        "RTF": (encoder_ms + beam_ms) / 1000 / (args.batch * args.frames / FPS),
     }
 
 
@@ -377,6 +380,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["fp16", "bf16", "int8"],
                         help="load_model dtype (CUDA: fp16/bf16 autocast; CPU: bf16 weights, int8 Linears)")
     parser.add_argument("--frames", type=int, default=250, help="clip length in video frames (25 fps)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="clips decoded at once (one row per value; not with --official-venv)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=30, help="output tokens before the forced </s>")
     parser.add_argument("--repeats", type=int, default=3)
@@ -402,6 +407,8 @@ def main() -> None:
     if (args.official_venv is None) != (args.official_src is None):
         parser.error("--official-venv and --official-src go together")
     if args.official_venv is not None:
+        if args.batch != [1]:
+            parser.error("--batch is for our model alone (the comparison decodes one clip)")
         with tempfile.TemporaryDirectory() as tmp:
             workdir = args.workdir or Path(tmp)
             rows = [row for size in args.sizes for row in compare_size(size, args, workdir)]
@@ -410,7 +417,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        rows = [bench_size(size, args, workdir) for size in args.sizes]
+        rows = [bench_size(size, argparse.Namespace(**{**vars(args), "batch": batch}), workdir)
+                for size in args.sizes for batch in args.batch]
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     print(f"\nAV-HuBERT random weights, video only, {args.frames} frames ({args.frames / FPS:.1f} s), "
