@@ -35,6 +35,7 @@ from pathlib import Path
 import cv2
 import redis
 import requests
+import torch
 
 from bench.bench_service import percentile
 from deploy.local.sample_media import make_face_frames
@@ -157,7 +158,10 @@ def main() -> int:
 
     same = sum(a == b for a, b in zip(without["texts"], with_["texts"], strict=True))
     print(f"{args.jobs} concurrent 3-s jobs ({FRAMES} frames, video, beam 5) over {args.clips} clips; model: random "
-          f"{args.size} ({checkpoint.name}); {os.cpu_count()} cores, CPU only; inference stage through Celery/Redis/S3")
+          f"{args.size} ({checkpoint.name}); {os.cpu_count()} cores, "
+          f"GPU worker device {os.environ.get('AVSR_DEVICE', 'auto')} "
+          f"({torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}); "
+          "inference stage through Celery/Redis/S3")
     print(f"{'mode':<44}{'wall s':>8}{'jobs/s':>8}{'p50 s':>8}{'p95 s':>8}{'batches':>9}{'segs/batch':>11}")
     for label, r in (("without (1 job at a time, linger 0)", without),
                      (f"with ({args.concurrency} jobs, linger {args.linger_ms:g} ms)", with_)):
