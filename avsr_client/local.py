@@ -67,7 +67,7 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
         parts.append(extract_mouth_rois(frames_lib.VideoFile(path).window(chunk.start, chunk.end), fps=FPS,
                                         start_frame=chunk.start, require_face=False,
                                         workers=settings.cpu_threads or None, config=tracker_config(),
-                                        crop_tracks=needs_track_rois(speaker)))
+                                        crop_tracks=needs_track_rois(speaker) and chosen != "audio"))
     clip = stitch_results(parts, max_tracks=settings.max_faces)
     features = energy = None
     if wave is not None:

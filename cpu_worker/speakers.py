@@ -153,9 +153,10 @@ def choose_center(tracks: list[MouthRoiResult], frame_size: tuple[int, int] | No
     return min(candidates, key=distance)
 
 
-def default_track(clip: MouthRoiResult, tracks: list[MouthRoiResult], start: int, end: int) -> int:
-    """Index of the track the default stream follows on frames [start, end) (same landmarks)."""
-    best, best_k = -1, 0
+def default_track(clip: MouthRoiResult, tracks: list[MouthRoiResult], start: int, end: int) -> int | None:
+    """Index of the track the default stream follows on frames [start, end) (same landmarks), or None when
+    it follows none there (a face beyond the cap, or found only by the last-resort pass)."""
+    best, best_k = 0, None
     for k, track in enumerate(tracks):
         both = clip.detected[start:end] & track.detected[start:end]
         same = np.abs(clip.landmarks[start:end][both] - track.landmarks[start:end][both]).max(axis=(1, 2)) < 1.0

@@ -155,7 +155,8 @@ def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
     roi = extract_mouth_rois(_chunk_frames(plan, chunk["start"], chunk["end"]), fps=FPS, start_frame=chunk["start"],
                              require_face=False, workers=get_settings().cpu_threads or None,
                              config=tracker_config(),
-                             crop_tracks=speakers.needs_track_rois(job["request"].get("speaker")))
+                             crop_tracks=speakers.needs_track_rois(job["request"].get("speaker"))
+                             and plan["modality"] != "audio")
     storage.put_arrays(work_bucket(), work_key(job_id, f"chunks/{chunk_index:04d}.npz"), **roi.to_arrays())
     return {"index": chunk_index, "frames": len(roi), "stats": _jsonable(roi.stats)}
 
@@ -189,14 +190,16 @@ def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skippe
         energy[:min(len(clip), len(energy_db))] = energy_db[:len(clip)]
     tracks = speakers.face_tracks(clip)
     mode = "hint" if isinstance(speaker, dict) else (speaker or speakers.DEFAULT)
-    if mode == "speaking" and energy is None:
-        mode = speakers.DEFAULT  # nothing to synchronise with: documented fallback
+    if (mode == "speaking" and energy is None) or modality == "audio":
+        mode = speakers.DEFAULT  # nothing to synchronise with / no face read: documented fallbacks
     rois = clip.rois
     read = clip
     if mode == speakers.DEFAULT:
         spans = _spans(clip, energy, max_segment_s)
         for span in spans:
-            span["track"] = speakers.default_track(clip, tracks, span["start_frame"], span["end_frame"]) + 1
+            k = speakers.default_track(clip, tracks, span["start_frame"], span["end_frame"])
+            if k is not None:
+                span["track"] = k + 1
     elif mode in ("hint", "center"):
         k = (speakers.choose_hint(tracks, speaker) if isinstance(speaker, dict)
              else speakers.choose_center(tracks, clip.stats.get("frame_size")))
@@ -251,9 +254,10 @@ def _speaking(clip: MouthRoiResult, tracks: list[MouthRoiResult], energy: np.nda
                 score = speakers.sync_score(speakers.mouth_opening(track.landmarks[a:b]), energy[a:b], seen)
                 if score is not None:
                     scores[k] = score
-        k = max(scores, key=lambda t: scores[t]) if scores else speakers.default_track(clip, tracks, a, b)
-        span["track"] = k + 1
-        rois[a:b] = tracks[k].rois[a:b]
+        chosen = max(scores, key=lambda t: scores[t]) if scores else speakers.default_track(clip, tracks, a, b)
+        if chosen is not None:  # else the default stream, which no track follows here
+            span["track"] = chosen + 1
+            rois[a:b] = tracks[chosen].rois[a:b]
     return spans, rois
 
 
@@ -349,7 +353,7 @@ def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
     location = {"bucket": bucket, "json": prefix + "result.json", "srt": prefix + "result.srt",
                 "vtt": prefix + "result.vtt"}
     done = jobs.update(job_id, status=jobs.SUCCEEDED, stage="done", progress=1.0, result=result,
-                       result_location=location, finished_at=time.time())
+                       result_location=location, finished_at=time.time(), partial_segments=[])
     if done and done["status"] == jobs.SUCCEEDED:
         enqueue_webhook(done)
     return {"job_id": job_id, "status": done and done["status"]}

@@ -57,13 +57,18 @@ class Batcher:
     """The process's decoding thread over `engine` (see the module docstring)."""
 
     def __init__(self, engine: Engine, *, linger_s: float, max_batch_frames: int, max_batch_size: int,
-                 on_batch: Callable[[list[tuple[int, int]]], None] | None = None) -> None:
+                 on_batch: Callable[[list[tuple[int, int]]], None] | None = None,
+                 stall_limit_s: float | None = None) -> None:
+        if max_batch_frames <= 0 or max_batch_size <= 0 or linger_s < 0:
+            raise ValueError("the batch frame budget and size must be > 0 and the linger window >= 0")
         self.engine = engine
+        self.stall_limit_s = stall_limit_s  # a job whose segments make no progress this long fails `timeout`
         self.linger_s = linger_s
         self.max_batch_frames, self.max_batch_size = max_batch_frames, max_batch_size
         self.on_batch = on_batch  # each batch as (job number, segments of it), for tests and logs
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []  # jobs with segments not yet batched, in lead order
+        self._active: list[_Job] = []  # every job handed in and not yet returned
         self._submitted = 0
         self._thread: threading.Thread | None = None
 
@@ -85,14 +90,18 @@ class Batcher:
                        [None] * len(items))
             self._submitted += 1
             self._waiting.append(job)
+            self._active.append(job)
             self._cond.notify_all()
         try:
             while True:
                 with self._cond:
+                    stalled_at = time.monotonic() + (self.stall_limit_s or float("inf"))
                     while job.error is None and job.done == job.seen:
                         if self._thread is None or not self._thread.is_alive():
                             raise JobError("model_unavailable", "the GPU worker's decoding thread is not running",
                                            retryable=True)
+                        if time.monotonic() > stalled_at:  # e.g. a forward pass hung in the driver
+                            raise JobError("timeout", f"no segment decoded in {self.stall_limit_s:g} s")
                         self._cond.wait(5.0)
                     if job.error is not None:
                         raise job.error
@@ -105,16 +114,26 @@ class Batcher:
             with self._cond:
                 if job in self._waiting:
                     self._waiting.remove(job)
+                self._active.remove(job)
 
     # -- the decoding thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            batch = self._take()
+            try:
+                batch = self._take()
+            except Exception as exc:  # the thread must live on: fail the jobs it could not plan
+                log.exception("batch planning failed")
+                with self._cond:  # no batch is in flight while the one thread plans: fail every job waiting
+                    failed = [(job, job.next, len(job.items)) for job in self._active if job.done < len(job.items)]
+                self._finish(failed, exc)
+                time.sleep(0.1)
+                continue
             try:
                 self._decode(batch)
             except Exception as exc:  # never leave a job waiting on a batch that died
                 log.exception("batch failed")
                 self._finish(batch, exc)
+            del batch  # an idle thread keeps no job's arrays alive
 
     def _take(self) -> list[Part]:
         """Wait for segments, linger for more (unless the budget is already full), take the next batch."""

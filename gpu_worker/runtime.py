@@ -43,12 +43,14 @@ def load_engine() -> None:
                             precision=settings.precision, max_batch_frames=settings.max_batch_frames)
             loaded = time.time()
             engine.warm_up()
+            batcher = Batcher(engine, linger_s=settings.batch_linger_ms / 1000,
+                              max_batch_frames=engine.max_batch_frames, max_batch_size=engine.max_batch_size,
+                              stall_limit_s=settings.task_soft_time_limit_s)
         except Exception as exc:  # reported by /health and by every inference task
             _engine_error = f"{type(exc).__name__}: {exc}"
             log.exception("model failed to load")
             return
-        _batcher = Batcher(engine, linger_s=settings.batch_linger_ms / 1000, max_batch_frames=engine.max_batch_frames,
-                           max_batch_size=engine.max_batch_size)
+        _batcher = batcher
         _batcher.start()
         _engine, _engine_error = engine, None
         _state.update(loaded_at=loaded, load_seconds=round(loaded - started, 3),

@@ -149,3 +149,47 @@ def test_a_failing_batch_fails_only_the_job_that_raises(engine, clips, monkeypat
     a = out["a"]
     assert isinstance(a, list) and [d["id"] for d in a] == [0, 1]
     assert [sorted(n for _, n in batch) for batch in batches] == [[2, 3]]
+
+
+def test_a_batch_that_cannot_be_planned_fails_its_jobs_and_the_thread_lives_on(engine, clips, single_torch_thread):
+    calls = []
+
+    def on_batch(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise MemoryError("planning the first batch failed")
+
+    batcher = Batcher(engine, linger_s=0.0, max_batch_frames=10_000, max_batch_size=5, on_batch=on_batch)
+    batcher.start()
+    rois = clips["rand75"][0]
+    with pytest.raises(MemoryError):
+        batcher.transcribe(rois=rois, audio=None, segments=JOBS["a"][1], modality="video", beam_size=1)
+    again = batcher.transcribe(rois=rois, audio=None, segments=JOBS["a"][1], modality="video", beam_size=1)
+    assert [d["id"] for d in again] == [0, 1]
+
+
+def test_a_decode_that_hangs_fails_the_job_with_timeout(engine, clips, monkeypatch):
+    from tasks.errors import JobError
+
+    release = threading.Event()
+
+    def hang(items, beam_size):
+        release.wait(30)
+        return []
+
+    batcher = Batcher(engine, linger_s=0.0, max_batch_frames=10_000, max_batch_size=5, stall_limit_s=0.2)
+    monkeypatch.setattr(batcher, "_decode", lambda batch: hang(batch, 1))
+    batcher.start()
+    try:
+        with pytest.raises(JobError) as err:
+            batcher.transcribe(rois=clips["rand75"][0], audio=None, segments=JOBS["a"][1], modality="video",
+                               beam_size=1)
+        assert err.value.code == "timeout"
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_frames": 0}, {"max_batch_size": 0}, {"linger_s": -1.0}])
+def test_a_batch_budget_that_can_hold_nothing_is_refused(engine, bad):
+    with pytest.raises(ValueError):
+        Batcher(engine, **{"linger_s": 0.0, "max_batch_frames": 100, "max_batch_size": 2, **bad})

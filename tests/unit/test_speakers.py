@@ -155,3 +155,18 @@ def test_mouth_opening_follows_the_lips():
     lm[:, 48], lm[:, 54] = (0, 0), (40, 0)
     lm[1, 61:64, 1], lm[1, 65:68, 1] = -4, 4
     np.testing.assert_allclose(speakers.mouth_opening(lm), [0.0, 0.2])
+
+
+def test_audio_only_reads_no_face_whatever_the_speaker(scene):
+    for speaker in ("all", "speaking", {"t": 2.0, "x": 320.0, "y": 5.0}):
+        plan, rois = plan_clip(scene["clip"], scene["energy"][0], 0, 15.0, "audio", speaker)
+        assert plan["quality"]["speaker"] == "largest" and plan["modality"] == "audio"
+        assert rois is scene["clip"].rois
+
+
+def test_a_span_no_track_follows_gets_no_track(scene):
+    clip = scene["clip"]
+    assert speakers.default_track(clip, [], 0, N) is None
+    stranger = MouthRoiResult(rois=clip.rois, landmarks=clip.landmarks + 200, detected=clip.detected)
+    assert speakers.default_track(clip, [stranger], 0, N) is None
+    assert speakers.default_track(clip, speakers.face_tracks(clip), 0, N) is not None
