@@ -451,13 +451,17 @@ def _join(parts: Sequence[MouthRoiResult], keep: Sequence[tuple[int, int]]) -> M
                           breaks=breaks, stats={"frames_detected": int(detected.sum())}, start_frame=origin)
 
 
+def landmark_box(landmarks: np.ndarray) -> Box:
+    """The bounding box of one frame's landmarks [68,2]."""
+    (x0, y0), (x1, y1) = landmarks.min(axis=0), landmarks.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
 def _box_at(track: MouthRoiResult, frames: Iterable[int]) -> Box | None:
     """The landmarks' bounding box at the first of ``frames`` (relative) where the track has its face."""
     for f in frames:
         if 0 <= f < len(track) and track.detected[f]:
-            x0, y0 = track.landmarks[f].min(axis=0)
-            x1, y1 = track.landmarks[f].max(axis=0)
-            return float(x0), float(y0), float(x1), float(y1)
+            return landmark_box(track.landmarks[f])
     return None
 
 

@@ -19,31 +19,18 @@ by dubbed or badly offset audio (beyond ±80 ms), and by a face whose lips are n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from cpu_worker import segmentation
-from cpu_worker.mouth_roi import MouthRoiResult
+from cpu_worker.mouth_roi import MouthRoiResult, landmark_box
 from tasks.errors import JobError
-from tasks.records import FPS, FaceTrackInfo, SegmentSpan, SpeakerHint, seconds
+from tasks.records import FPS, FaceTrackInfo, SpeakerHint, seconds
 
 DEFAULT = "largest"
 SYNC_MAX_LAG = 2  # frames either way
 SYNC_MIN_COVERAGE = 0.5  # of a segment's frames, for a track to be scored
 HINT_WINDOW_S = 1.0  # a hint looks for a face this close in time
 CENTRE_MIN_SHARE = 0.25  # `center` considers tracks seen on at least this share of the face frames
-
-
-@dataclass
-class Reading:
-    """What inference reads: the segments (each naming its track and ROI stream) and the ROI streams."""
-
-    segments: list[SegmentSpan]
-    rois: np.ndarray  # uint8 [T,96,96], or [S,T,96,96] with one stream per track (`all`)
-    modality: Any
-    speaker: str  # the mode used (`largest` when `speaking` had no audio to go by)
 
 
 def needs_track_rois(speaker: str | SpeakerHint | None) -> bool:
@@ -69,8 +56,7 @@ def track_info(tracks: list[MouthRoiResult]) -> list[FaceTrackInfo]:
             in_second = seen[(seen >= second * FPS) & (seen < (second + 1) * FPS)]
             if in_second.size:
                 f = int(in_second[0])
-                (x0, y0), (x1, y1) = track.landmarks[f].min(axis=0), track.landmarks[f].max(axis=0)
-                boxes.append([round(f / FPS, 2), *(round(float(v), 1) for v in (x0, y0, x1, y1))])
+                boxes.append([round(f / FPS, 2), *(round(v, 1) for v in landmark_box(track.landmarks[f]))])
         info.append({"id": k + 1, "start": seconds(seen[0]), "end": seconds(seen[-1] + 1),
                      "frames": int(seen.size), "boxes": boxes})
     return info
@@ -126,7 +112,7 @@ def choose_hint(tracks: list[MouthRoiResult], hint: SpeakerHint) -> int:
         if seen.size == 0:
             continue
         f = int(seen[np.argmin(np.abs(seen - frame))])
-        (x0, y0), (x1, y1) = track.landmarks[f].min(axis=0), track.landmarks[f].max(axis=0)
+        x0, y0, x1, y1 = landmark_box(track.landmarks[f])
         size = max(x1 - x0, y1 - y0)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         d = float(np.hypot(hint["x"] - cx, hint["y"] - cy))
