@@ -9,7 +9,8 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
    face runs shorter than that are dropped as detector flicker. Frames without a face are never
    inside a segment; every face run is segmented on its own.
 2. Pause cues. Each given cue gets an adaptive threshold from its own percentiles over the
-   face frames (lo = 2nd, hi = 95th): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
+   face frames of each calibration window (`calibration_windows`: the clip in balanced windows of
+   at most 60 s, so one window for a clip up to a minute; lo = 2nd, hi = 95th percentile): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
    with lo raised to at least ``hi - 50 dB`` (ignored when ``hi - lo < 10 dB``: no contrast, e.g.
    all speech or all silence); the mouth is *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame
    moving average (ignored when ``hi - lo < 0.3 hi``). The pause level of a frame is the
@@ -25,6 +26,10 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
    sides ≥ ``min_segment_s``, is the cut. Only when the window holds no pause is the cut hard:
    at ``L / ceil(L / limit)`` (balanced), moved within ±0.5 s to the least active frame.
 
+Every step is local: a cut's neighbourhood, a window's percentiles. So the first segments of the plan
+are decided before the whole clip is known (`settled_segments`), and inference can start on them while
+the rest is still being preprocessed.
+
 `plan_chunks` splits a clip into overlapping chunks for parallel preprocessing (joined again by
 `cpu_worker.mouth_roi.stitch_results`).
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +59,7 @@ _MOUTH_SMOOTH_FRAMES = 5
 _FORCED_PAUSE_MIN_FRAMES = 3
 _HARD_CUT_SEARCH_S = 0.5
 _MOTION_BLOCK = 1024  # frames per block in mouth_motion (bounds float memory)
+CALIBRATION_S = 60.0  # pause thresholds are percentiles per window of at most this long
 
 
 @dataclass(frozen=True)
@@ -179,10 +186,91 @@ def plan_segments(
     if max_frames < 2 * min_frames:
         raise ValueError(f"max segment ({max_frames} frames) must be >= 2 x min segment ({min_frames})")
     face = _face_mask(num_frames, face_present, max(0, round(min_gap_s * fps)))
-    pause, activity = _pause_levels(num_frames, face, mouth_motion, audio_energy_db)
+    pause, activity = _pause_levels(num_frames, face, mouth_motion, audio_energy_db,
+                                    calibration_windows(num_frames, fps))
     planner = _Planner(pause, activity, min_frames, max_frames, max(1, round(min_pause_s * fps)), fps)
     spans = [span for run in _runs(face) for span in planner.plan_run(*run)]
     return [Segment(i, s, e, float(fps)) for i, (s, e) in enumerate(spans)]
+
+
+def calibration_windows(num_frames: int, fps: float = FPS) -> list[tuple[int, int]]:
+    """The clip's calibration windows ``[a, b)``: balanced, at most `CALIBRATION_S` long, covering it."""
+    size = max(1, math.floor(CALIBRATION_S * fps))
+    n = max(1, math.ceil(num_frames / size))
+    return [(i * num_frames // n, (i + 1) * num_frames // n) for i in range(n)]
+
+
+def settled_segments(
+    total_frames: int,
+    fps: float = FPS,
+    *,
+    offset: int,
+    origin: int,
+    first_id: int,
+    face_present: np.ndarray,
+    mouth_motion: np.ndarray | None = None,
+    audio_energy_db: np.ndarray | None = None,
+    max_segment_s: float = 15.0,
+    min_segment_s: float = 1.0,
+    min_gap_s: float = 0.5,
+    min_pause_s: float = 0.3,
+) -> tuple[list[Segment], int]:
+    """The segments from frame ``origin`` on that `plan_segments` of the whole clip (``total_frames``)
+    will have, as far as frames ``[offset, offset + len(face_present))`` already decide them.
+
+    The signals cover those frames only (their first and last few frames may still change: a margin
+    of `_edge` frames is not trusted). ``origin`` is 0 or the origin a previous call returned (no
+    segment crosses it); ``first_id`` the id of the first segment from it. Returns the settled
+    segments and the next origin. A face run that continues past what is known is settled up to its
+    last *firewall* cut: a natural cut whose pieces on both sides are at least ``min_segment_s`` long,
+    which no merge can cross, so that everything before it is planned as in the whole clip.
+    """
+    n = len(face_present)
+    known_end = offset + n
+    if not 0 <= offset <= origin <= known_end <= total_frames:
+        raise ValueError("need 0 <= offset <= origin <= offset + len(face_present) <= total_frames")
+    max_frames = min(math.floor(max_segment_s * fps + 1e-9), MAX_MODEL_FRAMES)
+    min_frames = max(1, round(min_segment_s * fps))
+    gap = max(0, round(min_gap_s * fps))
+    edge = _edge(gap)
+    windows = calibration_windows(total_frames, fps)
+    first = next(i for i, (_, b) in enumerate(windows) if origin < b or b == total_frames)
+    if offset > 0 and windows[first][0] - offset < edge:
+        return [], origin  # the window around origin is not wholly known: nothing is decided
+    if known_end == total_frames:
+        settled_end = total_frames
+    else:
+        ends = [b for _, b in windows[first:] if b <= known_end - edge]
+        if not ends:
+            return [], origin
+        settled_end = ends[-1]
+    face = _face_mask(n, face_present, gap)
+    local = [(max(a, offset) - offset, min(b, known_end) - offset) for a, b in windows if a < known_end and b > offset]
+    pause, activity = _pause_levels(n, face, mouth_motion, audio_energy_db, [w for w in local if w[0] < w[1]])
+    planner = _Planner(pause, activity, min_frames, max_frames, max(1, round(min_pause_s * fps)), fps)
+    lo, hi = origin - offset, settled_end - offset
+    spans: list[tuple[int, int]] = []
+    next_origin = settled_end
+    for a, b in ((lo + a, lo + b) for a, b in _runs(face[lo:hi])):
+        if b < hi or settled_end == total_frames:
+            spans += planner.plan_run(a, b)
+            continue
+        cuts = [a, *planner._natural_cuts(a, hi)]  # the run goes on past `hi`: plan up to a firewall
+        firewall = max((j for j in range(1, len(cuts) - 1)
+                        if cuts[j] - cuts[j - 1] >= min_frames and cuts[j + 1] - cuts[j] >= min_frames), default=0)
+        if firewall:
+            pieces = planner._merge(list(itertools.pairwise(cuts[:firewall + 1])))
+            spans += [span for piece in pieces for span in planner._split(*piece)]
+        next_origin = offset + cuts[firewall]
+    segments = [Segment(first_id + i, offset + s, offset + e, float(fps)) for i, (s, e) in enumerate(spans)]
+    return segments, next_origin
+
+
+def _edge(gap: int) -> int:
+    """Frames at each end of a partial view of the signals that may still change when more is known:
+    a face gap of up to ``gap`` frames bridged, a face run under ``gap`` frames dropped, the mouth
+    motion's smoothing."""
+    return 3 * gap + _MOUTH_SMOOTH_FRAMES + 2
 
 
 def _check_len(name: str, arr: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -222,7 +310,8 @@ def _face_mask(n: int, face_present: np.ndarray | None, gap: int) -> np.ndarray:
     return mask
 
 
-def _moving_average(x: np.ndarray, k: int) -> np.ndarray:
+def moving_average(x: np.ndarray, k: int) -> np.ndarray:
+    """``x`` averaged over ``k`` frames centred on each (ends padded with the edge values)."""
     if k <= 1 or x.size == 0:
         return x
     padded = np.pad(x, (k // 2, k - 1 - k // 2), mode="edge")
@@ -230,7 +319,8 @@ def _moving_average(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _cue(
-    x: np.ndarray, face: np.ndarray, rel: float, informative, max_range: float = math.inf
+    x: np.ndarray, face: np.ndarray, rel: float, informative: Callable[[float, float], bool],
+    max_range: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(quiet mask, activity in [0,1]) of one cue from its face-frame percentiles, or None."""
     vals = x[face]
@@ -252,25 +342,31 @@ def _mouth_informative(lo: float, hi: float) -> bool:
 
 
 def _pause_levels(
-    n: int, face: np.ndarray, motion: np.ndarray | None, energy: np.ndarray | None
+    n: int, face: np.ndarray, motion: np.ndarray | None, energy: np.ndarray | None,
+    windows: list[tuple[int, int]],
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Per-frame pause level (fraction of informative cues quiet) and mean activity, or Nones."""
-    cues: list[tuple[np.ndarray, np.ndarray] | None] = []
+    """Per-frame pause level (fraction of the informative cues quiet) and mean activity, the cues
+    calibrated per window (0 and 0 in a window where none is informative), or Nones when no cue is
+    informative anywhere."""
+    signals: list[tuple[np.ndarray, float, Callable[[float, float], bool], float]] = []
     if energy is not None:
         energy = _fit_length(np.asarray(energy, np.float64).reshape(-1), n)
         e = np.nan_to_num(energy.astype(np.float64), nan=_AUDIO_FLOOR_DB, neginf=_AUDIO_FLOOR_DB)
-        e = np.maximum(e, _AUDIO_FLOOR_DB)
-        cues.append(_cue(e, face, _AUDIO_REL_THRESHOLD, _audio_informative, _AUDIO_MAX_RANGE_DB))
+        signals.append((np.maximum(e, _AUDIO_FLOOR_DB), _AUDIO_REL_THRESHOLD, _audio_informative, _AUDIO_MAX_RANGE_DB))
     motion = _check_len("mouth_motion", motion, n)
     if motion is not None:
-        m = _moving_average(np.nan_to_num(motion.astype(np.float64)), _MOUTH_SMOOTH_FRAMES)
-        cues.append(_cue(m, face, _MOUTH_REL_THRESHOLD, _mouth_informative))
-    found = [c for c in cues if c is not None]
-    if not found:
-        return None, None
-    pause = np.mean([q for q, _ in found], axis=0)
-    activity = np.mean([a for _, a in found], axis=0)
-    return pause, activity
+        m = moving_average(np.nan_to_num(motion.astype(np.float64)), _MOUTH_SMOOTH_FRAMES)
+        signals.append((m, _MOUTH_REL_THRESHOLD, _mouth_informative, math.inf))
+    pause, activity = np.zeros(n), np.zeros(n)
+    informative = False
+    for a, b in windows:
+        found = [c for x, rel, useful, max_range in signals
+                 if (c := _cue(x[a:b], face[a:b], rel, useful, max_range)) is not None]
+        if found:
+            informative = True
+            pause[a:b] = np.mean([q for q, _ in found], axis=0)
+            activity[a:b] = np.mean([act for _, act in found], axis=0)
+    return (pause, activity) if informative else (None, None)
 
 
 class _Planner:

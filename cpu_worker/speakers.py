@@ -83,8 +83,8 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
 def sync_score(opening: np.ndarray, energy_db: np.ndarray, valid: np.ndarray) -> float | None:
     """Best Pearson correlation of mouth opening and audio energy over lags -2..+2 frames (None: unusable)."""
     best: float | None = None
-    o = segmentation._moving_average(np.nan_to_num(opening), 3)
-    e = segmentation._moving_average(np.maximum(energy_db, energy_db.max(initial=-120.0) - 50.0), 3)
+    o = segmentation.moving_average(np.nan_to_num(opening), 3)
+    e = segmentation.moving_average(np.maximum(energy_db, energy_db.max(initial=-120.0) - 50.0), 3)
     for lag in range(-SYNC_MAX_LAG, SYNC_MAX_LAG + 1):
         a, b, v = _shift(o, e, valid, lag)
         if v.sum() < 5 or a[v].std() < 1e-6 or b[v].std() < 1e-6:

@@ -265,3 +265,83 @@ def test_chunk_edge_cases() -> None:
     for bad in ((100, 10, 10), (100, 10, 11), (100, 0, 0), (100, 10, -1), (100, 10, 2, 11), (100, 10, 2, 0)):
         with pytest.raises(ValueError):
             plan_chunks(*bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settled segments: the plan's first segments, decided from a prefix of the clip
+# ---------------------------------------------------------------------------------------------
+
+
+def _long_clip(seconds: float, seed: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """(frames, face, energy, motion) of a long talk with face gaps (flicker, short and long)."""
+    n = int(seconds * FPS)
+    short = seed % 2  # odd seeds: utterances under a second among longer ones, many merges
+    energy, motion = signals(n, talk_schedule(seconds, seed, utt=(0.3, 4.0) if short else (2.0, 25.0),
+                                              pause=(0.2, 1.5)), seed)
+    rng = np.random.default_rng(seed)
+    face = np.ones(n, bool)
+    for _ in range(int(seconds / 10)):  # face gaps, many of them near where the known prefix ends
+        a = int(rng.integers(0, n)) if rng.random() < 0.5 else int(rng.integers(1, n // 750 + 1)) * 750 - 30
+        face[max(0, a):a + int(rng.choice([2, 8, 12, 14, 30, 60, 400]))] = False
+    return n, face, energy, motion
+
+
+def _streamed(n: int, face: np.ndarray, energy: np.ndarray | None, motion: np.ndarray | None, step: int,
+              seed: int) -> tuple[list[Segment], list[int]]:
+    """`settled_segments` called as chunks arrive, each time on a window of what is known (from a chunk
+    start before the origin's calibration window); the view's first frames are perturbed as a partial
+    stitch's are. Returns every segment and the count settled before the whole clip was known."""
+    from cpu_worker.segmentation import calibration_windows, settled_segments
+
+    rng = np.random.default_rng(seed)
+    out: list[Segment] = []
+    early: list[int] = []
+    origin = 0
+    windows = calibration_windows(n, FPS)
+    for known in [*range(step, n, step), n]:
+        start = next(a for a, b in windows if origin < b or b == n)
+        offset = max(0, start - int(rng.integers(50, 400)))
+        sl = slice(offset, known)
+        view_motion = None if motion is None else motion[sl].copy()
+        view_face = face[sl].copy()
+        # a partial view's first and last frames may differ from the whole clip's
+        ends = [slice(0, 5)] if offset else []
+        ends += [slice(-5, None)] if known < n else []
+        for end in ends:
+            if view_motion is not None:
+                view_motion[end] = rng.uniform(0, 1, 5)
+            view_face[end] = rng.integers(0, 2, 5).astype(bool)
+        got, origin = settled_segments(n, FPS, offset=offset, origin=origin, first_id=len(out),
+                                       face_present=view_face, mouth_motion=view_motion,
+                                       audio_energy_db=None if energy is None else energy[sl])
+        out += got
+        if known < n:
+            early.append(len(got))
+    return out, early
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_settled_segments_are_the_whole_clip_plan(seed: int) -> None:
+    n, face, energy, motion = _long_clip(300.0 + 40 * seed, seed)
+    whole = plan_segments(n, FPS, face_present=face, mouth_motion=motion, audio_energy_db=energy)
+    streamed, early = _streamed(n, face, energy, motion, step=750, seed=seed)
+    assert streamed == whole
+    assert sum(early) >= len(whole) // 2  # most segments are known before the end
+
+
+def test_settled_segments_without_cues_or_audio() -> None:
+    n, face, energy, motion = _long_clip(200.0, 7)
+    for e, m in ((None, motion), (None, None), (energy, None)):
+        whole = plan_segments(n, FPS, face_present=face, mouth_motion=m, audio_energy_db=e)
+        streamed, _ = _streamed(n, face, e, m, step=600, seed=3)
+        assert streamed == whole
+
+
+def test_calibration_windows_leave_short_clips_as_one() -> None:
+    from cpu_worker.segmentation import calibration_windows
+
+    assert calibration_windows(1500, FPS) == [(0, 1500)]
+    assert calibration_windows(1501, FPS) == [(0, 750), (750, 1501)]
+    assert calibration_windows(0, FPS) == [(0, 0)]
+    windows = calibration_windows(15_000, FPS)
+    assert len(windows) == 10 and windows[-1][1] == 15_000 and all(b - a == 1500 for a, b in windows)
