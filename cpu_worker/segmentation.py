@@ -10,12 +10,13 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
    inside a segment; every face run is segmented on its own.
 2. Pause cues. Each given cue gets an adaptive threshold from its own percentiles over the
    face frames of each calibration window (`calibration_windows`: the clip in balanced windows of
-   at most 60 s, so one window for a clip up to a minute; lo = 2nd, hi = 95th percentile): audio is *silent* below ``lo + 0.35 (hi - lo)`` dB,
-   with lo raised to at least ``hi - 50 dB`` (ignored when ``hi - lo < 10 dB``: no contrast, e.g.
-   all speech or all silence); the mouth is *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame
-   moving average (ignored when ``hi - lo < 0.3 hi``). The pause level of a frame is the
-   fraction of the informative cues that are quiet (0, ½ or 1). Pauses shorter than ~2 % of the
-   face frames in total do not pull the 2nd percentile down and are not found.
+   at most 60 s, so one window for a clip up to a minute; lo = 2nd, hi = 95th percentile): audio
+   is *silent* below ``lo + 0.35 (hi - lo)`` dB, with lo raised to at least ``hi - 50 dB``
+   (ignored when ``hi - lo < 10 dB``: no contrast, e.g. all speech or all silence); the mouth is
+   *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame moving average (ignored when
+   ``hi - lo < 0.3 hi``). The pause level of a frame is the fraction of the informative cues that
+   are quiet (0, ½ or 1). Pauses shorter than ~2 % of the window's face frames in total do not
+   pull the 2nd percentile down and are not found.
 3. Natural cuts. Inside a face run, the middle of every pause where *all* informative cues are
    quiet for at least ``min_pause_s`` (not touching the run's ends) is a cut.
 4. Merge. Pieces shorter than ``min_segment_s`` are merged, shortest first, into their shorter
