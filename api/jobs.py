@@ -39,6 +39,7 @@ def job_view(job: jobs.Job) -> dict[str, Any]:
         "progress": job["progress"],
         "segments_done": job.get("segments_done", 0),
         "segments_total": job.get("segments_total"),
+        "segments_reused": job.get("segments_reused", 0),
         "created_at": _iso(job["created_at"]),
         "started_at": _iso(job.get("started_at")),
         "finished_at": _iso(job.get("finished_at")),

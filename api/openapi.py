@@ -177,7 +177,11 @@ def openapi_spec() -> dict:
                         "type": "array", "items": {"$ref": "#/components/schemas/PartialSegment"},
                         "description": ("until the job succeeds: its segments decoded so far, in segment order "
                                         "(the first ones, up to the first not yet decoded); grows during "
-                                        "inference; the result's `segments` replace it")},
+                                        "inference and, for a clip over a minute, already during preprocessing "
+                                        "(early inference: those carry no `track` yet); the result's "
+                                        "`segments` replace it")},
+                    "segments_reused": {"type": "integer",
+                                        "description": "segments whose early decode inference reused"},
                     "created_at": {"type": "string"}, "started_at": {"type": ["string", "null"]},
                     "finished_at": {"type": ["string", "null"]}, "updated_at": {"type": ["string", "null"]},
                     "result": {"$ref": "#/components/schemas/Result"},

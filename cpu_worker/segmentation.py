@@ -267,6 +267,12 @@ def settled_segments(
     return segments, next_origin
 
 
+def settle_margin(fps: float = FPS, min_gap_s: float = 0.5) -> int:
+    """Frames a partial view must reach past a calibration window's start or end for `settled_segments`
+    to use that window."""
+    return _edge(max(0, round(min_gap_s * fps)))
+
+
 def _edge(gap: int) -> int:
     """Frames at each end of a partial view of the signals that may still change when more is known:
     a face gap of up to ``gap`` frames bridged, a face run under ``gap`` frames dropped, the mouth

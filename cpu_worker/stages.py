@@ -21,7 +21,7 @@ from cpu_worker import segmentation, speakers, url_input
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.landmarks import TrackerConfig
 from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
-from tasks import jobs, storage
+from tasks import early, jobs, storage
 from tasks.errors import JobError, input_not_found, input_too_large
 from tasks.records import (
     FPS,
@@ -146,10 +146,16 @@ def _chunk_frames(plan: InputPlan, start: int, end: int) -> Iterable[np.ndarray]
     return frames_lib.VideoFile(storage.cached_download(obj, plan["bucket"])).window(start, end)
 
 
+def input_plan(job: jobs.Job) -> InputPlan:
+    """What `prepare` planned for the job (`input_plan.json`)."""
+    plan: InputPlan = storage.get_json(work_bucket(), work_key(job["job_id"], INPUT_PLAN))
+    return plan
+
+
 def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
     """Download one chunk's frames and extract its mouth ROIs → `chunks/NNNN.npz`."""
     job_id = job["job_id"]
-    plan: InputPlan = storage.get_json(work_bucket(), work_key(job_id, INPUT_PLAN))
+    plan = input_plan(job)
     chunk = plan["chunks"][chunk_index]
     # A chunk without any face is fine (the clip may have one elsewhere): `assemble` decides.
     roi = extract_mouth_rois(_chunk_frames(plan, chunk["start"], chunk["end"]), fps=FPS, start_frame=chunk["start"],
@@ -184,10 +190,7 @@ def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skippe
         raise NoFrames("no decodable frames in the input")
     if not clip.detected.any():
         raise NoFaceDetected("no face was found in any frame")
-    energy = None
-    if energy_db is not None:
-        energy = np.full(len(clip), energy_db.min(initial=-100.0), np.float32)
-        energy[:min(len(clip), len(energy_db))] = energy_db[:len(clip)]
+    energy = None if energy_db is None else clip_energy(energy_db, len(clip))
     tracks = speakers.face_tracks(clip)
     mode = "hint" if isinstance(speaker, dict) else (speaker or speakers.DEFAULT)
     if (mode == "speaking" and energy is None) or modality == "audio":
@@ -228,6 +231,13 @@ def plan_clip(clip: MouthRoiResult, energy_db: np.ndarray | None, corrupt_skippe
     return {"num_frames": len(clip), "modality": modality, "quality": quality, "segments": spans}, rois
 
 
+def clip_energy(energy_db: np.ndarray, num_frames: int) -> np.ndarray:
+    """The audio's per-frame energy over the clip's frames: cut, or padded with its quietest level."""
+    energy = np.full(num_frames, energy_db.min(initial=-100.0), np.float32)
+    energy[:min(num_frames, len(energy_db))] = energy_db[:num_frames]
+    return energy
+
+
 def _spans(clip: MouthRoiResult, energy: np.ndarray | None, max_segment_s: float,
            face: np.ndarray | None = None) -> list[SegmentSpan]:
     """The segments of one ROI stream (`segmentation.plan_segments` on its face run, motion and the audio)."""
@@ -265,7 +275,7 @@ def assemble(job: jobs.Job, summaries: list[ChunkSummary]) -> SegmentPlan:
     """Stitch the chunks into one clip and plan its segments → `features.npz` (ROIs, audio features)."""
     job_id = job["job_id"]
     bucket = work_bucket()
-    plan: InputPlan = storage.get_json(bucket, work_key(job_id, INPUT_PLAN))
+    plan = input_plan(job)
     chunk_keys = [work_key(job_id, f"chunks/{i:04d}.npz") for i in range(len(plan["chunks"]))]
     clip = stitch_results([MouthRoiResult.from_arrays(storage.get_arrays(bucket, key)) for key in chunk_keys],
                           max_tracks=get_settings().max_faces)
@@ -355,6 +365,7 @@ def finalize(job: jobs.Job, transcript: Transcript) -> dict[str, Any]:
     done = jobs.update(job_id, status=jobs.SUCCEEDED, stage="done", progress=1.0, result=result,
                        result_location=location, finished_at=time.time(), partial_segments=[])
     if done and done["status"] == jobs.SUCCEEDED:
+        early.forget(job_id)
         enqueue_webhook(done)
     return {"job_id": job_id, "status": done and done["status"]}
 

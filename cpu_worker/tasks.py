@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cpu_worker import stages
+from cpu_worker import early, stages
 from tasks import chain, jobs, webhooks
 from tasks.celery_app import app
 from tasks.logs import current_job_id
@@ -24,6 +24,7 @@ def prepare(job: jobs.Job) -> dict[str, int]:
 def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
     summary = stages.preprocess_chunk(job, chunk_index)
     jobs.update(job["job_id"], progress=stages.chunk_progress(job))
+    early.chunk_finished(job, stages.input_plan(job), chunk_index)
     return summary
 
 

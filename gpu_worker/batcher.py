@@ -82,7 +82,13 @@ class Batcher:
     def transcribe(self, *, rois: np.ndarray | None, audio: np.ndarray | None, segments: Sequence[SegmentSpan],
                    modality: str, beam_size: int, on_progress: Progress | None = None) -> list[DecodedSegment]:
         """`Engine.transcribe`, but decoded in batches shared with the other jobs of this process."""
-        items = segment_inputs(rois, audio, segments, modality)
+        return self.decode_items(segment_inputs(rois, audio, segments, modality), modality=modality,
+                                 beam_size=beam_size, on_progress=on_progress)
+
+    def decode_items(self, items: Sequence[SegmentInput], *, modality: str, beam_size: int,
+                     on_progress: Progress | None = None) -> list[DecodedSegment]:
+        """Decode `items` (`engine.segment_inputs`, of `modality`) in batches shared with the other jobs."""
+        items = list(items)
         if not items:
             return []
         with self._cond:

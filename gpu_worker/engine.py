@@ -14,6 +14,7 @@ still runs out of GPU memory is split in halves and retried.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,12 @@ class Engine:
             half = len(items) // 2
             return self._decode(items[:half], beam_size) + self._decode(items[half:], beam_size)
         return [item_hyps[0] for item_hyps in hyps]
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """What makes two decodes of the same inputs equal: the checkpoint (name, size), dtype, device type."""
+        size = self.checkpoint.stat().st_size if self.checkpoint.exists() else -1
+        return f"{self.checkpoint.name}:{size}:{self.model.info['dtype']}:{self.model.device.type}"
 
     def describe(self) -> dict[str, Any]:
         """What `/health` and job results report about the model."""

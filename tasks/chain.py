@@ -2,6 +2,7 @@
 
     prepare (cpu)      list/validate the input in S3, plan chunks, audio features → S3
       └─ chord( preprocess_chunk × N (cpu)   download + mouth ROIs per chunk → S3 )
+      │          └─ infer_early × M (gpu)   the segments the chunks so far settle (`tasks/early.py`)
            └─ assemble (cpu)   stitch chunks, plan segments → S3
                 └─ infer (gpu)    AV-HuBERT on every segment, batched
                      └─ finalize (cpu)   result JSON/SRT/VTT → S3, job succeeded, webhook
@@ -21,10 +22,11 @@ from celery.canvas import Signature
 
 from tasks import jobs
 from tasks.celery_app import app
-from tasks.records import Chunk
+from tasks.records import Chunk, SegmentSpan
 
 PREPARE, PREPROCESS_CHUNK, ASSEMBLE, INFER, FINALIZE = (
     "avsr.prepare", "avsr.preprocess_chunk", "avsr.assemble", "avsr.infer", "avsr.finalize")
+INFER_EARLY = "avsr.infer_early"  # gpu queue: decode settled segments while the rest is preprocessed
 DELIVER_WEBHOOK = "avsr.deliver_webhook"  # cpu queue: one attempt of a finished job's webhook
 STAGE_TASKS = ("prepare", "assemble", "infer", "finalize")
 
@@ -51,6 +53,12 @@ def launch(job_id: str, chunks: list[Chunk]) -> None:
      | _sig(FINALIZE, job_id=job_id, stage="finalize")).apply_async()
 
 
+def infer_early(job_id: str, batch: int, spans: list[SegmentSpan], offset: int) -> None:
+    """Publish early batch `batch`: `spans` (clip frames) over `early/NNNN.npz`, which starts at `offset`."""
+    app.signature(INFER_EARLY, args=(batch, spans, offset, job_id),
+                  task_id=task_id(job_id, f"early.{batch}")).apply_async()
+
+
 def deliver_webhook(job_id: str, attempt: int, countdown: float = 0.0) -> None:
     """Publish attempt `attempt` of the job's webhook delivery (`tasks/webhooks.py`), `countdown` s from now."""
     app.signature(DELIVER_WEBHOOK, args=(job_id, attempt),
@@ -65,5 +73,6 @@ def cancel(job_id: str) -> jobs.Job | None:
         return None
     ids = [task_id(job_id, s) for s in STAGE_TASKS]
     ids += [task_id(job_id, f"chunk.{i}") for i in range(job.get("chunks_total") or 0)]
+    ids += [task_id(job_id, f"early.{i}") for i in range(job.get("early_batches") or 0)]
     app.control.revoke(ids)
     return job

@@ -113,6 +113,12 @@ class Settings:
     batch_linger_ms: float = setting("AVSR_BATCH_LINGER_MS", 25.0, kind=float,
                                      doc="how long the GPU worker waits for other jobs' segments to fill a batch "
                                          "(not when the frame budget is already full); 0 never waits")
+    early_inference: bool = setting("AVSR_EARLY_INFERENCE", True, kind=bool,
+                                    doc="decode a long clip's settled segments while the rest is preprocessed "
+                                        "(results unchanged)")
+    early_wait_s: float = setting("AVSR_EARLY_WAIT_S", 30.0, kind=float,
+                                  doc="how long a job's inference waits for its early decodes still running "
+                                      "(with no progress) before decoding those segments itself")
     max_faces: int = setting("AVSR_MAX_FACES", 4, kind=int,
                              doc="faces followed as face tracks (speaker: center, a hint, speaking, all)")
     chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,
