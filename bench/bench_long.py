@@ -1,13 +1,14 @@
 """A long talk end to end through the running stack: wall time, real-time factor, worker memory.
 
-    python -m bench.bench_long [--seconds 600] [--workers 1 2] [--size base]
+    python -m bench.bench_long [--seconds 600] [--workers 1] [--early 0 1] [--size base]
 
 Writes a synthetic 640x480 talking-face video with audio (`deploy/local/sample_media.py`),
 starts a private stack with a random-weight AV-HuBERT of the official Base (or Large/tiny) size,
-and for each CPU-worker count submits the video as one job (`modality auto` → audio-visual),
-then reports wall time, real-time factor (processing time / clip duration), segments, and the peak
-RSS of every worker process tree (VmHWM from /proc). A run with 1 worker is the baseline for the
-speed-up of 2.
+and for each CPU-worker count and early-inference setting (`AVSR_EARLY_INFERENCE`) submits the video
+as one job (`modality auto` → audio-visual), then reports wall time, real-time factor (processing
+time / clip duration), when the first segment's text was in the job status (`partial_segments`),
+segments (and how many inference reused from early decodes), and the peak RSS of every worker process
+tree. The first run is the baseline of the speed-up (e.g. 1 worker, early inference off).
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ class PeakSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
-def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dict:
+def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early: bool) -> dict:
     config = StackConfig(state_dir=ROOT / "var" / f"bench-long-{workers}", redis_url="redis://127.0.0.1:6379/12",
                          s3_port=25333, weed_base_port=26333, api_port=25000, flower_port=25555,
                          buckets=(BUCKET,), model_path=str(checkpoint), cpu_workers=workers, cpu_concurrency=1,
-                         api_key="bench-key", extra_env={"AVSR_CPU_THREADS": str(max(1, 2 // workers))})
+                         api_key="bench-key", extra_env={"AVSR_CPU_THREADS": str(max(1, 2 // workers)),
+                                                         "AVSR_EARLY_INFERENCE": "1" if early else "0"})
     import redis
 
     redis.Redis.from_url(config.redis_url).flushdb()
@@ -89,11 +91,14 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dic
         started = time.monotonic()
         job_id = requests.post(f"{config.api_url}/v1/jobs", headers=headers, timeout=10,
                                json={"s3_bucket": BUCKET, "s3_key": "long/talk.mp4", "beam_size": 5}).json()["job_id"]
+        first_text: float | None = None
         while True:
             job = requests.get(f"{config.api_url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
+            if first_text is None and (job.get("partial_segments") or job["status"] == "succeeded"):
+                first_text = time.monotonic() - started
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 break
-            time.sleep(1.0)
+            time.sleep(0.5)
         wall = time.monotonic() - started
         sampler.stop.set()
         sampler.join()
@@ -102,7 +107,8 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dic
     if job["status"] != "succeeded":
         raise RuntimeError(f"job failed: {job.get('error')}")
     result = job["result"]
-    return {"workers": workers, "wall_s": wall, "rtf": wall / seconds, "segments": len(result["segments"]),
+    return {"workers": workers, "early": early, "wall_s": wall, "rtf": wall / seconds, "first_text_s": first_text,
+            "segments": len(result["segments"]), "reused": job.get("segments_reused", 0), "text": result["text"],
             "frames": result["num_frames"], "timings": result["timings"],
             "peak_rss_mib": {k: round(v / 1024) for k, v in sampler.peak.items()}}
 
@@ -110,7 +116,9 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path) -> dic
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600.0)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--early", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                        help="early inference off (0) and/or on (1), each with every worker count")
     parser.add_argument("--size", default="base", choices=["tiny", "base", "large"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,16 +131,17 @@ def main() -> int:
               f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, "
               f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
               flush=True)
-        runs = [run_once(video, args.seconds, w, checkpoint) for w in args.workers]
-    print(f"{'cpu workers':>11}{'wall s':>9}{'RTF':>7}{'segments':>10}  stage seconds (summed over tasks)"
-          "                 peak RSS MiB")
+        runs = [run_once(video, args.seconds, w, checkpoint, bool(e)) for w in args.workers for e in args.early]
+    print(f"{'cpu workers':>11}{'early':>6}{'wall s':>9}{'RTF':>7}{'first text s':>13}{'segments':>9}{'reused':>7}"
+          "  stage seconds (summed over tasks)                 peak RSS MiB")
     for r in runs:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
-        print(f"{r['workers']:>11}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}{r['segments']:>10}  {stages:<48} "
-              f"{r['peak_rss_mib']}")
-    if len(runs) > 1:
-        print(f"speed-up {runs[-1]['workers']} vs {runs[0]['workers']} CPU workers: "
-              f"{runs[0]['wall_s'] / runs[-1]['wall_s']:.2f}x")
+        print(f"{r['workers']:>11}{'on' if r['early'] else 'off':>6}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}"
+              f"{r['first_text_s']:>13.1f}{r['segments']:>9}{r['reused']:>7}  {stages:<48} {r['peak_rss_mib']}")
+    for r in runs[1:]:
+        print(f"{r['workers']} CPU workers, early {'on' if r['early'] else 'off'} vs the first run: wall "
+              f"{runs[0]['wall_s'] / r['wall_s']:.2f}x, first text {runs[0]['first_text_s'] / r['first_text_s']:.2f}x "
+              f"sooner; same text: {r['text'] == runs[0]['text']}")
     return 0
 
 

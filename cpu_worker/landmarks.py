@@ -26,7 +26,7 @@ import importlib.util
 import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -385,22 +385,9 @@ class TrackLinker:
 
     def link(self, candidates: list[Track]) -> dict[int, Track]:
         """The candidates of one period by track id (candidates without a face, or past the cap, left out)."""
-        pairs = []
-        for c, cand in enumerate(candidates):
-            if cand.first_box is None:
-                continue
-            cx, cy = _centre(cand.first_box)
-            size = max(cand.first_box[2] - cand.first_box[0], cand.first_box[3] - cand.first_box[1])
-            for tid, box in self.last.items():
-                d = float(np.hypot(_centre(box)[0] - cx, _centre(box)[1] - cy))
-                if d < 0.5 * size:
-                    pairs.append((d, c, tid))
-        linked: dict[int, Track] = {}
-        used: set[int] = set()
-        for _, c, tid in sorted(pairs):
-            if c not in used and tid not in linked:
-                linked[tid] = candidates[c]
-                used.add(c)
+        matched = nearest_tracks([cand.first_box for cand in candidates], self.last)
+        linked = {tid: candidates[c] for c, tid in matched.items()}
+        used = set(matched)
         for c, cand in enumerate(candidates):
             if cand.first_box is None or c in used:
                 continue
@@ -414,6 +401,28 @@ class TrackLinker:
         for tid, cand in linked.items():
             self.last[tid] = cand.last_box or cand.first_box or self.last[tid]
         return linked
+
+
+def nearest_tracks(boxes: Sequence[Box | None], last: Mapping[int, Box | None]) -> dict[int, int]:
+    """Which track each new face box continues, ``{box index: track id}``: one to one, nearest centres
+    first, only where the centres are less than half the new face apart (the rule for linking faces
+    across reset periods and across chunk boundaries)."""
+    pairs = []
+    for c, box in enumerate(boxes):
+        if box is None:
+            continue
+        cx, cy = _centre(box)
+        size = max(box[2] - box[0], box[3] - box[1])
+        for tid, seen in last.items():
+            if seen is not None:
+                d = float(np.hypot(_centre(seen)[0] - cx, _centre(seen)[1] - cy))
+                if d < 0.5 * size:
+                    pairs.append((d, c, tid))
+    matched: dict[int, int] = {}
+    for _, c, tid in sorted(pairs):
+        if c not in matched and tid not in matched.values():
+            matched[c] = tid
+    return matched
 
 
 def _same_face(a: Track, b: Track) -> bool:

@@ -31,6 +31,7 @@ from cpu_worker.landmarks import (
     TrackerConfig,
     TrackLinker,
     last_resort_detect,
+    nearest_tracks,
     select_track,
     track_block,
 )
@@ -481,20 +482,7 @@ def _link_chunk_tracks(parts: Sequence[MouthRoiResult], keep: Sequence[tuple[int
     for p, (part, (s, e)) in enumerate(zip(parts, keep, strict=True)):
         lo, hi = s - part.start_frame, e - part.start_frame
         firsts = [_box_at(t, range(lo, hi)) for t in part.tracks]
-        pairs = []
-        for local, box in enumerate(firsts):
-            if box is None:
-                continue
-            size = max(box[2] - box[0], box[3] - box[1])
-            for g, seen in enumerate(last_box):
-                if seen is not None:
-                    d = float(np.hypot(box[0] + box[2] - seen[0] - seen[2], box[1] + box[3] - seen[1] - seen[3])) / 2
-                    if d < 0.5 * size:
-                        pairs.append((d, local, g))
-        taken: dict[int, int] = {}  # local -> clip track
-        for _, local, g in sorted(pairs):
-            if local not in taken and g not in taken.values():
-                taken[local] = g
+        taken = nearest_tracks(firsts, dict(enumerate(last_box)))  # local -> clip track
         for local, box in enumerate(firsts):
             if box is not None and local not in taken and len(clip_tracks) < max_tracks:
                 taken[local] = len(clip_tracks)
