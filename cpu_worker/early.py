@@ -12,12 +12,10 @@ frames as the whole clip's stitch from that chunk's first kept frame), and
 from __future__ import annotations
 
 import logging
-import math
 
 from cpu_worker import segmentation, speakers
-from cpu_worker.landmarks import TrackerConfig
-from cpu_worker.mouth_roi import MouthRoiResult, stitch_results
-from cpu_worker.stages import clip_energy
+from cpu_worker.mouth_roi import MouthRoiResult, stitch_boundary, stitch_results
+from cpu_worker.stages import clip_energy, input_plan
 from tasks import chain, early, jobs, storage
 from tasks.records import FPS, InputPlan, SegmentSpan
 from tasks.settings import get_settings
@@ -26,20 +24,22 @@ from tasks.storage import work_bucket, work_key
 log = logging.getLogger(__name__)
 
 
-def wanted(job: jobs.Job, plan: InputPlan) -> bool:
-    """Whether the job's inference can start before its preprocessing ends."""
+def wanted(job: jobs.Job) -> bool:
+    """Whether the job's inference can start before its preprocessing ends (from what `prepare` recorded)."""
     return (get_settings().early_inference and (job["request"].get("speaker") or speakers.DEFAULT) == speakers.DEFAULT
-            and len(plan["chunks"]) > 1 and len(segmentation.calibration_windows(plan["num_frames"], FPS)) > 1)
+            and (job.get("chunks_total") or 0) > 1
+            and len(segmentation.calibration_windows(job.get("num_frames") or 0, FPS)) > 1)
 
 
-def chunk_finished(job: jobs.Job, plan: InputPlan, chunk_index: int) -> int:
+def chunk_finished(job: jobs.Job, chunk_index: int) -> int:
     """Chunk `chunk_index` is stored: publish what the chunks done so far settle; returns the segments
     published. Never raises: early inference only saves time, `assemble` and `infer` do the work anyway."""
-    if not wanted(job, plan):
+    if not wanted(job):
         return 0
     job_id = job["job_id"]
     published = 0
     try:
+        plan = input_plan(job)
         with early.publisher_lock(job_id) as taken:
             # Not taken: the holder re-reads the chunks done before it lets go, so it sees this one.
             prefix = early.chunk_done(job_id, chunk_index)
@@ -56,8 +56,7 @@ def chunk_finished(job: jobs.Job, plan: InputPlan, chunk_index: int) -> int:
 
 def _split(plan: InputPlan, k: int) -> int:
     """The first frame `stitch_results` keeps of chunk `k` (where chunk k-1's frames stop)."""
-    block = TrackerConfig().block
-    return 0 if k == 0 else math.ceil(plan["chunks"][k]["start"] / block) * block
+    return 0 if k == 0 else stitch_boundary(plan["chunks"][k]["start"])
 
 
 def _publish(job: jobs.Job, plan: InputPlan, state: early.EarlyState, prefix: int) -> int:

@@ -398,7 +398,7 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None,
     begin = parts[0].start_frame
     for a, b in itertools.pairwise(parts):
         a_end = a.start_frame + len(a)
-        split = math.ceil(b.start_frame / block) * block
+        split = stitch_boundary(b.start_frame, block)
         if split > a_end - _TAIL or b.start_frame < begin:
             raise ValueError(
                 f"chunks starting at {a.start_frame} and {b.start_frame} overlap too little "
@@ -427,6 +427,13 @@ def stitch_results(results: Sequence[MouthRoiResult], block: int | None = None,
     cap = max_tracks or TrackerConfig().max_faces
     clip.tracks = [_join(pieces, keep) for pieces in _link_chunk_tracks(parts, keep, cap)]
     return clip
+
+
+def stitch_boundary(chunk_start: int, block: int | None = None) -> int:
+    """Where `stitch_results` starts keeping a later chunk that starts at ``chunk_start``: its first
+    tracker reset (multiple of ``block``)."""
+    block = block or TrackerConfig().block
+    return math.ceil(chunk_start / block) * block
 
 
 def _join(parts: Sequence[MouthRoiResult], keep: Sequence[tuple[int, int]]) -> MouthRoiResult:

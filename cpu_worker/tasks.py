@@ -24,7 +24,7 @@ def prepare(job: jobs.Job) -> dict[str, int]:
 def preprocess_chunk(job: jobs.Job, chunk_index: int) -> ChunkSummary:
     summary = stages.preprocess_chunk(job, chunk_index)
     jobs.update(job["job_id"], progress=stages.chunk_progress(job))
-    early.chunk_finished(job, stages.input_plan(job), chunk_index)
+    early.chunk_finished(job, chunk_index)
     return summary
 
 
