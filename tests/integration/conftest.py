@@ -21,6 +21,7 @@ import redis
 import requests
 
 from deploy.local.stack import Stack, StackConfig
+from tasks.settings import get_settings
 from tests.conftest import REFERENCE, ROOT, reference_face_frames
 
 CHECKPOINT = REFERENCE / "checkpoints" / "finetune_s2s.pt"
@@ -47,6 +48,20 @@ def _unavailable(reason: str):
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"integration service unavailable in CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture
+def scratch_redis(monkeypatch):
+    """The scratch DB, emptied, as the project's Redis (`AVSR_REDIS_URL`); yields `monkeypatch` for
+    further settings (the settings cache is cleared before and after)."""
+    try:
+        redis.Redis.from_url(SCRATCH_REDIS_URL, socket_connect_timeout=2).flushdb()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis at {SCRATCH_REDIS_URL}: {exc}")
+    monkeypatch.setenv("AVSR_REDIS_URL", SCRATCH_REDIS_URL)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import redis
 
 from gpu_worker import tasks as gpu_tasks
 from gpu_worker.batcher import Batcher
@@ -17,8 +16,6 @@ from gpu_worker.engine import Engine, segment_inputs
 from tasks import early
 from tasks.settings import get_settings
 from tests.conftest import REFERENCE
-
-from .conftest import SCRATCH_REDIS_URL, _unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +25,8 @@ SPANS = [{"id": 0, "start_frame": 0, "end_frame": 25}, {"id": 1, "start_frame": 
 
 
 @pytest.fixture(autouse=True)
-def scratch_redis(monkeypatch):
-    try:
-        redis.Redis.from_url(SCRATCH_REDIS_URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError as exc:
-        _unavailable(f"Redis at {SCRATCH_REDIS_URL}: {exc}")
-    monkeypatch.setenv("AVSR_REDIS_URL", SCRATCH_REDIS_URL)
-    monkeypatch.setenv("AVSR_EARLY_WAIT_S", "1.5")
-    get_settings.cache_clear()
-    yield
+def early_store(scratch_redis):
+    scratch_redis.setenv("AVSR_EARLY_WAIT_S", "1.5")
     get_settings.cache_clear()
 
 

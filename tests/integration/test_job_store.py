@@ -5,28 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-import redis
 
 from tasks import jobs
-from tasks.settings import get_settings
 
-from .conftest import SCRATCH_REDIS_URL, _unavailable
-
-pytestmark = pytest.mark.integration
-
-URL = SCRATCH_REDIS_URL
-
-
-@pytest.fixture(autouse=True)
-def job_redis(monkeypatch):
-    try:
-        redis.Redis.from_url(URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError as exc:
-        _unavailable(f"Redis at {URL}: {exc}")
-    monkeypatch.setenv("AVSR_REDIS_URL", URL)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("scratch_redis")]
 
 
 def test_lifecycle_and_terminal_states_are_final():

@@ -41,7 +41,9 @@ FORBIDDEN = {
 
 
 def _pip(venv: Path, *args: str) -> None:
-    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+    # --no-compile: byte-compiling every installed module (torch's thousands) is most of pip's time;
+    # the processes compile what they import
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile",
                              "--disable-pip-version-check", *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"pip install {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
 

@@ -5,31 +5,19 @@ from __future__ import annotations
 import base64
 
 import pytest
-import redis
 from standardwebhooks import Webhook
 
 from tasks import jobs, webhooks
 from tasks.settings import get_settings
 
-from .conftest import SCRATCH_REDIS_URL, _unavailable
-
 pytestmark = pytest.mark.integration
 
-URL = SCRATCH_REDIS_URL
-
-
 @pytest.fixture
-def scratch(monkeypatch):
-    try:
-        redis.Redis.from_url(URL, socket_connect_timeout=2).flushdb()
-    except redis.RedisError as exc:
-        _unavailable(f"Redis at {URL}: {exc}")
-    monkeypatch.setenv("AVSR_REDIS_URL", URL)
-    monkeypatch.setenv("AVSR_CALLBACK_SECRET", "s3cret")
-    monkeypatch.setenv("AVSR_WEBHOOK_MAX_ATTEMPTS", "3")
+def scratch(scratch_redis):
+    scratch_redis.setenv("AVSR_CALLBACK_SECRET", "s3cret")
+    scratch_redis.setenv("AVSR_WEBHOOK_MAX_ATTEMPTS", "3")
     get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
+    return scratch_redis
 
 
 def finished_job(url: str) -> dict:
