@@ -188,7 +188,8 @@ class Stack:
         argv = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={base}", f"-volume.port={base + 1}", "-filer", f"-filer.port={base + 2}",
                 "-s3", f"-s3.port={self.config.s3_port}", f"-s3.config={s3_config}", "-s3.port.iceberg=0",
-                "-s3.port.lance=0", "-metricsPort=0", "-master.volumeSizeLimitMB=128", "-volume.max=50"]
+                "-s3.port.lance=0", "-metricsPort=0", "-master.volumeSizeLimitMB=128", "-volume.max=50",
+                "-volume.preStopSeconds=0"]  # one local volume server: no peers to tell (else 10 s+ to stop)
         proc = self._spawn("weed", argv)
         _wait(self._make_buckets, "SeaweedFS S3", 90, proc, self.logs / "weed.log")
 
@@ -255,7 +256,7 @@ class Stack:
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every service (workers finish their task: warm shutdown), then SIGKILL laggards.
 
-        `weed` ignores SIGTERM for a while; it is stopped by pid and waited for like the rest.
+        `weed` is stopped by pid and waited for like the rest.
         """
         stop_pids(self.pids, timeout)
         self.pids.clear()
@@ -284,21 +285,31 @@ def _alive(pid: int) -> bool:
         return True
 
 
+WEED_GRACE_S = 3.0
+
+
 def stop_pids(pids: dict[str, int], timeout: float) -> None:
-    """Stop the front (Flower, API) first, then the workers, then the stores they use (S3, Redis)."""
-    order = ["flower", "api", *[n for n in pids if n not in ("flower", "api", "weed", "redis")], "weed", "redis"]
-    for name in order:
+    """Stop the front (Flower, API) and the workers first (SIGTERM: a worker finishes its task in hand, with
+    S3 and Redis still up), then the stores they use (S3, Redis); SIGKILL whatever outlives its grace."""
+    stores = ("weed", "redis")
+    _stop_group(pids, ["flower", "api", *[n for n in pids if n not in ("flower", "api", *stores)]], timeout)
+    # weed's filer waits 15 s for the S3 gateway's own metadata stream to close before it forces its
+    # stop; what it has written is on disk by then, so a few seconds' grace is enough
+    _stop_group(pids, ["weed"], min(timeout, WEED_GRACE_S))
+    _stop_group(pids, ["redis"], timeout)
+
+
+def _stop_group(pids: dict[str, int], names: list[str], timeout: float) -> None:
+    for name in names:
         pid = pids.get(name)
         if pid and _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
     deadline = time.monotonic() + timeout
-    for name in order:
+    for name in names:
         pid = pids.get(name)
         while pid and _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
         if pid and _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
