@@ -177,7 +177,7 @@ def openapi_spec() -> dict:
                         "type": "array", "items": {"$ref": "#/components/schemas/PartialSegment"},
                         "description": ("until the job succeeds: its segments decoded so far, in segment order "
                                         "(the first ones, up to the first not yet decoded); grows during "
-                                        "inference and, for a clip over a minute, already during preprocessing "
+                                        "inference and, for a clip over 56 s, already during preprocessing "
                                         "(early inference: those carry no `track` yet); the result's "
                                         "`segments` replace it")},
                     "segments_reused": {"type": "integer",

@@ -1,6 +1,6 @@
 """A long talk end to end through the running stack: wall time, real-time factor, worker memory.
 
-    python -m bench.bench_long [--seconds 600] [--workers 1] [--early 0 1] [--size base]
+    python -m bench.bench_long [--seconds 600] [--workers 1] [--early 0 1] [--size base] [--until-first-text]
 
 Writes a synthetic 640x480 talking-face video with audio (`deploy/local/sample_media.py`),
 starts a private stack with a random-weight AV-HuBERT of the official Base (or Large/tiny) size,
@@ -9,6 +9,8 @@ as one job (`modality auto` → audio-visual), then reports wall time, real-time
 time / clip duration), when the first segment's text was in the job status (`partial_segments`),
 segments (and how many inference reused from early decodes), and the peak RSS of every worker process
 tree. The first run is the baseline of the speed-up (e.g. 1 worker, early inference off).
+`--until-first-text` cancels each job once its first text is in the status and reports only that time
+(the latency a client sees on a long clip, without waiting for the whole run).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class PeakSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
-def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early: bool) -> dict:
+def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early: bool,
+             until_first_text: bool = False) -> dict:
     config = StackConfig(state_dir=ROOT / "var" / f"bench-long-{workers}", redis_url="redis://127.0.0.1:6379/12",
                          s3_port=25333, weed_base_port=26333, api_port=25000, flower_port=25555,
                          buckets=(BUCKET,), model_path=str(checkpoint), cpu_workers=workers, cpu_concurrency=1,
@@ -96,6 +99,9 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early:
             job = requests.get(f"{config.api_url}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
             if first_text is None and (job.get("partial_segments") or job["status"] == "succeeded"):
                 first_text = time.monotonic() - started
+                if until_first_text and job["status"] != "succeeded":
+                    requests.delete(f"{config.api_url}/v1/jobs/{job_id}", headers=headers, timeout=10)
+                    job = {**job, "status": "cancelled"}
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(0.5)
@@ -104,6 +110,9 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early:
         sampler.join()
     finally:
         stack.stop()
+    if until_first_text and first_text is not None:
+        return {"workers": workers, "early": early, "first_text_s": first_text,
+                "first_segments": job.get("partial_segments", [])}
     if job["status"] != "succeeded":
         raise RuntimeError(f"job failed: {job.get('error')}")
     result = job["result"]
@@ -120,6 +129,8 @@ def main() -> int:
     parser.add_argument("--early", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                         help="early inference off (0) and/or on (1), each with every worker count")
     parser.add_argument("--size", default="base", choices=["tiny", "base", "large"])
+    parser.add_argument("--until-first-text", action="store_true",
+                        help="cancel each job once its first text is in the status; report only that time")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / f"avhubert-random-{args.size}.pt"
@@ -131,7 +142,15 @@ def main() -> int:
               f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, "
               f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
               flush=True)
-        runs = [run_once(video, args.seconds, w, checkpoint, bool(e)) for w in args.workers for e in args.early]
+        runs = [run_once(video, args.seconds, w, checkpoint, bool(e), args.until_first_text)
+                for w in args.workers for e in args.early]
+    if args.until_first_text:
+        for r in runs:
+            shown = r["first_segments"][:1]
+            print(f"{r['workers']} CPU workers, early {'on' if r['early'] else 'off'}: first text in the status "
+                  f"{r['first_text_s']:.1f} s after submit ({len(r['first_segments'])} segments then; first: "
+                  f"{shown[0]['start'] if shown else '-'}-{shown[0]['end'] if shown else '-'} s)")
+        return 0
     print(f"{'cpu workers':>11}{'early':>6}{'wall s':>9}{'RTF':>7}{'first text s':>13}{'segments':>9}{'reused':>7}"
           "  stage seconds (summed over tasks)                 peak RSS MiB")
     for r in runs:

@@ -2,7 +2,7 @@
 chunks preprocessed so far already settle, so the GPU decodes them while the rest is preprocessed.
 
 Only for the default speaker (`largest`, whose ROIs do not depend on the rest of the clip) and clips
-of more than one calibration window (60 s; a shorter clip's plan needs all of it). Chunks that finish
+of more than one calibration window (56 s; a shorter clip's plan needs all of it). Chunks that finish
 out of order wait for their predecessors: the chunks from the first that are all done are stitched
 (from the chunk before the planning origin's calibration window on; `stitch_results` gives the same
 frames as the whole clip's stitch from that chunk's first kept frame), and

@@ -10,7 +10,7 @@ Segmentation algorithm (`plan_segments`), all in frames of the source clip, dete
    inside a segment; every face run is segmented on its own.
 2. Pause cues. Each given cue gets an adaptive threshold from its own percentiles over the
    face frames of each calibration window (`calibration_windows`: the clip in balanced windows of
-   at most 60 s, so one window for a clip up to a minute; lo = 2nd, hi = 95th percentile): audio
+   at most 56 s, so one window for a clip up to 56 s; lo = 2nd, hi = 95th percentile): audio
    is *silent* below ``lo + 0.35 (hi - lo)`` dB, with lo raised to at least ``hi - 50 dB``
    (ignored when ``hi - lo < 10 dB``: no contrast, e.g. all speech or all silence); the mouth is
    *still* below ``lo + 0.3 (hi - lo)`` of its 5-frame moving average (ignored when
@@ -60,7 +60,10 @@ _MOUTH_SMOOTH_FRAMES = 5
 _FORCED_PAUSE_MIN_FRAMES = 3
 _HARD_CUT_SEARCH_S = 0.5
 _MOTION_BLOCK = 1024  # frames per block in mouth_motion (bounds float memory)
-CALIBRATION_S = 60.0  # pause thresholds are percentiles per window of at most this long
+# Pause thresholds are percentiles per window of at most this long. Under a minute so that two default
+# chunks (750 frames each) settle the first window: it must end `settle_margin` (43 frames) before the
+# second chunk's stitch boundary (frame 1488), so the first text is published after two chunks, not three.
+CALIBRATION_S = 56.0
 
 
 @dataclass(frozen=True)

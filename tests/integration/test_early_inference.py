@@ -1,4 +1,4 @@
-"""Inference overlapping preprocessing (`tasks/early.py`): a clip over a minute is decoded while it is
+"""Inference overlapping preprocessing (`tasks/early.py`): a clip over 56 s is decoded while it is
 still being preprocessed, and its result, SRT and VTT are the one-piece result's."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from .test_pipeline import in_process, work_arrays
 
 @pytest.fixture(scope="module")
 def long_talk(s3, tmp_path_factory):
-    """61 s of talking face with its voice: 1525 frames, two calibration windows, 16 chunks on the stack."""
+    """58 s of talking face with its voice: 1450 frames, two calibration windows, 15 chunks on the stack."""
     from deploy.local.sample_media import write_face_video
 
     path = tmp_path_factory.mktemp("early") / "talk.mp4"
-    write_face_video(path, seconds=61.0, with_audio=True, seed=21)
+    write_face_video(path, seconds=58.0, with_audio=True, seed=21)
     s3.upload_file(str(path), INPUT_BUCKET, "videos/early-talk.mp4")
     return path
 

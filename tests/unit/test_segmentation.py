@@ -340,8 +340,22 @@ def test_settled_segments_without_cues_or_audio() -> None:
 def test_calibration_windows_leave_short_clips_as_one() -> None:
     from cpu_worker.segmentation import calibration_windows
 
-    assert calibration_windows(1500, FPS) == [(0, 1500)]
-    assert calibration_windows(1501, FPS) == [(0, 750), (750, 1501)]
+    assert calibration_windows(1400, FPS) == [(0, 1400)]
+    assert calibration_windows(1401, FPS) == [(0, 700), (700, 1401)]
     assert calibration_windows(0, FPS) == [(0, 0)]
     windows = calibration_windows(15_000, FPS)
-    assert len(windows) == 10 and windows[-1][1] == 15_000 and all(b - a == 1500 for a, b in windows)
+    assert len(windows) == 11 and windows[-1][1] == 15_000 and all(1363 <= b - a <= 1364 for a, b in windows)
+
+
+@pytest.mark.parametrize("n", [1401, 1500, 2250, 3001, 15_000, 90_001])
+def test_two_default_chunks_settle_the_first_calibration_window(n: int) -> None:
+    """The first early batch can be published after two chunks of the default size: what they stitch
+    reaches past the first window by the settle margin."""
+    from cpu_worker.mouth_roi import stitch_boundary
+    from cpu_worker.segmentation import calibration_windows, settle_margin
+    from cpu_worker.stages import CHUNK_OVERLAP
+    from tasks.settings import Settings
+
+    chunks = plan_chunks(n, Settings().chunk_frames, CHUNK_OVERLAP)
+    known = stitch_boundary(chunks[2].start) if len(chunks) > 2 else n
+    assert calibration_windows(n, FPS)[0][1] + settle_margin(FPS) <= known
