@@ -276,6 +276,12 @@ def _tracked(stream: Iterable[np.ndarray], start_frame: int, cfg: TrackerConfig,
                 yield first + k, gray, lm, by_track[k]
 
 
+def tracking_threads(workers: int | None = None) -> int:
+    """The threads `extract_mouth_rois` tracks blocks on, each with its own dlib model set:
+    ``workers``, or up to 2 by default."""
+    return max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+
+
 def extract_mouth_rois(
     frames: np.ndarray | Iterable[np.ndarray],
     fps: float = FPS,
@@ -301,7 +307,7 @@ def extract_mouth_rois(
     """
     t0 = time.perf_counter()
     cfg = config or TrackerConfig()
-    n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+    n_workers = tracking_threads(workers)
     stream: Iterable[np.ndarray] = frames
     if abs(fps - FPS) > 1e-6:
         stream = resample_timed(((i / fps, f) for i, f in enumerate(frames)), FPS)

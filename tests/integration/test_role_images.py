@@ -177,6 +177,8 @@ def test_cpu_worker_reaches_ready_on_its_queue(venvs, role_redis, tmp_path):
         worker.wait_for(lambda: _beat(role_redis, hostname) is not None, "CPU worker heartbeat", 90)
         banner = worker.log.read_text()
         assert "avsr.preprocess_chunk" in banner and "avsr.infer" not in banner, banner[-2000:]
+        # the dlib model files are in the image, loaded before the pool forks (not by the first task)
+        assert 0 <= banner.find("dlib models loaded") < banner.find(" ready."), banner[-2000:]
         assert _beat(role_redis, hostname)["role"] == "cpu"
 
 
