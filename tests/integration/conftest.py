@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import pytest
@@ -64,9 +65,26 @@ def scratch_redis(monkeypatch):
     get_settings.cache_clear()
 
 
+PORT_SPAN = 1333 + 2 + 10_000 + 1  # the highest port the stack uses: weed's filer gRPC, above PORT_BASE
+
+
+def _check_port_base() -> None:
+    """The stack's ports must stay out of the kernel's ephemeral range, where any outgoing connection
+    may already hold one."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return
+    first, last = PORT_BASE, PORT_BASE + PORT_SPAN
+    if first <= high and low <= last:
+        pytest.exit(f"AVSR_TEST_PORT_BASE={first} puts the stack's ports ({first}-{last}) in the ephemeral port "
+                    f"range {low}-{high}; choose a base below {low - PORT_SPAN}", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def stack():
     """The running stack (config in `stack.config`); stopped at the end of the session."""
+    _check_port_base()
     state_dir = ROOT / "var" / "test-stack"
     shutil.rmtree(state_dir, ignore_errors=True)
     with contextlib.suppress(redis.RedisError):  # Stack starts a private redis-server if none answers
