@@ -62,7 +62,8 @@ _HARD_CUT_SEARCH_S = 0.5
 _MOTION_BLOCK = 1024  # frames per block in mouth_motion (bounds float memory)
 # Pause thresholds are percentiles per window of at most this long. Under a minute so that two default
 # chunks (750 frames each) settle the first window: it must end `settle_margin` (43 frames) before the
-# second chunk's stitch boundary (frame 1488), so the first text is published after two chunks, not three.
+# second chunk's stitch boundary (frame 1488), so the first text is published after two chunks, not three
+# (for 98 % of clip lengths; where the balanced chunks are much shorter than 750 frames, after three).
 CALIBRATION_S = 56.0
 
 
