@@ -254,10 +254,8 @@ class Stack:
 
     # -- stop ----------------------------------------------------------------------------
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM every service (workers finish their task: warm shutdown), then SIGKILL laggards.
-
-        `weed` is stopped by pid and waited for like the rest.
-        """
+        """Stop every service in order (`stop_pids`): workers finish their task (warm shutdown) while
+        S3 and Redis are still up; SIGKILL for whatever outlives its grace."""
         stop_pids(self.pids, timeout)
         self.pids.clear()
         self._save()
