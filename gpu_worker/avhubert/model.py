@@ -319,10 +319,12 @@ class ConvPositionalEmbedding(nn.Module):
         self.trim = 1 if kernel % 2 == 0 else 0
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x.transpose(1, 2))
+        """``[B, T, D]`` -> ``[B, T, D]``, computed in the dtype of the weights (fp32 in the CPU
+        ``bf16`` mode), returned in the input's dtype."""
+        y = self.conv(x.transpose(1, 2).to(self.conv.weight.dtype))
         if self.trim:
             y = y[:, :, : -self.trim]
-        return F.gelu(y).transpose(1, 2)
+        return F.gelu(y).transpose(1, 2).to(x.dtype)
 
 
 class FeedForward(nn.Module):

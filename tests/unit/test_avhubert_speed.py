@@ -102,6 +102,8 @@ def test_reduced_precision_deviation_is_bounded(fp32_outputs, inputs, outputs, p
     if precision == "bf16":
         assert model.network.decoder.embed_tokens.weight.dtype == torch.bfloat16
         assert model.network.encoder.video_frontend.backbone.stem_conv.weight.dtype == torch.float32
+        # oneDNN's bf16 grouped conv on AMX is wrong for few channels per group (this model: 6)
+        assert model.network.encoder.transformer.pos_conv.conv.weight.dtype == torch.float32
     else:
         assert ".quantized." in type(model.network.decoder.layers[0].feed_forward.fc1).__module__
     enc_err, lp_err, agreement = _deviation(model, fp32_outputs, inputs, outputs)
