@@ -286,6 +286,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN then runs bf16 convolutions on them, faster than fp32)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x
+    return bool(probe()) if probe is not None else False
+
+
 def load_model(
     checkpoint: str | Path,
     spm_path: str | Path | None = None,
@@ -303,7 +309,7 @@ def load_model(
     ``dtype`` (default None = ``"fp32"``, the reference precision): on CUDA ``"fp16"``/``"bf16"``
     run the network under autocast (weights stay fp32). On CPU, opt-in reduced precision:
     ``"bf16"`` stores the weights in bfloat16 and computes in it (AVX512-BF16/AMX), except the
-    ResNet front end and the positional convolution, which stay fp32;
+    positional convolution, and on a CPU without AMX the ResNet front end, which stay fp32;
     log-probabilities, scores and returned features are float32; ``"int8"`` replaces every
     Linear by a dynamically quantised int8 one (``torch.ao.quantization.quantize_dynamic``,
     per-tensor weights, activations quantised per call; convolutions stay fp32). Both change the
@@ -351,9 +357,10 @@ def load_model(
             # 12 in the tiny fixture model: relative error about 1); the positional conv stays fp32
             if isinstance(module, ConvPositionalEmbedding):
                 module.float()
-        backbone = network.encoder.video_frontend.backbone
-        assert backbone is not None  # the video front end always has its ResNet
-        backbone.float()  # the ResNet stays fp32 (faster on CPU)
+        if not cpu_has_amx():
+            backbone = network.encoder.video_frontend.backbone
+            assert backbone is not None  # the video front end always has its ResNet
+            backbone.float()  # without AMX, bf16 convolutions are slower than fp32 ones
     network.prepare_for_inference()
     if precision == "int8":
         network.quantize_linear_int8()
