@@ -1,14 +1,16 @@
 """A long talk end to end through the running stack: wall time, real-time factor, worker memory.
 
-    python -m bench.bench_long [--seconds 600] [--workers 1] [--early 0 1] [--size base] [--until-first-text]
+    python -m bench.bench_long [--seconds 600] [--workers 1] [--early 0 1] [--size base] [--precision fp32]
+                               [--until-first-text]
 
 Writes a synthetic 640x480 talking-face video with audio (`deploy/local/sample_media.py`),
 starts a private stack with a random-weight AV-HuBERT of the official Base (or Large/tiny) size,
-and for each CPU-worker count and early-inference setting (`AVSR_EARLY_INFERENCE`) submits the video
+and for each precision (`AVSR_PRECISION`: fp32, or the opt-in CPU int8/bf16), CPU-worker count and
+early-inference setting (`AVSR_EARLY_INFERENCE`) submits the video
 as one job (`modality auto` → audio-visual), then reports wall time, real-time factor (processing
 time / clip duration), when the first segment's text was in the job status (`partial_segments`),
 segments (and how many inference reused from early decodes), and the peak RSS of every worker process
-tree. The first run is the baseline of the speed-up (e.g. 1 worker, early inference off).
+tree. The first run is the baseline of the speed-up (e.g. fp32, 1 worker, early inference off).
 `--until-first-text` cancels each job once its first text is in the status and reports only that time
 (the latency a client sees on a long clip, without waiting for the whole run).
 """
@@ -76,12 +78,13 @@ class PeakSampler(threading.Thread):
 
 
 def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early: bool,
-             until_first_text: bool = False) -> dict:
+             until_first_text: bool = False, precision: str = "fp32") -> dict:
     config = StackConfig(state_dir=ROOT / "var" / f"bench-long-{workers}", redis_url="redis://127.0.0.1:6379/12",
                          s3_port=25333, weed_base_port=26333, api_port=25000, flower_port=25555,
                          buckets=(BUCKET,), model_path=str(checkpoint), cpu_workers=workers, cpu_concurrency=1,
                          api_key="bench-key", extra_env={"AVSR_CPU_THREADS": str(max(1, 2 // workers)),
-                                                         "AVSR_EARLY_INFERENCE": "1" if early else "0"})
+                                                         "AVSR_EARLY_INFERENCE": "1" if early else "0",
+                                                         "AVSR_PRECISION": precision})
     import redis
 
     redis.Redis.from_url(config.redis_url).flushdb()
@@ -111,15 +114,20 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early:
     finally:
         stack.stop()
     if until_first_text and first_text is not None:
-        return {"workers": workers, "early": early, "first_text_s": first_text,
+        return {"precision": precision, "workers": workers, "early": early, "first_text_s": first_text,
                 "first_segments": job.get("partial_segments", [])}
     if job["status"] != "succeeded":
         raise RuntimeError(f"job failed: {job.get('error')}")
     result = job["result"]
-    return {"workers": workers, "early": early, "wall_s": wall, "rtf": wall / seconds, "first_text_s": first_text,
+    return {"precision": precision, "workers": workers, "early": early, "wall_s": wall, "rtf": wall / seconds,
+            "first_text_s": first_text,
             "segments": len(result["segments"]), "reused": job.get("segments_reused", 0), "text": result["text"],
             "frames": result["num_frames"], "timings": result["timings"],
             "peak_rss_mib": {k: round(v / 1024) for k, v in sampler.peak.items()}}
+
+
+def _label(run: dict) -> str:
+    return f"{run['precision']}, {run['workers']} CPU workers, early {'on' if run['early'] else 'off'}"
 
 
 def main() -> int:
@@ -129,6 +137,8 @@ def main() -> int:
     parser.add_argument("--early", type=int, nargs="+", default=[0, 1], choices=[0, 1],
                         help="early inference off (0) and/or on (1), each with every worker count")
     parser.add_argument("--size", default="base", choices=["tiny", "base", "large"])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+                        help="the GPU-queue worker's AVSR_PRECISION (bf16/int8: opt-in CPU reduced precision)")
     parser.add_argument("--until-first-text", action="store_true",
                         help="cancel each job once its first text is in the status; report only that time")
     args = parser.parse_args()
@@ -142,23 +152,24 @@ def main() -> int:
               f"({video.stat().st_size / 1e6:.1f} MB); model: random {args.size}; {os.cpu_count()} cores, "
               f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
               flush=True)
-        runs = [run_once(video, args.seconds, w, checkpoint, bool(e), args.until_first_text)
-                for w in args.workers for e in args.early]
+        runs = [run_once(video, args.seconds, w, checkpoint, bool(e), args.until_first_text, p)
+                for p in args.precision for w in args.workers for e in args.early]
     if args.until_first_text:
         for r in runs:
             shown = r["first_segments"][:1]
-            print(f"{r['workers']} CPU workers, early {'on' if r['early'] else 'off'}: first text in the status "
+            print(f"{_label(r)}: first text in the status "
                   f"{r['first_text_s']:.1f} s after submit ({len(r['first_segments'])} segments then; first: "
                   f"{shown[0]['start'] if shown else '-'}-{shown[0]['end'] if shown else '-'} s)")
         return 0
-    print(f"{'cpu workers':>11}{'early':>6}{'wall s':>9}{'RTF':>7}{'first text s':>13}{'segments':>9}{'reused':>7}"
-          "  stage seconds (summed over tasks)                 peak RSS MiB")
+    print(f"{'precision':>9}{'cpu workers':>12}{'early':>6}{'wall s':>9}{'RTF':>7}{'first text s':>13}{'segments':>9}"
+          f"{'reused':>7}  stage seconds (summed over tasks)                 peak RSS MiB")
     for r in runs:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
-        print(f"{r['workers']:>11}{'on' if r['early'] else 'off':>6}{r['wall_s']:>9.1f}{r['rtf']:>7.2f}"
-              f"{r['first_text_s']:>13.1f}{r['segments']:>9}{r['reused']:>7}  {stages:<48} {r['peak_rss_mib']}")
+        print(f"{r['precision']:>9}{r['workers']:>12}{'on' if r['early'] else 'off':>6}{r['wall_s']:>9.1f}"
+              f"{r['rtf']:>7.2f}{r['first_text_s']:>13.1f}{r['segments']:>9}{r['reused']:>7}  {stages:<48} "
+              f"{r['peak_rss_mib']}")
     for r in runs[1:]:
-        print(f"{r['workers']} CPU workers, early {'on' if r['early'] else 'off'} vs the first run: wall "
+        print(f"{_label(r)} vs the first run: wall "
               f"{runs[0]['wall_s'] / r['wall_s']:.2f}x, first text {runs[0]['first_text_s'] / r['first_text_s']:.2f}x "
               f"sooner; same text: {r['text'] == runs[0]['text']}")
     return 0

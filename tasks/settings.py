@@ -101,7 +101,9 @@ class Settings:
     spm_path: str = setting("AVHUBERT_SPM_PATH", "", doc="sentencepiece model; overrides the checkpoint's")
     dict_path: str = setting("AVHUBERT_DICT_PATH", "", doc="fairseq dict.wrd.txt; overrides the checkpoint's")
     device: str = setting("AVSR_DEVICE", "auto", doc="auto, cpu, cuda or cuda:N")
-    precision: str = setting("AVSR_PRECISION", "fp32", doc="fp32, fp16 or bf16 (CUDA only)")
+    precision: str = setting("AVSR_PRECISION", "fp32",
+                             doc="fp32 (default); bf16 (CUDA autocast, or bf16 weights on CPU); "
+                             "fp16 (CUDA only); int8 (CPU: int8 Linears)")
     beam_size: int = setting("AVSR_BEAM_SIZE", 5, kind=int, doc="default beam size")
     max_segment_s: float = setting("AVSR_MAX_SEGMENT_S", 15.0, kind=float,
                                    doc="longest segment decoded at once, seconds")
