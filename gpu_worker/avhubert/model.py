@@ -167,8 +167,8 @@ class VideoResNet(nn.Module):
         return F.conv2d(taps, weight, conv.bias, conv.stride[1:], padding[1:])
 
     def forward(self, video: Tensor) -> Tensor:
-        """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode, where bf16
-        convolutions without AMX are slower); returns the input's dtype."""
+        """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode on CPUs without AMX,
+        where bf16 convolutions are slower); returns the input's dtype."""
         b, out_dtype = video.size(0), video.dtype
         video = video.to(self.stem_conv.weight.dtype)
         x = self._stem(video)  # [B*T, C, H, W] channels-last
