@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig, config_from_checkpoint
 from .importer import load_fairseq_weights
 from .model import AVHubertModel, ConvPositionalEmbedding, TransformerDecoder
+from .packed import packing_available
 from .search import GenerationConfig, RawHypothesis, beam_search, length_caps
 from .tokenizer import Tokenizer, TokenizerError, build_tokenizer
 
@@ -63,8 +64,11 @@ class AVHubert:
         device: torch.device,
         dtype: torch.dtype | None,
         precision: str = "fp32",
+        num_parameters: int | None = None,
     ) -> None:
         self.network = network
+        # as loaded: the inference rewrites fuse, view and pack weights
+        self.num_parameters = sum(p.numel() for p in network.parameters()) if num_parameters is None else num_parameters
         self.config = config
         self.tokenizer = tokenizer
         self._tokenizer_error = tokenizer_error
@@ -92,7 +96,7 @@ class AVHubert:
             "vocab_size": self.network.decoder.embed_tokens.num_embeddings if self.network.decoder else None,
             "modality_fuse": enc.modality_fuse,
             "audio_feat_dim": enc.audio_feat_dim,
-            "num_parameters": sum(p.numel() for p in self.network.parameters()),
+            "num_parameters": self.num_parameters,
             "device": str(self.device),
             "dtype": self.precision,
             "has_tokenizer": self.tokenizer is not None,
@@ -349,6 +353,7 @@ def load_model(
     network = AVHubertModel(config.encoder, config.decoder, vocab_size, padding_idx)
     load_fairseq_weights(network, state["model"], seq2seq=config.kind == "seq2seq")
     network.eval().to(torch_device)
+    num_parameters = sum(p.numel() for p in network.parameters())
     autocast_dtype = _DTYPES[precision] if torch_device.type == "cuda" and precision in _DTYPES else None
     if precision == "bf16" and torch_device.type == "cpu":
         network.to(torch.bfloat16)
@@ -364,5 +369,9 @@ def load_model(
     network.prepare_for_inference()
     if precision == "int8":
         network.quantize_linear_int8()
-    return AVHubert(network, config, tokenizer, tokenizer_error, checkpoint, torch_device, autocast_dtype, precision)
+    elif precision == "fp32" and torch_device.type == "cpu" and packing_available():
+        network.pack_weights()
+    return AVHubert(
+        network, config, tokenizer, tokenizer_error, checkpoint, torch_device, autocast_dtype, precision, num_parameters
+    )
 

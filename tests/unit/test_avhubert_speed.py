@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from gpu_worker.avhubert import AVHubert, load_model
 from gpu_worker.avhubert.checkpoint import load_checkpoint
 from gpu_worker.avhubert.config import config_from_checkpoint
 from gpu_worker.avhubert.importer import load_fairseq_weights
 from gpu_worker.avhubert.model import AVHubertModel
+from gpu_worker.avhubert.packed import PackedLinear, packing_available
 from gpu_worker.avhubert.pipeline import cpu_has_amx
 from tests.conftest import reference_source as _source
 
@@ -53,22 +55,62 @@ def outputs() -> dict[str, np.ndarray]:
     return dict(np.load(REF / "outputs" / "s2s_outputs.npz"))
 
 
-def test_prepared_network_equals_plain_network(fp32: AVHubert, inputs) -> None:
-    """The rewritten network (folded BatchNorm, fused q/k/v, input-major weights, per-frame stem)
-    computes what the module-by-module network computes."""
+def _plain_network() -> AVHubertModel:
     state = load_checkpoint(REF / "checkpoints" / "finetune_s2s.pt")
     config = config_from_checkpoint(state)
-    plain = AVHubertModel(config.encoder, config.decoder, 160, 1)
-    load_fairseq_weights(plain, state["model"], seq2seq=True)
-    plain.eval()
+    network = AVHubertModel(config.encoder, config.decoder, 160, 1)
+    load_fairseq_weights(network, state["model"], seq2seq=True)
+    return network.eval()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["fused", "fused+packed"])
+def test_prepared_network_equals_plain_network(inputs, packed: bool) -> None:
+    """The rewritten network (folded BatchNorm, fused q/k/v, input-major weights, per-frame stem;
+    then, as CPU fp32 loads it, oneDNN-packed Linears) computes what the module-by-module network
+    computes, teacher-forced and step by step with the cache."""
+    plain, prepared = _plain_network(), _plain_network()
+    prepared.prepare_for_inference()
+    if packed:
+        prepared.pack_weights()
+        assert isinstance(prepared.decoder.layers[0].feed_forward.fc1, PackedLinear)
+        assert prepared.decoder.layers[0].self_attention.k_proj is None  # superseded by the fused qkv
     video = torch.from_numpy(inputs["rand29__video"])
     audio = torch.from_numpy(inputs["rand29__audio"]).transpose(1, 2)
     with torch.inference_mode():
         ref, _ = plain.encoder(video, audio)
-        out, _ = fp32.network.encoder(video, audio)
+        out, _ = prepared.encoder(video, audio)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
         tokens = torch.tensor([[2, 5, 9, 11, 7]])
-        torch.testing.assert_close(fp32.network.decoder(tokens, out), plain.decoder(tokens, ref), atol=1e-4, rtol=0)
+        expected = plain.decoder(tokens, ref)
+        torch.testing.assert_close(prepared.decoder(tokens, out), expected, atol=1e-4, rtol=0)
+        cache = prepared.decoder.init_cache(out)
+        steps = [prepared.decoder(tokens[:, : i + 1], out, cache=cache) for i in range(tokens.size(1))]
+        torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_cpu_fp32_model_is_packed_and_counts_its_parameters(fp32: AVHubert) -> None:
+    assert packing_available()  # every x86 torch wheel has oneDNN
+    assert isinstance(fp32.network.decoder.packed_output, PackedLinear)
+    assert fp32.info["num_parameters"] == sum(p.numel() for p in _plain_network().parameters())
+
+
+@pytest.mark.parametrize("shape", [(5, 96), (2, 3, 96), (0, 96)])
+@pytest.mark.parametrize("input_major", [False, True])
+def test_packed_linear_computes_the_linear(shape: tuple[int, ...], input_major: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    if input_major:  # the decoder's weights are stored transposed
+        linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        out = PackedLinear(linear)(x)
+        torch.testing.assert_close(out, linear(x), atol=1e-5, rtol=1e-5)
+    assert out.shape == (*shape[:-1], 40)
+
+
+def test_packed_linear_takes_only_cpu_float32() -> None:
+    with pytest.raises(ValueError, match="CPU float32"):
+        PackedLinear(nn.Linear(8, 8).to(torch.bfloat16))
 
 
 @pytest.fixture(scope="module")
