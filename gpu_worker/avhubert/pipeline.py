@@ -310,7 +310,8 @@ def load_model(
     loads (``encode``/``extract_features`` work) and ``generate`` raises a :class:`TokenizerError`
     naming the missing file. ``device="auto"`` picks CUDA when available.
 
-    ``dtype`` (default None = ``"fp32"``, the reference precision): on CUDA ``"fp16"``/``"bf16"``
+    ``dtype`` (default None = ``"fp32"``, the reference precision; on CPU its Linears run on
+    weights prepacked by oneDNN, see :mod:`.packed`): on CUDA ``"fp16"``/``"bf16"``
     run the network under autocast (weights stay fp32). On CPU, opt-in reduced precision:
     ``"bf16"`` stores the weights in bfloat16 and computes in it (AVX512-BF16/AMX), except the
     positional convolution, and on a CPU without AMX the ResNet front end, which stay fp32;
