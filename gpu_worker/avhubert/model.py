@@ -697,9 +697,7 @@ class TransformerDecoder(nn.Module):
         """CPU fp32: the output projection (tied embedding or its own matrix) as a
         :class:`PackedLinear` copy; later changes of that weight are not seen."""
         weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
-        projection = nn.Linear(weight.size(1), weight.size(0), bias=False, device="meta")
-        projection.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.packed_output = PackedLinear(projection)
+        self.packed_output = PackedLinear(weight, None)
         self._output_t = None
 
     def _output_weight_t(self) -> Tensor:

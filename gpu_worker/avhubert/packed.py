@@ -26,20 +26,20 @@ def packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``x @ weight.T + bias`` for ``x`` ``[..., in]`` -> ``[..., out]``, the fp32 CPU weight
+    """``x @ weight.T + bias`` for ``x`` ``[..., in]`` -> ``[..., out]``, the fp32 CPU ``weight``
     ``[out, in]`` (any strides) reordered once by oneDNN."""
 
     packed: Tensor
     bias: Tensor | None
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        weight = linear.weight.detach()
+        weight = weight.detach()
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
-            raise ValueError(f"PackedLinear takes a CPU float32 Linear, not {weight.dtype} on {weight.device}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+            raise ValueError(f"PackedLinear takes a CPU float32 weight, not {weight.dtype} on {weight.device}")
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -49,12 +49,9 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`; returns how many."""
-    count = 0
+def pack_linears(module: nn.Module) -> None:
+    """Replace every ``nn.Linear`` inside ``module`` by a :class:`PackedLinear`."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:  # not subclasses (quantised or other Linear kinds)
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
+                setattr(parent, name, PackedLinear(child.weight, child.bias))

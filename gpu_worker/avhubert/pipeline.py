@@ -63,12 +63,11 @@ class AVHubert:
         checkpoint: Path,
         device: torch.device,
         dtype: torch.dtype | None,
-        precision: str = "fp32",
-        num_parameters: int | None = None,
+        precision: str,
+        num_parameters: int,
     ) -> None:
         self.network = network
-        # as loaded: the inference rewrites fuse, view and pack weights
-        self.num_parameters = sum(p.numel() for p in network.parameters()) if num_parameters is None else num_parameters
+        self.num_parameters = num_parameters  # as loaded: the inference rewrites fuse, view and pack weights
         self.config = config
         self.tokenizer = tokenizer
         self._tokenizer_error = tokenizer_error
