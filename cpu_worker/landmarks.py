@@ -14,7 +14,8 @@ Here each frame is still given a real HOG detection (so "face present" means the
   frame, then the official 2× — then the CNN once per block), on a schedule anchored to absolute frame
   indices (and a last-resort CNN pass over a clip where nothing was found, ``last_resort_detect``);
 * the tracker is reset at every multiple of ``block`` frames, so blocks are independent: they run on
-  several threads (dlib releases the GIL) and a clip cut into chunks gives the same landmarks as the
+  several threads (dlib's HOG releases the GIL; its 68-point predictor does not, so two threads gain
+  only 1.1-1.4x over one) and a clip cut into chunks gives the same landmarks as the
   whole clip.  When several faces are seen, every one is followed through the block (``Track``) and the
   caller keeps the speaker of the previous block (``select_track``); ``TrackLinker`` gives each face a
   persistent track id across blocks (the face tracks of the result).
