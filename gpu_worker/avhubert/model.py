@@ -696,12 +696,15 @@ class TransformerDecoder(nn.Module):
     def pack_output_projection(self) -> None:
         """CPU fp32: the output projection (tied embedding or its own matrix) as a
         :class:`PackedLinear` copy; later changes of that weight are not seen."""
-        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
-        self.packed_output = PackedLinear(weight, None)
+        self.packed_output = PackedLinear(self._output_weight(), None)
         self._output_t = None
 
+    def _output_weight(self) -> Tensor:
+        """The output projection ``[vocab, D]``: the tied token embedding or the decoder's own matrix."""
+        return self.embed_tokens.weight if self.output_projection is None else self.output_projection
+
     def _output_weight_t(self) -> Tensor:
-        weight = self.embed_tokens.weight if self.output_projection is None else self.output_projection
+        weight = self._output_weight()
         cached: tuple[Tensor, Tensor, int] | None = getattr(self, "_output_t", None)
         if cached is None or cached[0] is not weight or cached[0]._version != cached[2]:
             cached = (weight, weight.t().contiguous(), weight._version)
