@@ -14,11 +14,12 @@ Here each frame is still given a real HOG detection (so "face present" means the
   frame, then the official 2× — then the CNN once per block), on a schedule anchored to absolute frame
   indices (and a last-resort CNN pass over a clip where nothing was found, ``last_resort_detect``);
 * the tracker is reset at every multiple of ``block`` frames, so blocks are independent: they run on
-  several threads (dlib's HOG releases the GIL; its 68-point predictor does not, so two threads gain
-  only 1.1-1.4x over one) and a clip cut into chunks gives the same landmarks as the
-  whole clip.  When several faces are seen, every one is followed through the block (``Track``) and the
-  caller keeps the speaker of the previous block (``select_track``); ``TrackLinker`` gives each face a
-  persistent track id across blocks (the face tracks of the result).
+  several threads (dlib's HOG releases the GIL, and the 68-point predictor is ``shape_predictor``'s
+  GIL-free, bit-exact port of dlib's, since dlib's binding holds the GIL) and a clip cut into chunks
+  gives the same landmarks as the whole clip.  When several faces are seen, every one is followed
+  through the block (``Track``) and the caller keeps the speaker of the previous block
+  (``select_track``); ``TrackLinker`` gives each face a persistent track id across blocks (the face
+  tracks of the result).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import dlib
 import numpy as np
 
 from cpu_worker.align import to_gray
+from cpu_worker.shape_predictor import Rect, ShapePredictor
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,19 @@ def _models_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
+@lru_cache(maxsize=1)
+def _shape_predictor() -> ShapePredictor:
+    return ShapePredictor(_models_dir() / "shape_predictor_68_face_landmarks.dat")
+
+
 class DlibModels:
-    """One set of dlib HOG detector + 68-point predictor.  dlib objects are not safe to share between
-    threads (concurrent calls corrupt memory), so each worker checks out its own set."""
+    """One dlib HOG detector + the 68-point predictor.  dlib objects are not safe to share between
+    threads (concurrent calls corrupt memory), so each worker checks out its own set; the predictor
+    (read-only arrays) is one for the process."""
 
     def __init__(self) -> None:
         self.hog = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(_models_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self.predictor = _shape_predictor()
 
 
 _free_models: queue.SimpleQueue[DlibModels] = queue.SimpleQueue()
@@ -128,10 +136,9 @@ def cnn_detect(gray: np.ndarray, upsample: int = 0) -> list[dlib.rectangle]:
         return [d.rect for d in net(gray, upsample)]
 
 
-def predict_landmarks(predictor: dlib.shape_predictor, gray: np.ndarray, rect: dlib.rectangle) -> np.ndarray:
+def predict_landmarks(predictor: ShapePredictor, gray: np.ndarray, rect: Rect) -> np.ndarray:
     """68 landmarks (x, y) as int32 [68,2], like the official ``detect_landmark``."""
-    shape = predictor(gray, rect)
-    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.int32)
+    return predictor(gray, rect)
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in frame pixels
@@ -149,9 +156,9 @@ def _to_boxes(rects: list[dlib.rectangle], scale: float, ox: float = 0.0, oy: fl
     ]
 
 
-def _to_rect(box: Box) -> dlib.rectangle:
+def _to_rect(box: Box) -> Rect:
     left, top, right, bottom = (round(v) for v in box)
-    return dlib.rectangle(int(left), int(top), int(right) - 1, int(bottom) - 1)
+    return left, top, right - 1, bottom - 1
 
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 ``extract_mouth_rois`` streams frames through detection/tracking (``landmarks``), official gap
 interpolation, 12-frame smoothing, similarity warp and crop (``align``).  Detection runs in blocks of
-``TrackerConfig.block`` frames anchored to absolute frame indices on a thread pool (dlib's HOG and
-OpenCV release the GIL, dlib's shape predictor does not), so the result does not depend on the number
-of workers, and a long clip can be cut
+``TrackerConfig.block`` frames anchored to absolute frame indices on a thread pool (dlib's HOG,
+OpenCV and the numba port of the 68-point predictor release the GIL), so the result does not depend
+on the number of workers, and a long clip can be cut
 into overlapping chunks (``start_frame``) processed anywhere and joined with ``stitch_results``.
 """
 

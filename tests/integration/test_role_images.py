@@ -33,10 +33,10 @@ REDIS_URL = ROLE_REDIS_URL
 ROLES = ("api", "cpu", "gpu", "flower")
 # Modules each role's venv must not even have installed.
 FORBIDDEN = {
-    "api": ("torch", "dlib", "cv2", "av", "scipy", "sentencepiece", "flower"),
+    "api": ("torch", "dlib", "numba", "cv2", "av", "scipy", "sentencepiece", "flower"),
     "cpu": ("torch", "sentencepiece", "flask", "gunicorn"),
-    "gpu": ("dlib", "cv2", "av", "scipy", "flask", "gunicorn"),
-    "flower": ("torch", "dlib", "cv2", "av", "scipy", "flask"),
+    "gpu": ("dlib", "numba", "cv2", "av", "scipy", "flask", "gunicorn"),
+    "flower": ("torch", "dlib", "numba", "cv2", "av", "scipy", "flask"),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PREPROCESSING = ("dlib", "cv2", "av", "scipy", "python_speech_features")
+PREPROCESSING = ("dlib", "numba", "cv2", "av", "scipy", "python_speech_features")
 MODEL = ("torch", "sentencepiece")
 
 CASES = {
