@@ -57,7 +57,8 @@ def installed_bytes(name: str) -> int:
 def report(label: str, names: list[str]) -> None:
     dists = closure(names)
     size = sum(installed_bytes(d) for d in dists)
-    heavy = sorted(dists & {"torch", "opencv-python-headless", "dlib-bin", "numba", "av", "scipy", "sentencepiece", "flower"})
+    heavy = sorted(dists & {"torch", "opencv-python-headless", "dlib-bin", "numba", "av", "scipy", "sentencepiece",
+                            "flower"})
     print(f"| {label} | {len(dists)} | {size / 2**20:,.0f} MiB | {', '.join(heavy) or '—'} |")
 
 

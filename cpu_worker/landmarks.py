@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import queue
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ class TrackerConfig:
     detect_max_side: int = 320  # full-frame HOG image size (longest side)
     roi_face_px: float = 90.0  # face size in the tracking window's detection image
     roi_margin: float = 0.35  # tracking window half-size, in face sizes
+    roi_hog_levels: int = 3  # pyramid levels HOG scans in the tracking window (``window_detector``)
     escalate_every: int = 6  # after this many misses, HOG at finer scales at idx % escalate_every == 0
     max_detect_pixels: int = 1280 * 960  # largest image the escalation feeds to HOG (2× of 640×480)
     use_cnn: bool = True  # CNN (mmod) detector as the last resort
@@ -86,14 +88,55 @@ def _shape_predictor() -> ShapePredictor:
     return ShapePredictor(_models_dir() / "shape_predictor_68_face_landmarks.dat")
 
 
+def _read_dlib_ints(data: bytes, count: int) -> tuple[list[int], list[int]]:
+    """The first ``count`` integers of a dlib serialisation and the byte offset of each."""
+    values, offsets, pos = [], [], 0
+    for _ in range(count):
+        control = data[pos]
+        size = control & 0x0F
+        values.append(int.from_bytes(data[pos + 1 : pos + 1 + size], "little") * (-1 if control & 0x80 else 1))
+        offsets.append(pos)
+        pos += 1 + size
+    offsets.append(pos)
+    return values, offsets
+
+
+def window_detector(levels: int) -> dlib.fhog_object_detector:
+    """dlib's frontal face detector scanning only the first ``levels`` levels of its image pyramid
+    (each level 5/6 of the one above; level k finds boxes of about 72 × 1.2^k px).  The tracking window
+    is scaled so that the tracked face (``roi_face_px``) is found on the first levels (an 86-px box on
+    level 1); the deeper ones look for faces 1.4-2× larger than the face two frames earlier and cost a
+    third of a window call.  dlib's Python API has no such setting, so the serialised detector's
+    ``max_pyramid_levels`` is rewritten; a layout not recognised keeps every level."""
+    full = dlib.get_frontal_face_detector()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "detector.svm"
+        full.save(str(path))
+        data = path.read_bytes()
+        # object_detector v2, scan_fhog_pyramid v1, its fields, ..., window w/h, max_pyramid_levels
+        values, offsets = _read_dlib_ints(data, 9)
+        window = [full.detection_window_width, full.detection_window_height]
+        if values[:2] != [2, 1] or values[6:8] != window or not 1 <= levels < min(values[8], 128):
+            return full
+        path.write_bytes(data[: offsets[8]] + bytes([1, levels]) + data[offsets[9] :])
+        return dlib.fhog_object_detector(str(path))
+
+
 class DlibModels:
-    """One dlib HOG detector + the 68-point predictor.  dlib objects are not safe to share between
-    threads (concurrent calls corrupt memory), so each worker checks out its own set; the predictor
-    (read-only arrays) is one for the process."""
+    """One dlib HOG detector (whole frames), its few-level copy (tracking windows,
+    ``TrackerConfig.roi_hog_levels``) + the 68-point predictor.  dlib objects are not safe to share
+    between threads (concurrent calls corrupt memory), so each worker checks out its own set; the
+    predictor (read-only arrays) is one for the process."""
 
     def __init__(self) -> None:
         self.hog = dlib.get_frontal_face_detector()
         self.predictor = _shape_predictor()
+        self._window_hogs: dict[int, dlib.fhog_object_detector] = {}
+
+    def window_hog(self, levels: int) -> dlib.fhog_object_detector:
+        if levels not in self._window_hogs:
+            self._window_hogs[levels] = window_detector(levels)
+        return self._window_hogs[levels]
 
 
 _free_models: queue.SimpleQueue[DlibModels] = queue.SimpleQueue()
@@ -203,7 +246,8 @@ class FaceTracker:
     # -- detectors -----------------------------------------------------------------------------------
     def _hog(self, img: np.ndarray, upsample: int, kind: str) -> list[dlib.rectangle]:
         self.stats.detector_calls[kind] += 1
-        return list(self.models.hog(img, upsample))
+        detector = self.models.window_hog(self.cfg.roi_hog_levels) if kind == "roi" else self.models.hog
+        return list(detector(img, upsample))
 
     def _detect_roi(self, gray: np.ndarray, prev: np.ndarray) -> list[Box]:
         x0, y0 = prev.min(axis=0)
