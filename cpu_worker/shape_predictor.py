@@ -29,7 +29,11 @@ Rect = tuple[int, int, int, int]  # left, top, right, bottom, inclusive (dlib.re
 def _tokens(buf: np.ndarray) -> np.ndarray:
     """Every serialised integer of a dlib stream, in order (int32: a predictor's counts, indices,
     mantissas and exponents all fit).  Raises on a malformed byte or a wider integer."""
-    out = np.empty(len(buf) // 2 + 1, np.int32)
+    count = i = 0
+    while i < len(buf):  # first pass: how many (the array is then allocated once, at its size)
+        count += 1
+        i += 1 + (buf[i] & 0x0F)
+    out = np.empty(count, np.int32)
     i = n = 0
     while i < len(buf):
         control = buf[i]
@@ -73,7 +77,7 @@ def _floats(pairs: np.ndarray) -> np.ndarray:
     mantissa, exponent = pairs[..., 0], pairs[..., 1]
     if np.abs(exponent).max(initial=0) > 1000:
         raise ValueError("non-finite value in shape predictor file")
-    return np.ldexp(mantissa.astype(np.float64), exponent.astype(np.int32)).astype(np.float32)
+    return np.ldexp(mantissa.astype(np.float32), exponent)
 
 
 @dataclass(frozen=True)
