@@ -53,7 +53,8 @@ class TrackerConfig:
     detect_max_side: int = 320  # full-frame HOG image size (longest side)
     roi_face_px: float = 90.0  # face size in the tracking window's detection image
     roi_margin: float = 0.35  # tracking window half-size, in face sizes
-    roi_hog_levels: int = 3  # pyramid levels HOG scans in the tracking window (``window_detector``)
+    roi_hog_levels: int = 3  # pyramid levels HOG scans in the tracking window (``few_level_detector``)
+    finer_hog_levels: int = 5  # ... in a finer whole-frame pass (after the half scale found nothing)
     escalate_every: int = 6  # after this many misses, HOG at finer scales at idx % escalate_every == 0
     max_detect_pixels: int = 1280 * 960  # largest image the escalation feeds to HOG (2× of 640×480)
     use_cnn: bool = True  # CNN (mmod) detector as the last resort
@@ -101,13 +102,20 @@ def _read_dlib_ints(data: bytes, count: int) -> tuple[list[int], list[int]]:
     return values, offsets
 
 
-def window_detector(levels: int) -> dlib.fhog_object_detector:
+def few_level_detector(levels: int) -> dlib.fhog_object_detector:
     """dlib's frontal face detector scanning only the first ``levels`` levels of its image pyramid
-    (each level 5/6 of the one above; level k finds boxes of about 72 × 1.2^k px).  The tracking window
-    is scaled so that the tracked face (``roi_face_px``) is found on the first levels (an 86-px box on
-    level 1); the deeper ones look for faces 1.4-2× larger than the face two frames earlier and cost a
-    third of a window call.  dlib's Python API has no such setting, so the serialised detector's
-    ``max_pyramid_levels`` is rewritten; a layout not recognised keeps every level."""
+    (each level 5/6 of the one above; level k finds boxes of about 72 × 1.2^k px), for searches that
+    know the face is small:
+
+    * the tracking window is scaled so that the tracked face (``roi_face_px``) is found on the first
+      levels (an 86-px box on level 1); deeper ones look for faces 1.4-2× larger than the face two
+      frames earlier and cost a third of a window call (``TrackerConfig.roi_hog_levels``);
+    * a finer whole-frame pass runs only after the pass at half its scale found nothing, which finds
+      every box from 72 px at its own scale, 144 px at the finer one; boxes up to 149 px (level 4)
+      cover that, the 8 levels below cost 16 % of the pass (``TrackerConfig.finer_hog_levels``).
+
+    dlib's Python API has no such setting, so the serialised detector's ``max_pyramid_levels`` is
+    rewritten; a layout not recognised keeps every level."""
     full = dlib.get_frontal_face_detector()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "detector.svm"
@@ -123,20 +131,21 @@ def window_detector(levels: int) -> dlib.fhog_object_detector:
 
 
 class DlibModels:
-    """One dlib HOG detector (whole frames), its few-level copy (tracking windows,
-    ``TrackerConfig.roi_hog_levels``) + the 68-point predictor.  dlib objects are not safe to share
+    """One dlib HOG detector (whole frames), its few-level copies (``few_level_detector``) + the
+    68-point predictor.  dlib objects are not safe to share
     between threads (concurrent calls corrupt memory), so each worker checks out its own set; the
     predictor (read-only arrays) is one for the process."""
 
     def __init__(self) -> None:
         self.hog = dlib.get_frontal_face_detector()
         self.predictor = _shape_predictor()
-        self._window_hogs: dict[int, dlib.fhog_object_detector] = {}
+        self._few_level: dict[int, dlib.fhog_object_detector] = {}
 
-    def window_hog(self, levels: int) -> dlib.fhog_object_detector:
-        if levels not in self._window_hogs:
-            self._window_hogs[levels] = window_detector(levels)
-        return self._window_hogs[levels]
+    def hog_levels(self, levels: int) -> dlib.fhog_object_detector:
+        """The HOG detector scanning ``levels`` pyramid levels (made on first use)."""
+        if levels not in self._few_level:
+            self._few_level[levels] = few_level_detector(levels)
+        return self._few_level[levels]
 
 
 _free_models: queue.SimpleQueue[DlibModels] = queue.SimpleQueue()
@@ -246,7 +255,8 @@ class FaceTracker:
     # -- detectors -----------------------------------------------------------------------------------
     def _hog(self, img: np.ndarray, upsample: int, kind: str) -> list[dlib.rectangle]:
         self.stats.detector_calls[kind] += 1
-        detector = self.models.window_hog(self.cfg.roi_hog_levels) if kind == "roi" else self.models.hog
+        levels = {"roi": self.cfg.roi_hog_levels, "finer": self.cfg.finer_hog_levels}.get(kind)
+        detector = self.models.hog if levels is None else self.models.hog_levels(levels)
         return list(detector(img, upsample))
 
     def _detect_roi(self, gray: np.ndarray, prev: np.ndarray) -> list[Box]:

@@ -1,14 +1,19 @@
-"""The tracking window's few-level HOG detector (`landmarks.window_detector`) finds the boxes the full
-pyramid finds on the windows the tracker feeds it, and costs less (fewer pyramid levels scanned)."""
+"""The few-level HOG detectors (`landmarks.few_level_detector`) of the tracking window and of the finer
+whole-frame pass find the boxes the full pyramid finds on the images the tracker feeds them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import dlib
 import numpy as np
 import pytest
 
 import cpu_worker.landmarks as landmarks
-from cpu_worker.landmarks import TrackerConfig, track_block, window_detector
+from cpu_worker.align import to_gray
+from cpu_worker.frames import VideoFile
+from cpu_worker.landmarks import TrackerConfig, few_level_detector, track_block
+from deploy.local.sample_media import write_face_video
 
 
 def _boxes(detector: dlib.fhog_object_detector, img: np.ndarray) -> list[tuple[int, int, int, int]]:
@@ -29,7 +34,7 @@ def test_few_levels_find_the_full_pyramids_boxes_on_tracking_windows(frames: np.
     clip = np.concatenate([frames, frames[-2:0:-1]])
     track_block(list(clip), 0)
     assert len(windows) > 30
-    full, few = dlib.get_frontal_face_detector(), window_detector(TrackerConfig().roi_hog_levels)
+    full, few = dlib.get_frontal_face_detector(), few_level_detector(TrackerConfig().roi_hog_levels)
     found = 0
     for img in windows:
         expected = _boxes(full, img)
@@ -44,4 +49,21 @@ def test_few_levels_find_the_full_pyramids_boxes_on_tracking_windows(frames: np.
 @pytest.mark.parametrize("levels", [0, 128, 10_000])
 def test_levels_that_cannot_be_written_keep_the_full_detector(frames: np.ndarray, levels: int) -> None:
     gray = np.ascontiguousarray(frames[5][:, :, 1])
-    assert _boxes(window_detector(levels), gray) == _boxes(dlib.get_frontal_face_detector(), gray)
+    assert _boxes(few_level_detector(levels), gray) == _boxes(dlib.get_frontal_face_detector(), gray)
+
+
+def test_the_finer_pass_levels_find_the_small_faces_the_full_pyramid_finds(tmp_path: Path) -> None:
+    """The synthetic talk's face (an 80-px box in 640×480) is missed at 320×240 and found by the finer
+    pass; its few levels give the full pyramid's boxes."""
+    path = tmp_path / "talk.mp4"
+    write_face_video(path, 1.0, with_audio=False, seed=1)
+    full, few = dlib.get_frontal_face_detector(), few_level_detector(TrackerConfig().finer_hog_levels)
+    found = 0
+    for frame in list(VideoFile(path))[::3]:
+        gray = np.ascontiguousarray(to_gray(frame))
+        half = np.ascontiguousarray(gray[::2, ::2])
+        assert _boxes(full, half) == []
+        expected = _boxes(full, gray)
+        assert _boxes(few, gray) == expected
+        found += len(expected)
+    assert found >= 8
