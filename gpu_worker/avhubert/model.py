@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar, cast
 
 import torch
@@ -121,6 +121,7 @@ class VideoResNet(nn.Module):
     """
 
     out_dim = 512
+    frames_per_chunk = 64  # frames through the network at once (a 64-frame run's stem output: 32 MB)
     stem_bn: nn.Module  # Identity after fold_batchnorm
 
     def __init__(self, relu_type: str) -> None:
@@ -150,39 +151,50 @@ class VideoResNet(nn.Module):
             for block in cast(nn.Sequential, layer):
                 cast(BasicBlock, block).fold_batchnorm()
 
-    def _stem(self, video: Tensor) -> Tensor:
+    def _stem_chunks(self, video: Tensor) -> Iterator[Tensor]:
         """The 3-D stem convolution (+ BatchNorm) as a per-frame 2-D convolution whose 5 input
-        channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[B*T, 64, H/2,
-        W/2]`` channels-last, without the 5-D layout the official code permutes afterwards."""
+        channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[n, 64, H/2, W/2]``
+        channels-last for consecutive runs of the ``B*T`` frames, without the 5-D layout the official
+        code permutes afterwards.  The runs have near-equal lengths of at most ``frames_per_chunk``, never
+        a lone frame beside longer runs (oneDNN's one-image convolution rounds differently, ~1e-7)."""
         conv = self.stem_conv
         padding = cast("tuple[int, ...]", conv.padding)  # built with a tuple, never a string
         kt, ph = conv.kernel_size[0], padding[0]
+        frames = video.size(0) * video.size(2)
+        runs = -(-frames // max(2, self.frames_per_chunk))
+        n = [frames // runs + (i < frames % runs) for i in range(runs)]
         if not isinstance(self.stem_bn, nn.Identity) or ph * 2 + 1 != kt or conv.stride[0] != 1:
             x: Tensor = self.stem_bn(conv(video))
             b, c, t, h, w = x.shape
-            return x.permute(0, 2, 3, 4, 1).contiguous().view(b * t, h, w, c).permute(0, 3, 1, 2)
+            x = x.permute(0, 2, 3, 4, 1).contiguous().view(b * t, h, w, c).permute(0, 3, 1, 2)
+            yield from torch.split(x, n)
+            return
         b, _, t, h, w = video.shape
         taps = F.pad(video[:, 0], (0, 0, 0, 0, ph, ph)).unfold(1, kt, 1)  # [B, T, H, W, kt]
         taps = taps.reshape(b * t, h, w, kt).permute(0, 3, 1, 2)  # channels-last [B*T, kt, H, W]
         weight = conv.weight.flatten(1, 2).contiguous(memory_format=torch.channels_last)
-        return F.conv2d(taps, weight, conv.bias, conv.stride[1:], padding[1:])
+        for chunk in torch.split(taps, n):
+            yield F.conv2d(chunk, weight, conv.bias, conv.stride[1:], padding[1:])
 
     def forward(self, video: Tensor) -> Tensor:
         """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode on CPUs without AMX,
-        where bf16 convolutions are slower); returns the input's dtype."""
+        where bf16 convolutions are slower); returns the input's dtype.  Frames go through in runs of
+        ``frames_per_chunk`` (every op after the stem's taps is per frame, so the result is the same
+        bit for bit): each run's activations then stay in cache and in the allocator's reused heap
+        (glibc maps every block over 32 MiB afresh; the 250-frame stem output is 124 MB)."""
         b, out_dtype = video.size(0), video.dtype
         video = video.to(self.stem_conv.weight.dtype)
-        x = self._stem(video)  # [B*T, C, H, W] channels-last
         act = self.stem_act
         # the activation commutes with the max-pool when it is non-decreasing (ReLU, PReLU with
         # slopes >= 0): then it runs on the 4x smaller pooled map, with identical results
-        if isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all()):
-            x = F.max_pool2d(act(x), 3, 2, 1)
-        else:
-            x = act(F.max_pool2d(x, 3, 2, 1))
-        for layer in self.layers:
-            x = layer(x)
-        x = x.mean(dim=(2, 3))
+        pool_first = not (isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all()))
+        pooled = []
+        for x in self._stem_chunks(video):  # [n, C, H, W] channels-last
+            x = act(F.max_pool2d(x, 3, 2, 1)) if pool_first else F.max_pool2d(act(x), 3, 2, 1)
+            for layer in self.layers:
+                x = layer(x)
+            pooled.append(x.mean(dim=(2, 3)))
+        x = torch.cat(pooled)
         return x.view(b, -1, x.size(-1)).to(out_dtype)
 
 

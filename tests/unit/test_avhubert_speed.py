@@ -88,6 +88,35 @@ def test_prepared_network_equals_plain_network(inputs, packed: bool) -> None:
         torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("relu_type", ["prelu", "relu"])
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "with-batchnorm"])
+def test_video_resnet_in_runs_of_frames_equals_all_frames_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                  relu_type: str, folded: bool) -> None:
+    """The ResNet front end takes frames in runs of ``frames_per_chunk``: the same numbers, bit for bit,
+    as one pass over every frame, for run lengths that do and do not divide B*T, and across clips."""
+    from gpu_worker.avhubert.model import VideoResNet
+
+    torch.manual_seed(0)
+    net = VideoResNet(relu_type).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+            if isinstance(module, nn.PReLU):
+                module.weight.uniform_(-0.3, 0.3)  # negative slopes: the activation before the max-pool
+    if folded:
+        net.fold_batchnorm()
+    video = torch.randn(2, 1, 23, 44, 44)
+    with torch.inference_mode():
+        monkeypatch.setattr(VideoResNet, "frames_per_chunk", 10_000)
+        whole = net(video)
+        for run in (1, 2, 7, 23, 45, 46):  # 45: runs of 23 + 23 frames, not 45 + 1
+            monkeypatch.setattr(VideoResNet, "frames_per_chunk", run)
+            assert torch.equal(net(video), whole), run
+    assert whole.shape == (2, 23, 512)
+
+
 def test_cpu_fp32_model_is_packed_and_counts_its_parameters(fp32: AVHubert) -> None:
     assert packing_available()  # every x86 torch wheel has oneDNN
     assert isinstance(fp32.network.decoder.packed_output, PackedLinear)
