@@ -121,7 +121,7 @@ class VideoResNet(nn.Module):
     """
 
     out_dim = 512
-    frames_per_chunk = 64  # frames through the network at once (a 64-frame run's stem output: 32 MB)
+    frames_per_chunk = 64  # frames through the network at once on CPU (a 64-frame run's stem output: 32 MB)
     stem_bn: nn.Module  # Identity after fold_batchnorm
 
     def __init__(self, relu_type: str) -> None:
@@ -156,12 +156,14 @@ class VideoResNet(nn.Module):
         channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[n, 64, H/2, W/2]``
         channels-last for consecutive runs of the ``B*T`` frames, without the 5-D layout the official
         code permutes afterwards.  The runs have near-equal lengths of at most ``frames_per_chunk``, never
-        a lone frame beside longer runs (oneDNN's one-image convolution rounds differently, ~1e-7)."""
+        a lone frame beside longer runs (oneDNN's one-image convolution rounds differently, ~1e-7);
+        on a GPU, one run."""
         conv = self.stem_conv
         padding = cast("tuple[int, ...]", conv.padding)  # built with a tuple, never a string
         kt, ph = conv.kernel_size[0], padding[0]
         frames = video.size(0) * video.size(2)
-        runs = -(-frames // max(2, self.frames_per_chunk))
+        # on CPU only: a GPU wants every frame in one launch
+        runs = max(1, -(-frames // max(2, self.frames_per_chunk))) if video.device.type == "cpu" else 1
         n = [frames // runs + (i < frames % runs) for i in range(runs)]
         if not isinstance(self.stem_bn, nn.Identity) or ph * 2 + 1 != kt or conv.stride[0] != 1:
             x: Tensor = self.stem_bn(conv(video))
