@@ -15,6 +15,7 @@ import argparse
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -24,7 +25,7 @@ from skimage import transform as tf
 
 from cpu_worker.align import STABLE_POINTS, interpolate_landmarks, mean_face
 from cpu_worker.frames import VideoFile
-from cpu_worker.landmarks import _models_dir, preload_models
+from cpu_worker.landmarks import _models_dir, _shape_predictor, preload_models
 from cpu_worker.mouth_roi import crop_mouth_rois, extract_mouth_rois
 from deploy.local.sample_media import write_face_video
 
@@ -137,6 +138,43 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
+def predictor_threads(frames: np.ndarray, ref: dict, workers: int) -> None:
+    """dlib's 68-point predictor against ours (``cpu_worker.shape_predictor``) on the reference clip's
+    official boxes-to-be (its landmarks' extent), on 1 and ``workers`` threads: calls per second and
+    whether the landmarks are identical."""
+    theirs_models = [dlib.shape_predictor(str(_models_dir() / "shape_predictor_68_face_landmarks.dat"))
+                     for _ in range(workers)]
+    ours_model = _shape_predictor()
+    det = ref["detected"]
+    grays = [np.ascontiguousarray(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)) for f in frames[det]]
+    rects = []
+    for lm in ref["landmarks_raw"][det]:
+        (x0, y0), (x1, y1) = lm.min(axis=0), lm.max(axis=0)
+        rects.append((int(x0), int(y0), int(x1), int(y1)))
+    jobs = list(zip(grays, rects, strict=True)) * 8
+
+    def run_dlib(model: dlib.shape_predictor, part: list) -> list[np.ndarray]:
+        return [np.array([(p.x, p.y) for p in model(g, dlib.rectangle(*r)).parts()], np.int32) for g, r in part]
+
+    def run_ours(_: object, part: list) -> list[np.ndarray]:
+        return [ours_model(g, r) for g, r in part]
+
+    print(f"\n== 68-point predictor: {len(jobs)} calls on the reference clip ==")
+    outputs = {}
+    for name, fn, models in (("dlib", run_dlib, theirs_models), ("ours", run_ours, [None] * workers)):
+        rates = []
+        for w in sorted({1, workers}):
+            parts = [jobs[i::w] for i in range(w)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(w) as pool:
+                outs = list(pool.map(fn, models[:w], parts))
+            rates.append(f"{w} thread(s) {len(jobs) / (time.perf_counter() - start):6.0f} calls/s")
+            outputs[name] = [lm for out in outs for lm in out]
+        print(f"{name}: " + ", ".join(rates))
+    same = all(np.array_equal(a, b) for a, b in zip(outputs["dlib"], outputs["ours"], strict=True))
+    print(f"identical landmarks: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long", type=int, default=500, help="frames of the ping-pong clip (0: skip)")
@@ -192,6 +230,8 @@ def main() -> None:
         f"ours incl. decoding the FFV1 file: {len(res) / dt:.1f} fps "
         f"(decoding alone: {1000 * dec_dt / len(decoded):.1f} ms/frame — lossless FFV1 is slow to decode)"
     )
+
+    predictor_threads(frames, ref, workers)
 
     # -- long clip -------------------------------------------------------------------------------------
     if args.long:
