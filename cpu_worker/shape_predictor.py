@@ -58,6 +58,8 @@ class _Cursor:
         self.tokens, self.pos = tokens, 0
 
     def take(self, n: int) -> np.ndarray:
+        if n < 0:
+            raise ValueError("negative count in shape predictor file")
         if self.pos + n > len(self.tokens):
             raise ValueError("truncated shape predictor file")
         out = self.tokens[self.pos : self.pos + n]
@@ -73,11 +75,16 @@ class _Cursor:
 
 
 def _floats(pairs: np.ndarray) -> np.ndarray:
-    """(mantissa, exponent) pairs in the last axis → float32 (exact: mantissas have at most 24 bits)."""
+    """(mantissa, exponent) pairs in the last axis → float32 (exact: dlib writes a float's mantissa in
+    at most 24 bits).  dlib's markers for infinities and NaN (huge exponents) are refused."""
     mantissa, exponent = pairs[..., 0], pairs[..., 1]
-    if np.abs(exponent).max(initial=0) > 1000:
-        raise ValueError("non-finite value in shape predictor file")
-    return np.ldexp(mantissa.astype(np.float32), exponent)
+    if np.abs(mantissa).max(initial=0) >= 1 << 24 or np.abs(exponent).max(initial=0) > 200:
+        raise ValueError("not a finite float32 in shape predictor file")
+    with np.errstate(over="ignore"):
+        values = np.ldexp(mantissa.astype(np.float32), exponent)
+    if not np.isfinite(values).all():
+        raise ValueError("not a finite float32 in shape predictor file")
+    return values
 
 
 @dataclass(frozen=True)

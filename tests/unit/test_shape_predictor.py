@@ -162,6 +162,23 @@ def test_malformed_files_are_refused_with_a_value_error(tmp_path: Path) -> None:
     assert refused >= len(cases) - 20
 
 
+_HEADER = _int(1) + _int(-4) + _int(-1)  # version, a 4-value initial shape
+_REST = b"".join(_float(0.5) for _ in range(3))
+
+
+@pytest.mark.parametrize(("blob", "message"), [
+    (_int(1) + _column(np.full(4, 0.5, np.float32)) + _int(1) + _int(1) + _int(-3), "negative count"),
+    (_HEADER + _int(1 << 25) + _int(-30) + _REST, "not a finite float32"),  # a mantissa over 24 bits
+    (_HEADER + _int(1) + _int(150) + _REST, "not a finite float32"),  # 2^150 overflows float32
+    (_HEADER + _int(0) + _int(32000) + _REST, "not a finite float32"),  # dlib's infinity marker
+], ids=["negative count", "wide mantissa", "overflow", "inf marker"])
+def test_counts_and_floats_out_of_range_are_refused(tmp_path: Path, blob: bytes, message: str) -> None:
+    path = tmp_path / "model.dat"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match=message):
+        read_model(path)
+
+
 @pytest.mark.parametrize("where", ["split", "anchor"])
 def test_an_index_out_of_range_is_refused(tmp_path: Path, where: str) -> None:
     """dlib itself would read past its arrays; the reader refuses the file instead."""
