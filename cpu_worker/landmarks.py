@@ -131,10 +131,11 @@ def few_level_detector(levels: int) -> dlib.fhog_object_detector:
 
 
 class DlibModels:
-    """One dlib HOG detector (whole frames), its few-level copies (``few_level_detector``) + the
-    68-point predictor.  dlib objects are not safe to share
-    between threads (concurrent calls corrupt memory), so each worker checks out its own set; the
-    predictor (read-only arrays) is one for the process."""
+    """One dlib HOG detector (whole frames), its few-level copies (``few_level_detector``) and the
+    68-point predictor (``predictor(gray, rect)`` → int32 [68, 2], like the official
+    ``detect_landmark``).  dlib objects are not safe to share between threads (concurrent calls
+    corrupt memory), so each worker checks out its own set; the predictor (read-only arrays) is one
+    for the process."""
 
     def __init__(self) -> None:
         self.hog = dlib.get_frontal_face_detector()
@@ -186,11 +187,6 @@ def cnn_detect(gray: np.ndarray, upsample: int = 0) -> list[dlib.rectangle]:
     net, lock = _cnn()
     with lock:
         return [d.rect for d in net(gray, upsample)]
-
-
-def predict_landmarks(predictor: ShapePredictor, gray: np.ndarray, rect: Rect) -> np.ndarray:
-    """68 landmarks (x, y) as int32 [68,2], like the official ``detect_landmark``."""
-    return predictor(gray, rect)
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in frame pixels
@@ -335,7 +331,7 @@ class FaceTracker:
         box = self._choose(boxes)
         if self.first_box is None:  # the first face of this period decides which face it follows
             self.first_box, self.alternatives = box, [b for b in boxes if b is not box]
-        lm = predict_landmarks(self.models.predictor, gray, _to_rect(box))
+        lm = self.models.predictor(gray, _to_rect(box))
         self.prev, self.last_box, self.miss, self.finer_tried = lm, box, 0, False
         self.last_size = max(box[2] - box[0], box[3] - box[1])
         return lm
@@ -348,13 +344,13 @@ class FaceTracker:
             return None, None
         hx, hy = (hint.min(axis=0) + hint.max(axis=0)) / 2.0
         box = min(boxes, key=lambda b: (_centre(b)[0] - hx) ** 2 + (_centre(b)[1] - hy) ** 2)
-        return predict_landmarks(self.models.predictor, gray, _to_rect(box)), box
+        return self.models.predictor(gray, _to_rect(box)), box
 
     def predict_between(self, gray: np.ndarray, box_a: Box, box_b: Box, w: float) -> np.ndarray:
         """Landmarks from the detector box interpolated between two detected neighbours (no HOG)."""
         self.stats.detector_calls["between"] += 1
         box = tuple(a + w * (b - a) for a, b in zip(box_a, box_b, strict=True))
-        return predict_landmarks(self.models.predictor, gray, _to_rect(box))  # type: ignore[arg-type]
+        return self.models.predictor(gray, _to_rect(box))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -513,5 +509,5 @@ def last_resort_detect(
             boxes = _to_boxes(cnn_detect(_resize(gray, scale)), scale)
             if boxes:
                 box = max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-                return i, predict_landmarks(models.predictor, gray, _to_rect(box))
+                return i, models.predictor(gray, _to_rect(box))
     return None
