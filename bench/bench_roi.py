@@ -23,7 +23,7 @@ import dlib
 import numpy as np
 from skimage import transform as tf
 
-from cpu_worker.align import STABLE_POINTS, interpolate_landmarks, mean_face
+from cpu_worker.align import STABLE_POINTS, interpolate_landmarks, mean_face, to_gray
 from cpu_worker.frames import VideoFile
 from cpu_worker.landmarks import _models_dir, _shape_predictor, preload_models
 from cpu_worker.mouth_roi import crop_mouth_rois, extract_mouth_rois
@@ -146,7 +146,7 @@ def predictor_threads(frames: np.ndarray, ref: dict, workers: int) -> None:
                      for _ in range(workers)]
     ours_model = _shape_predictor()
     det = ref["detected"]
-    grays = [np.ascontiguousarray(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)) for f in frames[det]]
+    grays = [np.ascontiguousarray(to_gray(f)) for f in frames[det]]
     rects = []
     for lm in ref["landmarks_raw"][det]:
         (x0, y0), (x1, y1) = lm.min(axis=0), lm.max(axis=0)

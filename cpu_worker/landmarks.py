@@ -40,7 +40,7 @@ import dlib
 import numpy as np
 
 from cpu_worker.align import to_gray
-from cpu_worker.shape_predictor import Rect, ShapePredictor
+from cpu_worker.shape_predictor import Rect, ShapePredictor, read_dlib_ints
 
 
 @dataclass(frozen=True)
@@ -89,19 +89,6 @@ def _shape_predictor() -> ShapePredictor:
     return ShapePredictor(_models_dir() / "shape_predictor_68_face_landmarks.dat")
 
 
-def _read_dlib_ints(data: bytes, count: int) -> tuple[list[int], list[int]]:
-    """The first ``count`` integers of a dlib serialisation and the byte offset of each."""
-    values, offsets, pos = [], [], 0
-    for _ in range(count):
-        control = data[pos]
-        size = control & 0x0F
-        values.append(int.from_bytes(data[pos + 1 : pos + 1 + size], "little") * (-1 if control & 0x80 else 1))
-        offsets.append(pos)
-        pos += 1 + size
-    offsets.append(pos)
-    return values, offsets
-
-
 def few_level_detector(levels: int) -> dlib.fhog_object_detector:
     """dlib's frontal face detector scanning only the first ``levels`` levels of its image pyramid
     (each level 5/6 of the one above; level k finds boxes of about 72 × 1.2^k px), for searches that
@@ -122,7 +109,7 @@ def few_level_detector(levels: int) -> dlib.fhog_object_detector:
         full.save(str(path))
         data = path.read_bytes()
         # object_detector v2, scan_fhog_pyramid v1, its fields, ..., window w/h, max_pyramid_levels
-        values, offsets = _read_dlib_ints(data, 9)
+        values, offsets = read_dlib_ints(data, 9)
         window = [full.detection_window_width, full.detection_window_height]
         if values[:2] != [2, 1] or values[6:8] != window or not 1 <= levels < min(values[8], 128):
             return full

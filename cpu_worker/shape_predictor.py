@@ -51,6 +51,20 @@ def _tokens(buf: np.ndarray) -> np.ndarray:
     return out[:n]
 
 
+def read_dlib_ints(data: bytes, count: int) -> tuple[list[int], list[int]]:
+    """The first ``count`` integers of a dlib serialisation (the format ``_tokens`` reads, here in
+    Python and of any width) and the byte offset of each, then the offset after the last."""
+    values, offsets, pos = [], [], 0
+    for _ in range(count):
+        control = data[pos]
+        size = control & 0x0F
+        values.append(int.from_bytes(data[pos + 1 : pos + 1 + size], "little") * (-1 if control & 0x80 else 1))
+        offsets.append(pos)
+        pos += 1 + size
+    offsets.append(pos)
+    return values, offsets
+
+
 class _Cursor:
     """Reads the token stream of a shape predictor: counts one by one, regular blocks as arrays."""
 

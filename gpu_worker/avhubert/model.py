@@ -189,10 +189,10 @@ class VideoResNet(nn.Module):
         act = self.stem_act
         # the activation commutes with the max-pool when it is non-decreasing (ReLU, PReLU with
         # slopes >= 0): then it runs on the 4x smaller pooled map, with identical results
-        pool_first = not (isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all()))
+        non_monotone = isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all())
         pooled = []
         for x in self._stem_chunks(video):  # [n, C, H, W] channels-last
-            x = act(F.max_pool2d(x, 3, 2, 1)) if pool_first else F.max_pool2d(act(x), 3, 2, 1)
+            x = F.max_pool2d(act(x), 3, 2, 1) if non_monotone else act(F.max_pool2d(x, 3, 2, 1))
             for layer in self.layers:
                 x = layer(x)
             pooled.append(x.mean(dim=(2, 3)))
