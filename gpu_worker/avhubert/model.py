@@ -121,7 +121,12 @@ class VideoResNet(nn.Module):
     """
 
     out_dim = 512
-    frames_per_chunk = 64  # frames through the network at once on CPU (a 64-frame run's stem output: 32 MB)
+    # on CPU, frames go through in runs (see forward): at most this many through the stem and layer 1,
+    # whose activations are large (a 64-frame run's stem output: 32 MB) ...
+    frames_per_chunk = 64
+    # ... and at most this many through layers 2-4, whose activations are small and weights large
+    # (layer 4: 9.4 MB a convolution, read again for every run)
+    trunk_frames_per_chunk = 256
     stem_bn: nn.Module  # Identity after fold_batchnorm
 
     def __init__(self, relu_type: str) -> None:
@@ -151,53 +156,73 @@ class VideoResNet(nn.Module):
             for block in cast(nn.Sequential, layer):
                 cast(BasicBlock, block).fold_batchnorm()
 
-    def _stem_chunks(self, video: Tensor) -> Iterator[Tensor]:
+    def _stem_chunks(self, video: Tensor, runs: list[int]) -> Iterator[Tensor]:
         """The 3-D stem convolution (+ BatchNorm) as a per-frame 2-D convolution whose 5 input
         channels are the 5 frames of the temporal kernel: ``[B, 1, T, H, W]`` -> ``[n, 64, H/2, W/2]``
-        channels-last for consecutive runs of the ``B*T`` frames, without the 5-D layout the official
-        code permutes afterwards.  The runs have near-equal lengths of at most ``frames_per_chunk``, never
-        a lone frame beside longer runs (oneDNN's one-image convolution rounds differently, ~1e-7);
-        on a GPU, one run."""
+        channels-last for consecutive ``runs`` of the ``B*T`` frames (lengths summing to ``B*T``),
+        without the 5-D layout the official code permutes afterwards."""
         conv = self.stem_conv
         padding = cast("tuple[int, ...]", conv.padding)  # built with a tuple, never a string
         kt, ph = conv.kernel_size[0], padding[0]
-        frames = video.size(0) * video.size(2)
-        # on CPU only: a GPU wants every frame in one launch
-        runs = max(1, -(-frames // max(2, self.frames_per_chunk))) if video.device.type == "cpu" else 1
-        n = [frames // runs + (i < frames % runs) for i in range(runs)]
         if not isinstance(self.stem_bn, nn.Identity) or ph * 2 + 1 != kt or conv.stride[0] != 1:
             x: Tensor = self.stem_bn(conv(video))
             b, c, t, h, w = x.shape
             x = x.permute(0, 2, 3, 4, 1).contiguous().view(b * t, h, w, c).permute(0, 3, 1, 2)
-            yield from torch.split(x, n)
+            yield from torch.split(x, runs)
             return
         b, _, t, h, w = video.shape
         taps = F.pad(video[:, 0], (0, 0, 0, 0, ph, ph)).unfold(1, kt, 1)  # [B, T, H, W, kt]
         taps = taps.reshape(b * t, h, w, kt).permute(0, 3, 1, 2)  # channels-last [B*T, kt, H, W]
         weight = conv.weight.flatten(1, 2).contiguous(memory_format=torch.channels_last)
-        for chunk in torch.split(taps, n):
+        for chunk in torch.split(taps, runs):
             yield F.conv2d(chunk, weight, conv.bias, conv.stride[1:], padding[1:])
+
+    def run_plan(self, frames: int, device: torch.device) -> list[list[int]]:
+        """How ``frames`` frames go through the network: runs of at most ``trunk_frames_per_chunk``
+        frames through layers 2-4, each made of runs of at most ``frames_per_chunk`` through the stem
+        and layer 1; on a GPU, one run (it wants every frame in one launch). Runs have near-equal
+        lengths, never a lone frame beside longer runs (oneDNN's one-image convolution rounds
+        differently, ~1e-7)."""
+        if device.type != "cpu":
+            return [[frames]]
+        trunk_runs = _near_equal_runs(frames, self.trunk_frames_per_chunk)
+        return [_near_equal_runs(n, self.frames_per_chunk) for n in trunk_runs]
 
     def forward(self, video: Tensor) -> Tensor:
         """Runs in the dtype of its weights (fp32 in the CPU ``bf16`` mode on CPUs without AMX,
-        where bf16 convolutions are slower); returns the input's dtype.  Frames go through in runs of
-        ``frames_per_chunk`` (every op after the stem's taps is per frame, so the result is the same
-        bit for bit): each run's activations then stay in cache and in the allocator's reused heap
-        (glibc maps every block over 32 MiB afresh; the 250-frame stem output is 124 MB)."""
+        where bf16 convolutions are slower); returns the input's dtype.  Frames go through in the
+        runs of :meth:`run_plan` (every op after the stem's taps is per frame, so the result is the
+        same bit for bit): the stem's and layer 1's activations then stay in cache and in the
+        allocator's reused heap (glibc maps every block over 32 MiB afresh; the 250-frame stem
+        output is 124 MB), while layers 2-4 read their weights once for many frames."""
         b, out_dtype = video.size(0), video.dtype
         video = video.to(self.stem_conv.weight.dtype)
         act = self.stem_act
         # the activation commutes with the max-pool when it is non-decreasing (ReLU, PReLU with
         # slopes >= 0): then it runs on the 4x smaller pooled map, with identical results
         non_monotone = isinstance(act, nn.PReLU) and not bool((act.weight >= 0).all())
+        plan = self.run_plan(video.size(0) * video.size(2), video.device)
+        stem = self._stem_chunks(video, [n for trunk_run in plan for n in trunk_run])
         pooled = []
-        for x in self._stem_chunks(video):  # [n, C, H, W] channels-last
-            x = F.max_pool2d(act(x), 3, 2, 1) if non_monotone else act(F.max_pool2d(x, 3, 2, 1))
-            for layer in self.layers:
+        for trunk_run in plan:
+            heads = []
+            for _ in trunk_run:
+                x = next(stem)  # [n, C, H, W] channels-last
+                x = F.max_pool2d(act(x), 3, 2, 1) if non_monotone else act(F.max_pool2d(x, 3, 2, 1))
+                heads.append(self.layers[0](x))
+            x = heads[0] if len(heads) == 1 else torch.cat(heads)
+            for layer in self.layers[1:]:
                 x = layer(x)
             pooled.append(x.mean(dim=(2, 3)))
         x = torch.cat(pooled)
         return x.view(b, -1, x.size(-1)).to(out_dtype)
+
+
+def _near_equal_runs(total: int, longest: int) -> list[int]:
+    """``total`` split into the fewest runs of at most ``longest`` (at least 2), lengths differing by
+    at most one."""
+    runs = max(1, -(-total // max(2, longest)))
+    return [total // runs + (i < total % runs) for i in range(runs)]
 
 
 class Frontend(nn.Module):

@@ -92,8 +92,9 @@ def test_prepared_network_equals_plain_network(inputs, packed: bool) -> None:
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "with-batchnorm"])
 def test_video_resnet_in_runs_of_frames_equals_all_frames_at_once(monkeypatch: pytest.MonkeyPatch,
                                                                   relu_type: str, folded: bool) -> None:
-    """The ResNet front end takes frames in runs of ``frames_per_chunk``: the same numbers, bit for bit,
-    as one pass over every frame, for run lengths that do and do not divide B*T, and across clips."""
+    """The ResNet front end takes frames in runs (``frames_per_chunk`` through the stem and layer 1,
+    ``trunk_frames_per_chunk`` through layers 2-4): the same numbers, bit for bit, as one pass over
+    every frame, for run lengths that do and do not divide B*T or each other, and across clips."""
     from gpu_worker.avhubert.model import VideoResNet
 
     torch.manual_seed(0)
@@ -110,10 +111,14 @@ def test_video_resnet_in_runs_of_frames_equals_all_frames_at_once(monkeypatch: p
     video = torch.randn(2, 1, 23, 44, 44)
     with torch.inference_mode():
         monkeypatch.setattr(VideoResNet, "frames_per_chunk", 10_000)
+        monkeypatch.setattr(VideoResNet, "trunk_frames_per_chunk", 10_000)
         whole = net(video)
-        for run in (1, 2, 7, 23, 45, 46):  # 45: runs of 23 + 23 frames, not 45 + 1
+        # 45: runs of 23 + 23 frames, not 45 + 1; (7, 20): trunk runs of 16 in stem runs of 6, 5, 5
+        for run, trunk_run in ((1, 10_000), (2, 10_000), (7, 10_000), (23, 10_000), (45, 10_000), (46, 10_000),
+                               (1, 1), (7, 20), (23, 7), (10_000, 23), (5, 45)):
             monkeypatch.setattr(VideoResNet, "frames_per_chunk", run)
-            assert torch.equal(net(video), whole), run
+            monkeypatch.setattr(VideoResNet, "trunk_frames_per_chunk", trunk_run)
+            assert torch.equal(net(video), whole), (run, trunk_run)
     assert whole.shape == (2, 23, 512)
 
 
