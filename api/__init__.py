@@ -9,7 +9,7 @@ from tasks.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app with the job and operations blueprints."""
-    from api import jobs, ops
+    from api import jobs, ops, ui, uploads
     from api.errors import register_error_handlers
     from api.limits import init_limits
     from tasks.logs import configure_logging
@@ -20,10 +20,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(AVSR_SETTINGS=settings, MAX_CONTENT_LENGTH=settings.max_request_bytes)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider
     register_error_handlers(app)
-    init_limits(app, settings, jobs.bp)
+    init_limits(app, settings, jobs.bp, uploads.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(ops.bp)
-    from api import ui, uploads
     app.register_blueprint(uploads.bp)
     app.register_blueprint(ui.bp)
     if not settings.tenants:

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from api.auth import authenticate, current_tenant
 from api.errors import ApiError, error_response
-from api.validation import check_job_id, idempotency_key, parse_job_request, query_int
+from api.validation import check_job_id, idempotency_key, json_body, parse_job_request, query_int
 from tasks import chain, heartbeat, jobs, webhooks
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 from tasks.records import JobRequest
@@ -134,14 +134,6 @@ def submit(body: object, *, legacy: bool = False) -> tuple[jobs.Job, bool]:
     current_app.logger.info("job submitted", extra={"job_id": job_id, "tenant": tenant.id,
                                                     "input_type": job_request["input"]["type"]})
     return job, True
-
-
-def json_body() -> object:
-    """The parsed JSON body (None if it is not JSON); nesting deep enough to exhaust the parser is invalid_json."""
-    try:
-        return request.get_json(silent=True)
-    except RecursionError:
-        raise ApiError("invalid_json", "the body is nested too deeply") from None
 
 
 @bp.post("/v1/jobs")

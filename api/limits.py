@@ -1,5 +1,5 @@
 """Rate limits (Flask-Limiter, counters in the same Redis): AVSR_RATE_LIMIT per API key on the job
-routes, and AVSR_AUTH_FAIL_LIMIT failed authentications per client address. Over a limit: 429
+and upload routes, and AVSR_AUTH_FAIL_LIMIT failed authentications per client address. Over a limit: 429
 `rate_limited` with Retry-After."""
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ def storage_uri(settings: Settings) -> str:
     return f"redis+sentinel://{hosts}/{sentinel.master_name}"
 
 
-def init_limits(app: Flask, settings: Settings, limited: Blueprint) -> Limiter:
-    """Limit the routes of `limited` and answer a breach with the service's error shape."""
+def init_limits(app: Flask, settings: Settings, *limited: Blueprint) -> Limiter:
+    """Limit the routes of the `limited` blueprints and answer a breach with the service's error shape."""
     limiter = Limiter(_client, app=app, storage_uri=storage_uri(settings), storage_options=dict(_TIMEOUTS),
                       strategy="fixed-window", headers_enabled=True, swallow_errors=True, key_prefix="avsr")
-    # Shared: one counter per client across every route of the blueprint.
-    limiter.shared_limit(settings.rate_limit, scope="requests")(limited)
-    limiter.shared_limit(settings.auth_fail_limit, key_func=get_remote_address, scope="auth-failures",
-                         deduct_when=lambda response: response.status_code == 401)(limited)
+    # Shared: one counter per client across every route of every limited blueprint.
+    requests = limiter.shared_limit(settings.rate_limit, scope="requests")
+    auth_failures = limiter.shared_limit(settings.auth_fail_limit, key_func=get_remote_address, scope="auth-failures",
+                                         deduct_when=lambda response: response.status_code == 401)
+    for blueprint in limited:
+        requests(blueprint)
+        auth_failures(blueprint)
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(exc: RateLimitExceeded) -> tuple[Response, int]:

@@ -12,11 +12,11 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from api.auth import authenticate, current_tenant
 from api.errors import ApiError
-from api.validation import upload_key
+from api.validation import json_body, upload_key
 from tasks import storage
 
 bp = Blueprint("uploads", __name__)
@@ -30,7 +30,7 @@ def _authenticate() -> None:
 @bp.post("/v1/uploads")
 def create_upload():
     settings = current_app.config["AVSR_SETTINGS"]
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise ApiError("invalid_json", "the body must be a JSON object")
     unknown = sorted(set(body) - {"filename", "size", "content_type"})

@@ -240,12 +240,22 @@ def _callback(value: Any, tenant: Tenant, allow_private: bool) -> str | None:
     return value
 
 
+def json_body() -> object:
+    """The parsed JSON body of the current request (None if it is not JSON); nesting deep enough to
+    exhaust the parser is `invalid_json`."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError("invalid_json", "the body is nested too deeply") from None
+
+
 def query_int(name: str, default: int, low: int, high: int) -> int:
-    """An integer query parameter of the current request in [low, high], else 400 `invalid_field`."""
+    """An integer query parameter of the current request in [low, high], else 400 `invalid_field`.
+    Only ASCII digits count (``str.isdigit`` also takes '²', which ``int`` refuses), at most 9 of them."""
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
         raise bad("invalid_field", f"'{name}' must be an integer from {low} to {high}")
     return int(raw)
 

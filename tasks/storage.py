@@ -59,9 +59,10 @@ def work_key(job_id: str, name: str) -> str:
     return f"{get_settings().work_prefix}{job_id}/{name}"
 
 
-def natural_key(text: str) -> list:
-    """Sort key that orders `frame_2` before `frame_10`."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+def natural_key(text: str) -> list[str | int]:
+    """Sort key that orders `frame_2` before `frame_10`: the digit runs (every odd part of the split,
+    decimal digits of any script) as numbers, the text between them lower-cased ('²' stays text)."""
+    return [int(part) if i % 2 else part.lower() for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
 @lru_cache(maxsize=4)

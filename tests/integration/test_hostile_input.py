@@ -46,7 +46,7 @@ RAW = ['{"s3_bucket": "avsr-test-inputs", "s3_prefix": "a/", "fps": NaN}',
        '{"s3_bucket": "avsr-test-inputs", "s3_prefix": "\udcff"}', '{"a": ' * 5000]
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs", "/predict"])
+@pytest.mark.parametrize("path", ["/v1/jobs", "/predict", "/v1/uploads"])
 @pytest.mark.parametrize("body", BODIES + [{"raw": raw} for raw in RAW])
 def test_hostile_bodies_get_documented_4xx(api, path, body):
     if isinstance(body, dict) and set(body) == {"raw"}:

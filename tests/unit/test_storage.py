@@ -14,6 +14,18 @@ def test_natural_order_puts_frame_2_before_frame_10():
         "clip/frame_1.jpg", "clip/frame_2.jpg", "clip/frame_10.jpg", "clip/Frame_11.jpg", "clip/frame_100.jpg"]
 
 
+@pytest.mark.parametrize("keys", [
+    ["f/0\u00b21.jpg", "f/0\u00b22.jpg", "f/1.jpg"],  # '²' is isdigit() but not a number int() reads
+    ["f/\u0663.jpg", "f/2.jpg", "f/10.jpg"],  # Arabic-Indic three is a decimal digit: 3
+    ["f/" + "9" * 900 + ".jpg", "f/1.jpg", "f/a.jpg", "f/.jpg"],
+])
+def test_natural_order_takes_any_key_name(keys):
+    ordered = sorted(keys, key=natural_key)
+    assert sorted(ordered, key=natural_key) == ordered
+    assert natural_key("f/\u0663.jpg") == ["f/", 3, ".jpg"]
+    assert natural_key("f/0\u00b21.jpg") == ["f/", 0, "\u00b2", 1, ".jpg"]
+
+
 def _client_error(code: str, status: int) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": code},
                         "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")

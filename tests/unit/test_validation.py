@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api.errors import ApiError
-from api.validation import check_job_id, idempotency_key, parse_job_request
+from api.validation import check_job_id, idempotency_key, parse_job_request, query_int
 from tasks.settings import Settings
 
 SETTINGS = Settings(allowed_buckets=("clips", "results"), output_buckets=("results",), callback_secret="s")
@@ -236,3 +236,20 @@ def test_bad_speaker_over_http_is_400(raw):
     response = client.post("/v1/jobs", data=f'{{"upload_id": "{"0" * 32}", "speaker": {raw}}}',
                            headers={"X-API-Key": "k", "Content-Type": "application/json"})
     assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_field"
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "\u0663", "9" * 5000, "-1", "+5", " 5", "5.0", "", "0x10", "1e2", "99"])
+def test_query_int_refuses_anything_but_ascii_digits_in_range(raw):
+    from flask import Flask
+
+    with Flask(__name__).test_request_context("/", query_string={"line_chars": raw}), pytest.raises(ApiError) as info:
+        query_int("line_chars", 42, 10, 80)
+    assert (info.value.code, info.value.status) == ("invalid_field", 400)
+
+
+def test_query_int_reads_its_range_and_default():
+    from flask import Flask
+
+    with Flask(__name__).test_request_context("/", query_string={"line_chars": "016"}):
+        assert query_int("line_chars", 42, 10, 80) == 16
+        assert query_int("max_lines", 2, 1, 6) == 2
