@@ -78,6 +78,11 @@ def test_upload_over_the_cap_is_413(client, stack):
 @pytest.mark.parametrize(("body", "code"), [
     ({}, "missing_field"), ({"size": "12"}, "invalid_field"), ({"size": 0}, "invalid_field"),
     ({"size": 10, "content_type": "text/html"}, "invalid_field"), ({"size": 10, "name": "x"}, "unknown_field"),
+    # what would go into the signature and the PUT's header: lone surrogates, line breaks, no subtype
+    ({"size": 10, "content_type": "video/\ud800"}, "invalid_field"),
+    ({"size": 10, "content_type": "video/mp4\r\nX-Injected: 1"}, "invalid_field"),
+    ({"size": 10, "content_type": "video/"}, "invalid_field"), ({"size": 10, "content_type": "video/" + "a" * 95},
+                                                                "invalid_field"),
 ])
 def test_bad_upload_requests(stack, body, code):
     response = requests.post(f"{stack.config.api_url}/v1/uploads", headers={"X-API-Key": API_KEY}, json=body,
