@@ -70,6 +70,12 @@ class Lease:
 
         threading.Thread(target=renew, name=f"avsr-lease-{self.task_id}", daemon=True).start()
 
+    def abandon(self) -> None:
+        """The delivery cannot end cleanly (Redis, the job store and broker, does not answer): stop
+        renewing and write nothing, so the lease lapses and the reaper re-publishes the task from the
+        registry once Redis answers, as for a worker that died (this delivery counts as one)."""
+        self._stop.set()
+
     def release(self, *, done: bool) -> None:
         """The delivery ended (succeeded, failed or will be retried): drop the lease; `done` marks the
         task id finished so a stray duplicate delivery is skipped."""

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+import redis
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from tasks import jobs, leases
 from tasks.celery_app import app
@@ -25,6 +27,8 @@ from tasks.webhooks import enqueue as enqueue_webhook
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 4
+# Redis (job store and broker) not answering: an outage of the service, not an outcome of the job
+REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 
 
 def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
@@ -74,6 +78,16 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
                 return result
             except Ignore:
                 raise
+            except REDIS_UNREACHABLE as exc:
+                # Neither a failed job nor a lost stage: with the lease, the reaper runs the stage again once
+                # Redis answers (the lease lapses, its registry entry stays); before it, the message goes back
+                # to the queue (or, if Redis still does not answer, stays unacknowledged until re-delivered).
+                log.warning("%s interrupted: Redis does not answer (%s); the stage runs again", short, exc)
+                if lease is None:
+                    raise Reject(exc, requeue=True) from exc
+                lease.abandon()
+                lease = None
+                raise Ignore() from exc
             except Exception as exc:
                 error = as_job_error(exc)
                 if error.retryable and self.request.retries < MAX_RETRIES:
