@@ -66,8 +66,10 @@ def deliver_webhook(job_id: str, attempt: int, countdown: float = 0.0) -> None:
 
 
 def cancel(job_id: str) -> jobs.Job | None:
-    """Mark the job cancelled and revoke its tasks (queued ones are dropped, running ones stop
-    at their next check)."""
+    """Mark the job cancelled, revoke its tasks (queued ones are dropped, running ones stop at their
+    next check) and start its webhook's delivery (a cancelled job is finished too)."""
+    from tasks.webhooks import enqueue as enqueue_webhook
+
     job = jobs.update(job_id, status=jobs.CANCELLED, finished_at=time.time(), stage="cancelled")
     if job is None:
         return None
@@ -75,4 +77,6 @@ def cancel(job_id: str) -> jobs.Job | None:
     ids += [task_id(job_id, f"chunk.{i}") for i in range(job.get("chunks_total") or 0)]
     ids += [task_id(job_id, f"early.{i}") for i in range(job.get("early_batches") or 0)]
     app.control.revoke(ids)
+    if job["status"] == jobs.CANCELLED:  # not a job that had already finished otherwise
+        enqueue_webhook(job)
     return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from standardwebhooks import Webhook
@@ -74,3 +75,20 @@ def test_a_name_is_resolved_once_and_sent_as_the_host_header(scratch, webhook_re
     assert webhooks.post(named, b"{}", "msg_x", "s3cret", allow_private=True) == 204
     headers = received[0][0]
     assert headers["Host"] == named.split("/")[2] and headers["webhook-id"] == "msg_x"
+
+
+def test_a_cancelled_job_posts_its_webhook(scratch, webhook_receiver):
+    from tasks import chain
+
+    scratch.setenv("AVSR_CALLBACK_ALLOW_PRIVATE", "true")
+    get_settings.cache_clear()
+    url, received = webhook_receiver
+    job = jobs.create({"callback_url": url})  # type: ignore[typeddict-item]
+    assert chain.cancel(job["job_id"])["status"] == jobs.CANCELLED  # publishes attempt 1 (no worker there)
+    chain.cancel(job["job_id"])  # cancelled twice: still one delivery
+    state = webhooks.state(job["job_id"])
+    assert state["status"] == "pending"
+    assert webhooks.deliver(job["job_id"], 1) is None
+    assert len(received) == 1 and webhooks.state(job["job_id"])["status"] == "delivered"
+    body = json.loads(received[0][1])
+    assert (body["type"], body["status"], body["job_id"]) == ("job.cancelled", "cancelled", job["job_id"])
