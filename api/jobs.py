@@ -173,10 +173,36 @@ def get_result(job_id: str):
     return Response(body, mimetype=mimetype)
 
 
-def _predict_waiters() -> threading.BoundedSemaphore:
-    """This API process's slots for /predict callers waiting on their job (AVSR_PREDICT_MAX_WAITERS)."""
-    limit = current_app.config["AVSR_SETTINGS"].predict_max_waiters
-    return current_app.extensions.setdefault("avsr_predict_waiters", threading.BoundedSemaphore(limit))
+class PredictSlots:
+    """Slots for /predict callers waiting on their job: `limit` in all, at most `per_tenant` held by
+    one tenant (so one tenant's burst cannot refuse every other tenant)."""
+
+    def __init__(self, limit: int, per_tenant: int) -> None:
+        self.limit, self.per_tenant = limit, per_tenant
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> bool:
+        with self._lock:
+            if sum(self._held.values()) >= self.limit or self._held.get(tenant, 0) >= self.per_tenant:
+                return False
+            self._held[tenant] = self._held.get(tenant, 0) + 1
+            return True
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            self._held[tenant] -= 1
+            if not self._held[tenant]:
+                del self._held[tenant]
+
+
+def _predict_slots() -> PredictSlots:
+    """This API process's /predict slots: AVSR_PREDICT_MAX_WAITERS, of which one tenant holds at most
+    half when several tenants are configured."""
+    settings = current_app.config["AVSR_SETTINGS"]
+    limit = settings.predict_max_waiters
+    per_tenant = limit if len(settings.tenants) <= 1 else max(1, limit // 2)
+    return current_app.extensions.setdefault("avsr_predict_slots", PredictSlots(limit, per_tenant))
 
 
 PREDICT_RETRY_AFTER_S = 5
@@ -187,11 +213,12 @@ def predict():
     """The old single-server contract: frames in, waits for the transcript (bounded).
 
     A waiting caller holds a server thread, so at most AVSR_PREDICT_MAX_WAITERS wait per API process
-    (fewer than its threads: /health and the job routes always find one); the next is refused with
-    503 `predict_busy` and Retry-After before any job is made.
+    (fewer than its threads: /health and the job routes always find one), one tenant at most half of
+    them when there are several; the next is refused with 503 `predict_busy` and Retry-After before
+    any job is made.
     """
-    waiters = _predict_waiters()
-    if not waiters.acquire(blocking=False):
+    slots, tenant = _predict_slots(), current_tenant().id
+    if not slots.acquire(tenant):
         response, status = error_response("predict_busy", "too many /predict calls are waiting; retry later, "
                                           "or submit with POST /v1/jobs and poll")
         response.headers["Retry-After"] = str(PREDICT_RETRY_AFTER_S)
@@ -199,7 +226,7 @@ def predict():
     try:
         return _predict()
     finally:
-        waiters.release()
+        slots.release(tenant)
 
 
 def _predict():

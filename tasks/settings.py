@@ -87,7 +87,8 @@ class Settings:
                                        doc="how long POST /predict waits for its job")
     predict_max_waiters: int = setting("AVSR_PREDICT_MAX_WAITERS", 16, kind=int,
                                        doc="POST /predict callers one API process lets wait (keep below "
-                                           "gunicorn --threads); more get 503 predict_busy")
+                                           "gunicorn --threads), one tenant at most half of them when there are "
+                                           "several; more get 503 predict_busy")
     rate_limit: str = setting("AVSR_RATE_LIMIT", "600/minute",
                               doc="requests per API key (or client address without one) on /v1 and /predict")
     auth_fail_limit: str = setting("AVSR_AUTH_FAIL_LIMIT", "30/minute",

@@ -47,3 +47,17 @@ def test_a_key_resolves_to_its_tenant():
 def test_malformed_tenants_fail_at_start_up(raw):
     with pytest.raises(ValueError):
         Settings(tenants_json=raw)
+
+
+def test_predict_slots_keep_room_for_other_tenants():
+    from api.jobs import PredictSlots
+
+    slots = PredictSlots(limit=4, per_tenant=2)
+    assert [slots.acquire("a") for _ in range(3)] == [True, True, False]  # a's share is full
+    assert [slots.acquire("b") for _ in range(3)] == [True, True, False]
+    assert not slots.acquire("c")  # all four held
+    slots.release("a")
+    assert not slots.acquire("b") and slots.acquire("c")
+    for tenant in ("a", "b", "b", "c"):
+        slots.release(tenant)
+    assert [slots.acquire("a") for _ in range(3)] == [True, True, False]
