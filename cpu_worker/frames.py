@@ -198,6 +198,8 @@ class VideoFile:
             if not c.streams.video:
                 raise BadMedia("no video stream")
             vs = c.streams.video[0]
+            if vs.codec_context is None:  # PyAV has no decoder for its codec (e.g. an unknown fourcc)
+                raise BadMedia("the video stream's codec cannot be decoded")
             rate = vs.average_rate or vs.guessed_rate
             self.source_fps = float(rate) if rate else FPS
             self.has_audio = bool(c.streams.audio)

@@ -99,6 +99,21 @@ def test_bad_media_raises_with_code(tmp_path: Path) -> None:
         VideoFile(wav_only)
 
 
+def test_a_video_codec_without_a_decoder_is_bad_media(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+            c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    data = path.read_bytes()
+    assert data.count(b"MJPG") == 2  # the AVI's fourcc, in its stream header and its format block
+    with pytest.raises(BadMedia, match="cannot be decoded"):
+        VideoFile(data.replace(b"MJPG", b"ZZZZ"))
+
+
 def test_resample_timed_variable_rate() -> None:
     # timestamps with jitter and a duplicate: every 25 fps slot gets the nearest frame
     ts = [0.0, 0.03, 0.09, 0.09, 0.12, 0.2]
