@@ -180,6 +180,23 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
         raise BadMedia(f"cannot open media: {exc}") from exc
 
 
+def to_mono_16k(frames: Iterable[av.AudioFrame]) -> Iterator[np.ndarray]:
+    """16 kHz mono int16 chunks of audio frames whose rate, layout or format may change mid-stream: a change
+    flushes the resampler and starts a new one (``av.AudioResampler`` refuses a frame unlike its first)."""
+    resampler: av.AudioResampler | None = None
+    source: tuple[str, str, int] | None = None
+    for frame in frames:
+        kind = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if kind != source:
+            if resampler is not None:
+                yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+            resampler, source = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE), kind
+        assert resampler is not None
+        yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    if resampler is not None:
+        yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+
+
 class VideoFile:
     """A video file (mp4/mov/webm/avi/mkv, path or bytes): 25 fps BGR frames and 16 kHz mono audio.
 
@@ -266,20 +283,19 @@ class VideoFile:
         """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none."""
         if not self.has_audio:
             return None
-        chunks: list[np.ndarray] = []
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
         with _open(self.source) as c:
-            stream = c.streams.audio[0]
-            for packet in c.demux(stream):
-                try:
-                    frames = packet.decode()
-                except av.FFmpegError:
-                    self.corrupt_skipped += 1
-                    continue
-                for frame in frames:
-                    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+            chunks = list(to_mono_16k(self._audio_frames(c)))
         return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+
+    def _audio_frames(self, c: av.container.InputContainer) -> Iterator[av.AudioFrame]:
+        """The decoded frames of `c`'s first audio stream; undecodable packets are skipped and counted."""
+        for packet in c.demux(c.streams.audio[0]):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                self.corrupt_skipped += 1
+                continue
+            yield from frames
 
 
 class VideoWindow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from cpu_worker.errors import BadMedia
-from cpu_worker.frames import ImageSequence, VideoFile, decode_image, image_size, resample_timed
+from cpu_worker.frames import ImageSequence, VideoFile, decode_image, image_size, resample_timed, to_mono_16k
 from tasks.errors import JobError
 from tasks.settings import get_settings
 
@@ -112,6 +113,52 @@ def test_a_video_codec_without_a_decoder_is_bad_media(tmp_path: Path) -> None:
     assert data.count(b"MJPG") == 2  # the AVI's fourcc, in its stream header and its format block
     with pytest.raises(BadMedia, match="cannot be decoded"):
         VideoFile(data.replace(b"MJPG", b"ZZZZ"))
+
+
+def _tone(rate: int, seconds: float) -> np.ndarray:
+    """A 440 Hz tone at 0.3 full scale, mono int16 [1,N]."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)[None]
+
+
+def _audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+    frame.sample_rate = rate
+    return frame
+
+
+def test_audio_whose_sample_rate_changes_mid_stream_is_decoded_whole(tmp_path: Path) -> None:
+    path = tmp_path / "two_rates.mkv"  # 2 s of video; 1 s of MP2 at 48 kHz, then 1 s at 22.05 kHz
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        aus = c.add_stream("mp2", rate=48000)
+        aus.layout = "mono"
+        for _ in range(50):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        later = av.CodecContext.create("mp2", "w")
+        later.sample_rate, later.layout, later.format = 22050, "mono", "s16"
+        for enc, rate in ((aus.codec_context, 48000), (later, 22050)):
+            for p in [*enc.encode(_audio_frame(_tone(rate, 1.0), rate)), *enc.encode(None)]:
+                p.stream, p.time_base = aus, Fraction(1, rate)
+                p.pts = p.dts = None if enc is later else p.pts
+                c.mux(p)
+    with av.open(str(path)) as c:
+        assert {f.sample_rate for f in c.decode(audio=0)} == {48000, 22050}
+    wav = VideoFile(path).audio()
+    assert wav is not None and abs(wav.size - 32000) < 1600  # both seconds, at 16 kHz
+    assert 0.2 * 32768 < np.abs(wav[-8000:]).max() < 0.4 * 32768  # the second rate's tone is there
+
+
+def test_to_mono_16k_follows_changes_after_a_passthrough_start() -> None:
+    # 16 kHz mono s16 needs no conversion: a later 32 kHz frame must still be converted, not passed through
+    frames = [_audio_frame(_tone(16000, 0.5), 16000), _audio_frame(_tone(32000, 0.5), 32000)]
+    wav = np.concatenate(list(to_mono_16k(frames)))
+    assert abs(wav.size - 16000) < 200
+    np.testing.assert_array_equal(wav[:8000], _tone(16000, 0.5)[0])
 
 
 def test_resample_timed_variable_rate() -> None:
