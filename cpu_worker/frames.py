@@ -33,6 +33,7 @@ Image.MAX_IMAGE_PIXELS = None  # our own cap (FrameLimits) applies, before decod
 log = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
+AUDIO_MARGIN_S = 1.0  # audio decoded past the video's end (`audio_samples`)
 
 
 T = TypeVar("T")
@@ -180,6 +181,12 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
         raise BadMedia(f"cannot open media: {exc}") from exc
 
 
+def audio_samples(num_frames: int) -> int:
+    """The 16 kHz samples a clip of `num_frames` 25 fps frames reads, with AUDIO_MARGIN_S to spare (its audio
+    features and energy are cut to the clip's frames: a filterbank row reads 15 ms past its frame)."""
+    return round((num_frames / FPS + AUDIO_MARGIN_S) * AUDIO_RATE)
+
+
 def to_mono_16k(frames: Iterable[av.AudioFrame]) -> Iterator[np.ndarray]:
     """16 kHz mono int16 chunks of audio frames whose rate, layout or format may change mid-stream: a change
     flushes the resampler and starts a new one (``av.AudioResampler`` refuses a frame unlike its first)."""
@@ -279,13 +286,21 @@ class VideoFile:
         decoded from the key frame before ``start`` rather than from the beginning."""
         return VideoWindow(self, start, end)
 
-    def audio(self) -> np.ndarray | None:
-        """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none."""
+    def audio(self, max_samples: int | None = None) -> np.ndarray | None:
+        """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none;
+        at most its first `max_samples` (decoding stops there: hours of audio behind a short video)."""
         if not self.has_audio:
             return None
+        chunks: list[np.ndarray] = []
+        total = 0
         with _open(self.source) as c:
-            chunks = list(to_mono_16k(self._audio_frames(c)))
-        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+            for chunk in to_mono_16k(self._audio_frames(c)):
+                chunks.append(chunk)
+                total += chunk.size
+                if max_samples is not None and total >= max_samples:
+                    break
+        wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+        return wave[:max_samples]
 
     def _audio_frames(self, c: av.container.InputContainer) -> Iterator[av.AudioFrame]:
         """The decoded frames of `c`'s first audio stream; undecodable packets are skipped and counted."""

@@ -115,7 +115,7 @@ def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> Inpu
         raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
     has_audio = video.has_audio
     if has_audio:
-        wave = video.audio()
+        wave = video.audio(frames_lib.audio_samples(num_frames))  # not the audio past the video's end
         assert wave is not None  # has_audio
         storage.put_arrays(work_bucket(), work_key(job_id, "audio.npz"),
                            features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),

@@ -11,8 +11,19 @@ import cv2
 import numpy as np
 import pytest
 
+from cpu_worker import audio as audio_lib
+from cpu_worker import stages
 from cpu_worker.errors import BadMedia
-from cpu_worker.frames import ImageSequence, VideoFile, decode_image, image_size, resample_timed, to_mono_16k
+from cpu_worker.frames import (
+    ImageSequence,
+    VideoFile,
+    audio_samples,
+    decode_image,
+    image_size,
+    resample_timed,
+    to_mono_16k,
+)
+from tasks import storage
 from tasks.errors import JobError
 from tasks.settings import get_settings
 
@@ -159,6 +170,62 @@ def test_to_mono_16k_follows_changes_after_a_passthrough_start() -> None:
     wav = np.concatenate(list(to_mono_16k(frames)))
     assert abs(wav.size - 16000) < 200
     np.testing.assert_array_equal(wav[:8000], _tone(16000, 0.5)[0])
+
+
+def _long_audio_clip(path: Path) -> Path:
+    """1 s of video, 120 s of 8 kHz noise."""
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        aus = c.add_stream("pcm_s16le", rate=8000)
+        aus.layout = "mono"
+        for _ in range(25):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        noise = np.random.default_rng(0).integers(-8000, 8000, (1, 8000), dtype=np.int16)
+        for _ in range(120):
+            for p in aus.encode(_audio_frame(noise, 8000)):
+                c.mux(p)
+    return path
+
+
+def test_audio_past_the_video_is_not_decoded(tmp_path: Path, monkeypatch) -> None:
+    video = VideoFile(_long_audio_clip(tmp_path / "long_audio.mkv"))
+    num_frames = video.num_frames()
+    assert num_frames == 25
+    full = video.audio()
+    assert full is not None and full.size > 100 * 16000
+    decoded: list[int] = []
+    frames_of = VideoFile._audio_frames
+
+    def counted(self: VideoFile, c: av.container.InputContainer):
+        for frame in frames_of(self, c):
+            decoded.append(frame.samples)
+            yield frame
+
+    monkeypatch.setattr(VideoFile, "_audio_frames", counted)
+    wav = video.audio(audio_samples(num_frames))
+    assert wav is not None and wav.size == audio_samples(num_frames) == 32000  # 1 s + AUDIO_MARGIN_S
+    assert sum(decoded) <= 3 * 8000  # decoding stopped a packet or so past 2 s, not after 120 s
+    # what the clip reads of its audio features and energy is unchanged
+    np.testing.assert_array_equal(audio_lib.audio_features(wav)[:num_frames],
+                                  audio_lib.audio_features(full)[:num_frames])
+    np.testing.assert_array_equal(audio_lib.frame_energy_db(wav)[:num_frames],
+                                  audio_lib.frame_energy_db(full)[:num_frames])
+
+
+def test_prepare_keeps_the_audio_the_clip_reads(tmp_path: Path, monkeypatch) -> None:
+    path = _long_audio_clip(tmp_path / "long_audio.mkv")
+    stored: dict[str, np.ndarray] = {}
+    monkeypatch.setattr(stages.storage, "head", lambda bucket, key: storage.S3Object(key, path.stat().st_size))
+    monkeypatch.setattr(stages.storage, "cached_download", lambda obj, bucket: path)
+    monkeypatch.setattr(stages.storage, "put_arrays", lambda bucket, key, **arrays: stored.update(arrays))
+    plan = stages._prepare_video("job", {"type": "video", "bucket": "in", "key": "clip.mkv"}, {"modality": "auto"})
+    assert plan["num_frames"] == 25 and plan["has_audio"]
+    # 1 s of video + AUDIO_MARGIN_S at 25 Hz, not the 120 s of the audio track
+    assert stored["features"].shape == (50, 104) and stored["energy_db"].shape == (50,)
 
 
 def test_resample_timed_variable_rate() -> None:
