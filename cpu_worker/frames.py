@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
 AUDIO_MARGIN_S = 1.0  # audio decoded past the video's end (`audio_samples`)
+PACKETS_PER_FRAME = 16  # video packets a 25 fps frame may take in `num_frames` (sources up to 400 fps)
 
 
 T = TypeVar("T")
@@ -262,10 +263,13 @@ class VideoFile:
     def __iter__(self) -> Iterator[np.ndarray]:
         return resample_timed(self._timed(), FPS, t0=self._t0)
 
-    def num_frames(self) -> int:
+    def num_frames(self, max_frames: int | None = None) -> int:
         """Frames the 25 fps stream will have, from packet timestamps (no decoding; exact unless the last
-        frames turn out corrupt).  Falls back to decoding when the container has no timestamps."""
+        frames turn out corrupt).  Falls back to decoding when the container has no timestamps.  With
+        `max_frames`, over PACKETS_PER_FRAME × `max_frames` packets are refused (input_too_large) before
+        their timestamps are all kept (a stream of tiny packets would take GBs)."""
         times: list[float] = []
+        max_packets = None if max_frames is None else PACKETS_PER_FRAME * max_frames
         with _open(self.source) as c:
             stream = c.streams.video[0]
             for packet in c.demux(stream):
@@ -275,6 +279,9 @@ class VideoFile:
                     times = []
                     break
                 times.append(float(packet.pts * packet.time_base))
+                if max_packets is not None and len(times) > max_packets:
+                    raise input_too_large(f"the video has over {max_packets} packets, more than {PACKETS_PER_FRAME} "
+                                          f"per frame of AVSR_MAX_FRAMES={max_frames}")
         if not times:
             return sum(1 for _ in self)
         times = sorted(set(times))

@@ -108,7 +108,7 @@ def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> Inpu
     if obj.size > settings.max_input_bytes:
         raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
     video = frames_lib.VideoFile(storage.cached_download(obj, source["bucket"]))
-    num_frames = video.num_frames()
+    num_frames = video.num_frames(settings.max_frames)
     if num_frames <= 0:
         raise NoFrames("the video has no decodable frames")
     if num_frames > settings.max_frames:

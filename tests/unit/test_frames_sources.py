@@ -228,6 +228,30 @@ def test_prepare_keeps_the_audio_the_clip_reads(tmp_path: Path, monkeypatch) -> 
     assert stored["features"].shape == (50, 104) and stored["energy_db"].shape == (50,)
 
 
+def test_a_video_of_many_tiny_packets_is_refused_before_they_are_all_kept(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "fast.mkv"  # 200 frames at 1000 fps: 5 frames at 25 fps, in 200 packets
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=1000)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        for _ in range(200):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    video = VideoFile(path)
+    assert video.num_frames(max_frames=13) == video.num_frames() == 5  # 200 <= 16 × 13 packets
+    monkeypatch.setattr(stages.storage, "head", lambda bucket, key: storage.S3Object(key, path.stat().st_size))
+    monkeypatch.setattr(stages.storage, "cached_download", lambda obj, bucket: path)
+    monkeypatch.setenv("AVSR_MAX_FRAMES", "12")  # 5 frames pass it; 200 packets are over 16 × 12
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(JobError) as info:
+            stages._prepare_video("job", {"type": "video", "bucket": "in", "key": "fast.mkv"}, {"modality": "auto"})
+        assert info.value.code == "input_too_large" and "over 192 packets" in info.value.message
+    finally:
+        get_settings.cache_clear()
+
+
 def test_resample_timed_variable_rate() -> None:
     # timestamps with jitter and a duplicate: every 25 fps slot gets the nearest frame
     ts = [0.0, 0.03, 0.09, 0.09, 0.12, 0.2]
