@@ -58,7 +58,7 @@ def transcribe(path: str | Path, *, model: str | Path, modality: str | None = No
     num_frames = video.num_frames()
     if num_frames <= 0:
         raise NoFrames("the video has no decodable frames")
-    wave = video.audio() if video.has_audio else None
+    wave = video.audio(frames_lib.audio_samples(num_frames)) if video.has_audio else None
     chosen = resolve_modality(modality or "auto", wave is not None)
     chunks = segmentation.plan_chunks(num_frames, chunk_frames=settings.chunk_frames, overlap=CHUNK_OVERLAP)
     parts = []

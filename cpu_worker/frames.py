@@ -33,6 +33,8 @@ Image.MAX_IMAGE_PIXELS = None  # our own cap (FrameLimits) applies, before decod
 log = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
+AUDIO_MARGIN_S = 1.0  # audio decoded past the video's end (`audio_samples`)
+PACKETS_PER_FRAME = 16  # video packets a 25 fps frame may take in `num_frames` (sources up to 400 fps)
 
 
 T = TypeVar("T")
@@ -180,6 +182,29 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
         raise BadMedia(f"cannot open media: {exc}") from exc
 
 
+def audio_samples(num_frames: int) -> int:
+    """The 16 kHz samples a clip of `num_frames` 25 fps frames reads, with AUDIO_MARGIN_S to spare (its audio
+    features and energy are cut to the clip's frames: a filterbank row reads 15 ms past its frame)."""
+    return round((num_frames / FPS + AUDIO_MARGIN_S) * AUDIO_RATE)
+
+
+def to_mono_16k(frames: Iterable[av.AudioFrame]) -> Iterator[np.ndarray]:
+    """16 kHz mono int16 chunks of audio frames whose rate, layout or format may change mid-stream: a change
+    flushes the resampler and starts a new one (``av.AudioResampler`` refuses a frame unlike its first)."""
+    resampler: av.AudioResampler | None = None
+    source: tuple[str, str, int] | None = None
+    for frame in frames:
+        kind = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if kind != source:
+            if resampler is not None:
+                yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+            resampler, source = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE), kind
+        assert resampler is not None
+        yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    if resampler is not None:
+        yield from (f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+
+
 class VideoFile:
     """A video file (mp4/mov/webm/avi/mkv, path or bytes): 25 fps BGR frames and 16 kHz mono audio.
 
@@ -198,6 +223,8 @@ class VideoFile:
             if not c.streams.video:
                 raise BadMedia("no video stream")
             vs = c.streams.video[0]
+            if vs.codec_context is None:  # PyAV has no decoder for its codec (e.g. an unknown fourcc)
+                raise BadMedia("the video stream's codec cannot be decoded")
             rate = vs.average_rate or vs.guessed_rate
             self.source_fps = float(rate) if rate else FPS
             self.has_audio = bool(c.streams.audio)
@@ -236,10 +263,13 @@ class VideoFile:
     def __iter__(self) -> Iterator[np.ndarray]:
         return resample_timed(self._timed(), FPS, t0=self._t0)
 
-    def num_frames(self) -> int:
+    def num_frames(self, max_frames: int | None = None) -> int:
         """Frames the 25 fps stream will have, from packet timestamps (no decoding; exact unless the last
-        frames turn out corrupt).  Falls back to decoding when the container has no timestamps."""
+        frames turn out corrupt).  Falls back to decoding when the container has no timestamps.  With
+        `max_frames`, over PACKETS_PER_FRAME × `max_frames` packets are refused (input_too_large) before
+        their timestamps are all kept (a stream of tiny packets would take GBs)."""
         times: list[float] = []
+        max_packets = None if max_frames is None else PACKETS_PER_FRAME * max_frames
         with _open(self.source) as c:
             stream = c.streams.video[0]
             for packet in c.demux(stream):
@@ -249,6 +279,9 @@ class VideoFile:
                     times = []
                     break
                 times.append(float(packet.pts * packet.time_base))
+                if max_packets is not None and len(times) > max_packets:
+                    raise input_too_large(f"the video has over {max_packets} packets, more than {PACKETS_PER_FRAME} "
+                                          f"per frame of AVSR_MAX_FRAMES={max_frames}")
         if not times:
             return sum(1 for _ in self)
         times = sorted(set(times))
@@ -260,24 +293,31 @@ class VideoFile:
         decoded from the key frame before ``start`` rather than from the beginning."""
         return VideoWindow(self, start, end)
 
-    def audio(self) -> np.ndarray | None:
-        """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none."""
+    def audio(self, max_samples: int | None = None) -> np.ndarray | None:
+        """The first audio stream as 16 kHz mono int16 (``av.AudioResampler``), or None if there is none;
+        at most its first `max_samples` (decoding stops there: hours of audio behind a short video)."""
         if not self.has_audio:
             return None
         chunks: list[np.ndarray] = []
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_RATE)
+        total = 0
         with _open(self.source) as c:
-            stream = c.streams.audio[0]
-            for packet in c.demux(stream):
-                try:
-                    frames = packet.decode()
-                except av.FFmpegError:
-                    self.corrupt_skipped += 1
-                    continue
-                for frame in frames:
-                    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+            for chunk in to_mono_16k(self._audio_frames(c)):
+                chunks.append(chunk)
+                total += chunk.size
+                if max_samples is not None and total >= max_samples:
+                    break
+        wave = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+        return wave[:max_samples]
+
+    def _audio_frames(self, c: av.container.InputContainer) -> Iterator[av.AudioFrame]:
+        """The decoded frames of `c`'s first audio stream; undecodable packets are skipped and counted."""
+        for packet in c.demux(c.streams.audio[0]):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                self.corrupt_skipped += 1
+                continue
+            yield from frames
 
 
 class VideoWindow:

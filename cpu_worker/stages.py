@@ -108,14 +108,14 @@ def _prepare_video(job_id: str, source: VideoInput, request: JobRequest) -> Inpu
     if obj.size > settings.max_input_bytes:
         raise input_too_large(f"video is {obj.size} bytes, limit {settings.max_input_bytes}")
     video = frames_lib.VideoFile(storage.cached_download(obj, source["bucket"]))
-    num_frames = video.num_frames()
+    num_frames = video.num_frames(settings.max_frames)
     if num_frames <= 0:
         raise NoFrames("the video has no decodable frames")
     if num_frames > settings.max_frames:
         raise input_too_large(f"{num_frames} frames at 25 fps, limit {settings.max_frames}")
     has_audio = video.has_audio
     if has_audio:
-        wave = video.audio()
+        wave = video.audio(frames_lib.audio_samples(num_frames))  # not the audio past the video's end
         assert wave is not None  # has_audio
         storage.put_arrays(work_bucket(), work_key(job_id, "audio.npz"),
                            features=audio_lib.audio_features(wave, frames_lib.AUDIO_RATE),

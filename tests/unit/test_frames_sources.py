@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -10,8 +11,19 @@ import cv2
 import numpy as np
 import pytest
 
+from cpu_worker import audio as audio_lib
+from cpu_worker import stages
 from cpu_worker.errors import BadMedia
-from cpu_worker.frames import ImageSequence, VideoFile, decode_image, image_size, resample_timed
+from cpu_worker.frames import (
+    ImageSequence,
+    VideoFile,
+    audio_samples,
+    decode_image,
+    image_size,
+    resample_timed,
+    to_mono_16k,
+)
+from tasks import storage
 from tasks.errors import JobError
 from tasks.settings import get_settings
 
@@ -97,6 +109,147 @@ def test_bad_media_raises_with_code(tmp_path: Path) -> None:
             c.mux(p)
     with pytest.raises(BadMedia, match="no video stream"):
         VideoFile(wav_only)
+
+
+def test_a_video_codec_without_a_decoder_is_bad_media(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+            c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    data = path.read_bytes()
+    assert data.count(b"MJPG") == 2  # the AVI's fourcc, in its stream header and its format block
+    with pytest.raises(BadMedia, match="cannot be decoded"):
+        VideoFile(data.replace(b"MJPG", b"ZZZZ"))
+
+
+def _tone(rate: int, seconds: float) -> np.ndarray:
+    """A 440 Hz tone at 0.3 full scale, mono int16 [1,N]."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)[None]
+
+
+def _audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+    frame.sample_rate = rate
+    return frame
+
+
+def test_audio_whose_sample_rate_changes_mid_stream_is_decoded_whole(tmp_path: Path) -> None:
+    path = tmp_path / "two_rates.mkv"  # 2 s of video; 1 s of MP2 at 48 kHz, then 1 s at 22.05 kHz
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        aus = c.add_stream("mp2", rate=48000)
+        aus.layout = "mono"
+        for _ in range(50):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        later = av.CodecContext.create("mp2", "w")
+        later.sample_rate, later.layout, later.format = 22050, "mono", "s16"
+        for enc, rate in ((aus.codec_context, 48000), (later, 22050)):
+            for p in [*enc.encode(_audio_frame(_tone(rate, 1.0), rate)), *enc.encode(None)]:
+                p.stream, p.time_base = aus, Fraction(1, rate)
+                p.pts = p.dts = None if enc is later else p.pts
+                c.mux(p)
+    with av.open(str(path)) as c:
+        assert {f.sample_rate for f in c.decode(audio=0)} == {48000, 22050}
+    wav = VideoFile(path).audio()
+    assert wav is not None and abs(wav.size - 32000) < 1600  # both seconds, at 16 kHz
+    assert 0.2 * 32768 < np.abs(wav[-8000:]).max() < 0.4 * 32768  # the second rate's tone is there
+
+
+def test_to_mono_16k_follows_changes_after_a_passthrough_start() -> None:
+    # 16 kHz mono s16 needs no conversion: a later 32 kHz frame must still be converted, not passed through
+    frames = [_audio_frame(_tone(16000, 0.5), 16000), _audio_frame(_tone(32000, 0.5), 32000)]
+    wav = np.concatenate(list(to_mono_16k(frames)))
+    assert abs(wav.size - 16000) < 200
+    np.testing.assert_array_equal(wav[:8000], _tone(16000, 0.5)[0])
+
+
+def _long_audio_clip(path: Path) -> Path:
+    """1 s of video, 120 s of 8 kHz noise."""
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        aus = c.add_stream("pcm_s16le", rate=8000)
+        aus.layout = "mono"
+        for _ in range(25):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        noise = np.random.default_rng(0).integers(-8000, 8000, (1, 8000), dtype=np.int16)
+        for _ in range(120):
+            for p in aus.encode(_audio_frame(noise, 8000)):
+                c.mux(p)
+    return path
+
+
+def test_audio_past_the_video_is_not_decoded(tmp_path: Path, monkeypatch) -> None:
+    video = VideoFile(_long_audio_clip(tmp_path / "long_audio.mkv"))
+    num_frames = video.num_frames()
+    assert num_frames == 25
+    full = video.audio()
+    assert full is not None and full.size > 100 * 16000
+    decoded: list[int] = []
+    frames_of = VideoFile._audio_frames
+
+    def counted(self: VideoFile, c: av.container.InputContainer):
+        for frame in frames_of(self, c):
+            decoded.append(frame.samples)
+            yield frame
+
+    monkeypatch.setattr(VideoFile, "_audio_frames", counted)
+    wav = video.audio(audio_samples(num_frames))
+    assert wav is not None and wav.size == audio_samples(num_frames) == 32000  # 1 s + AUDIO_MARGIN_S
+    assert sum(decoded) <= 3 * 8000  # decoding stopped a packet or so past 2 s, not after 120 s
+    # what the clip reads of its audio features and energy is unchanged
+    np.testing.assert_array_equal(audio_lib.audio_features(wav)[:num_frames],
+                                  audio_lib.audio_features(full)[:num_frames])
+    np.testing.assert_array_equal(audio_lib.frame_energy_db(wav)[:num_frames],
+                                  audio_lib.frame_energy_db(full)[:num_frames])
+
+
+def test_prepare_keeps_the_audio_the_clip_reads(tmp_path: Path, monkeypatch) -> None:
+    path = _long_audio_clip(tmp_path / "long_audio.mkv")
+    stored: dict[str, np.ndarray] = {}
+    monkeypatch.setattr(stages.storage, "head", lambda bucket, key: storage.S3Object(key, path.stat().st_size))
+    monkeypatch.setattr(stages.storage, "cached_download", lambda obj, bucket: path)
+    monkeypatch.setattr(stages.storage, "put_arrays", lambda bucket, key, **arrays: stored.update(arrays))
+    plan = stages._prepare_video("job", {"type": "video", "bucket": "in", "key": "clip.mkv"}, {"modality": "auto"})
+    assert plan["num_frames"] == 25 and plan["has_audio"]
+    # 1 s of video + AUDIO_MARGIN_S at 25 Hz, not the 120 s of the audio track
+    assert stored["features"].shape == (50, 104) and stored["energy_db"].shape == (50,)
+
+
+def test_a_video_of_many_tiny_packets_is_refused_before_they_are_all_kept(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "fast.mkv"  # 200 frames at 1000 fps: 5 frames at 25 fps, in 200 packets
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mjpeg", rate=1000)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        for _ in range(200):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    video = VideoFile(path)
+    assert video.num_frames(max_frames=13) == video.num_frames() == 5  # 200 <= 16 × 13 packets
+    monkeypatch.setattr(stages.storage, "head", lambda bucket, key: storage.S3Object(key, path.stat().st_size))
+    monkeypatch.setattr(stages.storage, "cached_download", lambda obj, bucket: path)
+    monkeypatch.setenv("AVSR_MAX_FRAMES", "12")  # 5 frames pass it; 200 packets are over 16 × 12
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(JobError) as info:
+            stages._prepare_video("job", {"type": "video", "bucket": "in", "key": "fast.mkv"}, {"modality": "auto"})
+        assert info.value.code == "input_too_large" and "over 192 packets" in info.value.message
+    finally:
+        get_settings.cache_clear()
 
 
 def test_resample_timed_variable_rate() -> None:
