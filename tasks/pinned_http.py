@@ -34,6 +34,16 @@ def canonical_host(host: str) -> str:
     return host
 
 
+def url_host(url: str) -> str:
+    """The canonical host of `url`; ValueError for a URL no request can go to: malformed, a port out of
+    range, or a name that does not IDNA-encode (an empty or over-63-character label: getaddrinfo refuses it)."""
+    parsed = urlparse(url)
+    parsed.port  # noqa: B018 - raises on a port out of range
+    host = canonical_host(parsed.hostname or "")
+    host.encode("idna")
+    return host
+
+
 def non_global(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -53,6 +53,11 @@ def test_url_job():
     ({"url": "http://169.254.169.254/latest/meta-data/"}, "url_not_allowed"),
     ({"url": "http://[::1]/a.mp4"}, "url_not_allowed"),
     ({"url": "http://localhost/a.mp4"}, "url_not_allowed"),
+    ({"url": "http://[::1/a.mp4"}, "url_not_allowed"),  # urlparse raises ValueError
+    ({"url": "http://[example.com]/"}, "url_not_allowed"),
+    ({"url": "http://example.com:99999/v.mp4"}, "url_not_allowed"),  # .port raises ValueError
+    ({"url": "http://a..b/v.mp4"}, "url_not_allowed"),  # getaddrinfo would raise UnicodeError
+    ({"url": f"http://{'a' * 64}.example.com/v.mp4"}, "url_not_allowed"),
     ({"url": 7}, "invalid_field"),
 ])
 def test_bad_upload_and_url_bodies(body, code):
