@@ -28,15 +28,15 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 def _check(url: str, allow_private: bool) -> str:
     """The canonical host of `url`, if it may be fetched (at submit the name is not resolved yet)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        scheme, host = urlparse(url).scheme, pinned_http.url_host(url)
+    except ValueError as exc:
+        raise JobError("url_not_allowed", f"{url} is no valid URL: {exc}") from exc
+    if scheme not in ("http", "https") or not host:
         raise JobError("url_not_allowed", f"{url} is not an http(s) URL")
     if not allow_private and (address := pinned_http.non_global_address(url, resolve=False)):
         raise JobError("url_not_allowed", f"{url} points at a non-global address ({address})")
-    try:
-        return pinned_http.canonical_host(parsed.hostname)
-    except ValueError as exc:
-        raise JobError("url_not_allowed", f"{url}: {exc}") from exc
+    return host
 
 
 def _open(url: str, allow_private: bool) -> urllib3.BaseHTTPResponse:
@@ -54,7 +54,10 @@ def _open(url: str, allow_private: bool) -> urllib3.BaseHTTPResponse:
         location = response.headers.get("Location")
         if response.status in REDIRECTS and location:
             response.release_conn()
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError as exc:
+                raise JobError("url_not_allowed", f"{url} redirects to no valid URL: {exc}") from exc
             continue
         return response
     raise JobError("url_fetch_failed", f"more than {MAX_REDIRECTS} redirects")

@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 import time
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -86,9 +87,10 @@ class _Server(http.server.BaseHTTPRequestHandler):
         routes = {"/video.mp4": (200, "video/mp4", BODY), "/page": (200, "text/html; charset=utf-8", b"<html>"),
                   "/missing": (404, "text/plain", b"no"), "/broken": (503, "text/plain", b"down"),
                   "/bare": (200, None, BODY)}
-        if self.path == "/redirect":
+        if self.path == "/redirect" or self.path.startswith("/redirect-to/"):
             self.send_response(302)
-            self.send_header("Location", "/video.mp4")
+            self.send_header("Location", unquote(self.path.removeprefix("/redirect-to/"))
+                             if self.path != "/redirect" else "/video.mp4")
             self.end_headers()
             return
         if self.path == "/slow":
@@ -150,6 +152,14 @@ def test_every_hop_is_checked():
         with pytest.raises(JobError) as info:
             url_input._check(url, allow_private=False)
         assert info.value.code == "url_not_allowed"
+
+
+@pytest.mark.parametrize("location", ["http://a..b/v.mp4", f"http://{'a' * 64}.example.com/v.mp4",
+                                      "http://example.com:99999/v.mp4", "http://[::1/v.mp4"])
+def test_a_redirect_to_a_bad_address_is_not_allowed(server, tmp_path, location):
+    with pytest.raises(JobError) as info:
+        fetch(f"{server}/redirect-to/{quote(location, safe='')}", tmp_path)
+    assert (info.value.code, info.value.retryable) == ("url_not_allowed", False)
 
 
 def test_fetch_unreachable_is_retryable(tmp_path):
