@@ -102,6 +102,18 @@ class _Server(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(0.1)
             return
+        if self.path in ("/trickle", "/trickle-headers", "/trickle-headers-404"):  # a byte per 0.5 s, for 10 s
+            status = b"404 Not Found" if self.path.endswith("404") else b"200 OK"
+            self.wfile.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: video/mp4\r\n"
+                             + (b"X-Slow: " if "headers" in self.path else b"\r\n"))
+            for _ in range(20):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(0.5)
+            return
         status, ctype, body = routes.get(self.path, (404, "text/plain", b"no"))
         self.send_response(status)
         if ctype:
@@ -145,6 +157,16 @@ def test_fetch_refuses(server, tmp_path, path, kwargs, code, retryable):
     with pytest.raises(JobError) as info:
         fetch(server + path, tmp_path, **kwargs)
     assert (info.value.code, info.value.retryable) == (code, retryable)
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers", "/trickle-headers-404", "/redirect-to/%2Ftrickle"])
+def test_a_trickle_is_cut_off_at_the_url_timeout(server, tmp_path, path):
+    start = time.monotonic()
+    with pytest.raises(JobError) as info:
+        fetch(server + path, tmp_path, timeout_s=1.5)
+    assert (info.value.code, info.value.retryable) == ("url_fetch_failed", False)
+    assert "took longer than 1.5 s" in info.value.message
+    assert time.monotonic() - start < 4  # not when the server stops (10 s) nor a read timeout (30 s)
 
 
 def test_every_hop_is_checked():
