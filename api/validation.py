@@ -15,7 +15,7 @@ from flask import request
 from api import schema
 from api.errors import ApiError
 from tasks.jobs import is_job_id
-from tasks.pinned_http import canonical_host, non_global_address
+from tasks.pinned_http import canonical_host, non_global_address, url_host
 from tasks.records import (
     FPS,
     FramesInput,
@@ -201,8 +201,11 @@ def _url_input(body: dict, settings: Settings, legacy: bool) -> UrlInput | None:
         return None
     _only_input(body, "url", legacy)
     url = _string(body, "url", max_len=schema.MAX_URL_LENGTH) or ""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    try:
+        scheme, host = urlparse(url).scheme, url_host(url)
+    except ValueError:
+        raise bad("url_not_allowed", "'url' must be an http(s) URL with a valid host and port") from None
+    if scheme not in ("http", "https") or not host:
         raise bad("url_not_allowed", "'url' must be an http(s) URL")
     if not settings.url_allow_private and (address := non_global_address(url, resolve=False)):
         raise bad("url_not_allowed", f"'url' points at a non-global address ({address})")

@@ -8,12 +8,21 @@ are never followed here: the caller checks each hop as a new URL. Used by webhoo
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
+import threading
+import time
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 import urllib3
+
+if TYPE_CHECKING:
+    from urllib3._base_connection import BaseHTTPConnection, BaseHTTPSConnection
+
+_Connection = TypeVar("_Connection")
 
 _NUMERIC_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
 
@@ -31,6 +40,16 @@ def canonical_host(host: str) -> str:
             return socket.inet_ntoa(socket.inet_aton(host))
         except OSError:
             raise ValueError(f"{host!r} is not an IPv4 address") from None
+    return host
+
+
+def url_host(url: str) -> str:
+    """The canonical host of `url`; ValueError for a URL no request can go to: malformed, a port out of
+    range, or a name that does not IDNA-encode (an empty or over-63-character label: getaddrinfo refuses it)."""
+    parsed = urlparse(url)
+    parsed.port  # noqa: B018 - raises on a port out of range
+    host = canonical_host(parsed.hostname or "")
+    host.encode("idna")
     return host
 
 
@@ -68,10 +87,74 @@ def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+class Deadline:
+    """A wall-clock limit on requests and the reading of their bodies, held while the context is open: when
+    it passes, the sockets of the connections made under it are shut down, so a server that trickles its
+    headers or body cannot hold a request past it (socket timeouts bound each read, not their sum)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+        self._connections: list[object] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="http-deadline", daemon=True)
+
+    def left(self) -> float:
+        """Seconds until the deadline (0 once it passed)."""
+        return max(0.0, self.end - time.monotonic())
+
+    def timeout(self, connect: float, read: float) -> urllib3.Timeout:
+        """Connect and per-read timeouts cut to the time left."""
+        left = max(self.left(), 0.001)  # urllib3 refuses 0
+        return urllib3.Timeout(connect=min(connect, left), read=min(read, left))
+
+    def watch(self, connection: _Connection) -> _Connection:
+        self._connections.append(connection)
+        return connection
+
+    def _watch(self) -> None:
+        """At the deadline shut every socket down, then again every 0.1 s (one may still have been connecting)."""
+        if self._closed.wait(self.left()):
+            return
+        while True:
+            for connection in list(self._connections):
+                if (sock := getattr(connection, "sock", None)) is not None:
+                    with contextlib.suppress(OSError):  # the TCP socket's shutdown, under TLS too
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            if self._closed.wait(0.1):
+                return
+
+    def __enter__(self) -> Deadline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._closed.set()
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    """A pool that hands each connection it makes to `deadline`."""
+    deadline: Deadline | None = None
+
+    def _new_conn(self) -> BaseHTTPConnection:
+        connection = super()._new_conn()
+        return self.deadline.watch(connection) if self.deadline else connection
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    """`_Pool` for https."""
+    deadline: Deadline | None = None
+
+    def _new_conn(self) -> BaseHTTPSConnection:
+        connection = super()._new_conn()
+        return self.deadline.watch(connection) if self.deadline else connection
+
+
 def request(method: str, url: str, *, host: str, allow_private: bool, headers: dict[str, str],
-            body: bytes | None = None, timeout: urllib3.Timeout, stream: bool = False) -> urllib3.BaseHTTPResponse:
+            body: bytes | None = None, timeout: urllib3.Timeout, stream: bool = False,
+            deadline: Deadline | None = None) -> urllib3.BaseHTTPResponse:
     """`method url` sent to the checked addresses of `host` (the URL's canonical host name), the next one
-    when one does not connect. PermissionError when an address is not global and that is not allowed."""
+    when one does not connect; its connections are cut at `deadline`. PermissionError when an address is
+    not global and that is not allowed."""
     parsed = urlparse(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     addresses = resolve_host(host, port)
@@ -81,12 +164,13 @@ def request(method: str, url: str, *, host: str, allow_private: bool, headers: d
     path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
     headers = {**headers, "Host": parsed.netloc.rsplit("@", 1)[-1]}
     for number, address in enumerate(addresses, 1):  # every one was checked
-        pool: urllib3.HTTPConnectionPool
+        pool: _Pool | _TLSPool
         if parsed.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host, assert_hostname=host,
-                                               timeout=timeout, retries=False)
+            pool = _TLSPool(address, port, server_hostname=host, assert_hostname=host, timeout=timeout,
+                            retries=False)
         else:
-            pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+            pool = _Pool(address, port, timeout=timeout, retries=False)
+        pool.deadline = deadline
         try:
             return pool.urlopen(method, path, body=body, headers=headers, redirect=False, retries=False,
                                 assert_same_host=False, preload_content=not stream)

@@ -33,6 +33,8 @@ BODIES = [
     {**BASE, "output": {"s3_bucket": "avsr-test-outputs", "s3_prefix": "../x"}},
     {**BASE, "callback_url": "http://2130706433:99999/"},
     {**BASE, "callback_url": "http://u:p@example.org/"},
+    {"url": "http://[::1/a.mp4"}, {"url": "http://[example.com]/"}, {"url": "http://example.com:99999/v.mp4"},
+    {"url": "http://a..b/v.mp4"},
     {**BASE, "fps": 0}, {**BASE, "beam_size": 0}, {**BASE, "beam_size": 10**30}, {**BASE, "fps": -1e308},
     {**BASE, "output": []}, {**BASE, "modality": ["video"]}, [], "text", 7, None,
 ]

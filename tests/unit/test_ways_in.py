@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 import time
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -53,6 +54,11 @@ def test_url_job():
     ({"url": "http://169.254.169.254/latest/meta-data/"}, "url_not_allowed"),
     ({"url": "http://[::1]/a.mp4"}, "url_not_allowed"),
     ({"url": "http://localhost/a.mp4"}, "url_not_allowed"),
+    ({"url": "http://[::1/a.mp4"}, "url_not_allowed"),  # urlparse raises ValueError
+    ({"url": "http://[example.com]/"}, "url_not_allowed"),
+    ({"url": "http://example.com:99999/v.mp4"}, "url_not_allowed"),  # .port raises ValueError
+    ({"url": "http://a..b/v.mp4"}, "url_not_allowed"),  # getaddrinfo would raise UnicodeError
+    ({"url": f"http://{'a' * 64}.example.com/v.mp4"}, "url_not_allowed"),
     ({"url": 7}, "invalid_field"),
 ])
 def test_bad_upload_and_url_bodies(body, code):
@@ -81,9 +87,10 @@ class _Server(http.server.BaseHTTPRequestHandler):
         routes = {"/video.mp4": (200, "video/mp4", BODY), "/page": (200, "text/html; charset=utf-8", b"<html>"),
                   "/missing": (404, "text/plain", b"no"), "/broken": (503, "text/plain", b"down"),
                   "/bare": (200, None, BODY)}
-        if self.path == "/redirect":
+        if self.path == "/redirect" or self.path.startswith("/redirect-to/"):
             self.send_response(302)
-            self.send_header("Location", "/video.mp4")
+            self.send_header("Location", unquote(self.path.removeprefix("/redirect-to/"))
+                             if self.path != "/redirect" else "/video.mp4")
             self.end_headers()
             return
         if self.path == "/slow":
@@ -94,6 +101,18 @@ class _Server(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"x" * 1024)
                 self.wfile.flush()
                 time.sleep(0.1)
+            return
+        if self.path in ("/trickle", "/trickle-headers", "/trickle-headers-404"):  # a byte per 0.5 s, for 10 s
+            status = b"404 Not Found" if self.path.endswith("404") else b"200 OK"
+            self.wfile.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: video/mp4\r\n"
+                             + (b"X-Slow: " if "headers" in self.path else b"\r\n"))
+            for _ in range(20):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    return
+                time.sleep(0.5)
             return
         status, ctype, body = routes.get(self.path, (404, "text/plain", b"no"))
         self.send_response(status)
@@ -140,11 +159,29 @@ def test_fetch_refuses(server, tmp_path, path, kwargs, code, retryable):
     assert (info.value.code, info.value.retryable) == (code, retryable)
 
 
+@pytest.mark.parametrize("path", ["/trickle", "/trickle-headers", "/trickle-headers-404", "/redirect-to/%2Ftrickle"])
+def test_a_trickle_is_cut_off_at_the_url_timeout(server, tmp_path, path):
+    start = time.monotonic()
+    with pytest.raises(JobError) as info:
+        fetch(server + path, tmp_path, timeout_s=1.5)
+    assert (info.value.code, info.value.retryable) == ("url_fetch_failed", False)
+    assert "took longer than 1.5 s" in info.value.message
+    assert time.monotonic() - start < 4  # not when the server stops (10 s) nor a read timeout (30 s)
+
+
 def test_every_hop_is_checked():
     for url in ("http://169.254.169.254/latest/", "http://10.0.0.1/a.mp4", "gopher://example.org/"):
         with pytest.raises(JobError) as info:
             url_input._check(url, allow_private=False)
         assert info.value.code == "url_not_allowed"
+
+
+@pytest.mark.parametrize("location", ["http://a..b/v.mp4", f"http://{'a' * 64}.example.com/v.mp4",
+                                      "http://example.com:99999/v.mp4", "http://[::1/v.mp4"])
+def test_a_redirect_to_a_bad_address_is_not_allowed(server, tmp_path, location):
+    with pytest.raises(JobError) as info:
+        fetch(f"{server}/redirect-to/{quote(location, safe='')}", tmp_path)
+    assert (info.value.code, info.value.retryable) == ("url_not_allowed", False)
 
 
 def test_fetch_unreachable_is_retryable(tmp_path):
