@@ -3,7 +3,8 @@
 A finished job with a `callback_url` gets one delivery (`enqueue`, once per job): a delivery id and
 up to AVSR_WEBHOOK_MAX_ATTEMPTS POSTs of the same body, the n-th retry after about
 AVSR_WEBHOOK_BACKOFF_S × 2^(n-1) seconds (±50 % jitter; 10 attempts at 30 s span about 4 hours).
-Any 2xx answer is delivered; anything else (or no answer) is retried; redirects are not followed.
+Any 2xx answer is delivered; anything else (or no whole answer within ATTEMPT_S) is retried; redirects
+are not followed.
 
 Every POST carries the Standard Webhooks headers (https://www.standardwebhooks.com): `webhook-id`
 (the delivery id, the same on every attempt), `webhook-timestamp` and `webhook-signature:
@@ -37,7 +38,8 @@ from tasks.signing import signature
 log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0  # connect and each read
+ATTEMPT_S = 30.0  # a whole attempt: a receiver that trickles its answer is cut off here
 _STATE_KEY = "avsr:job:{}:webhook"
 
 
@@ -110,7 +112,15 @@ def post(url: str, body: bytes, delivery_id: str, secret: str, allow_private: bo
     timestamp = str(int(time.time()))
     headers = {"Content-Type": "application/json", "User-Agent": "avsr-pipeline-webhook", "webhook-id": delivery_id,
                "webhook-timestamp": timestamp, "webhook-signature": signature(secret, delivery_id, timestamp, body)}
-    response = pinned_http.request("POST", url, host=canonical_host(urlparse(url).hostname or ""),
-                                   allow_private=allow_private, headers=headers, body=body,
-                                   timeout=urllib3.Timeout(connect=5.0, read=TIMEOUT_S))
+    with pinned_http.Deadline(ATTEMPT_S) as deadline:
+        try:
+            response = pinned_http.request("POST", url, host=canonical_host(urlparse(url).hostname or ""),
+                                           allow_private=allow_private, headers=headers, body=body,
+                                           timeout=deadline.timeout(5.0, TIMEOUT_S), deadline=deadline)
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            if deadline.left() == 0:  # the deadline shut the socket: that broke the answer
+                raise TimeoutError(f"no whole answer within {ATTEMPT_S:g} s") from exc
+            raise
+        if deadline.left() == 0:  # the deadline shut the socket: that ended the answer
+            raise TimeoutError(f"no whole answer within {ATTEMPT_S:g} s")
     return int(response.status)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socketserver
+import threading
+import time
 
 import pytest
 from standardwebhooks import Webhook
@@ -92,3 +96,39 @@ def test_a_cancelled_job_posts_its_webhook(scratch, webhook_receiver):
     assert len(received) == 1 and webhooks.state(job["job_id"])["status"] == "delivered"
     body = json.loads(received[0][1])
     assert (body["type"], body["status"], body["job_id"]) == ("job.cancelled", "cancelled", job["job_id"])
+
+
+class _Trickle(socketserver.BaseRequestHandler):
+    """Reads the request, then answers one byte every 0.3 s (at most 10 s, or until the client hangs up)."""
+
+    def handle(self) -> None:
+        self.request.settimeout(5)
+        with contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += self.request.recv(65536)
+            answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+            deadline = time.monotonic() + 10
+            for i in range(len(answer)):
+                if time.monotonic() > deadline:
+                    return
+                self.request.sendall(answer[i:i + 1])
+                time.sleep(0.3)
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off(scratch, monkeypatch):
+    scratch.setenv("AVSR_CALLBACK_ALLOW_PRIVATE", "true")
+    get_settings.cache_clear()
+    monkeypatch.setattr(webhooks, "ATTEMPT_S", 1.5)
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = finished_job(f"http://127.0.0.1:{server.server_address[1]}/hook")
+        started = time.monotonic()
+        delay = webhooks.deliver(job["job_id"], 1)
+        assert time.monotonic() - started < 4  # each byte came within the read timeout: only the deadline ends it
+        state = webhooks.state(job["job_id"])
+        assert delay is not None and state["status"] == "pending" and "1.5 s" in state["last_error"]
+    finally:
+        server.shutdown()
