@@ -4,7 +4,7 @@
     python -m deploy.local.stack down    # stop what `up` started
     python -m deploy.local.stack status
 
-Redis: the machine's own if one answers at the configured URL, else a private `redis-server`.
+Redis: the machine's own if one answers at the configured URL, else a private `redis-server` with AOF.
 Without `AVHUBERT_MODEL_PATH` a tiny random-weight checkpoint in the official format is made
 under `var/models/` — its transcripts are meaningless until you point it at real weights.
 The test suite starts its own instance on other ports (`tests/integration/conftest.py`).
@@ -171,7 +171,8 @@ class Stack:
         data = self.config.state_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         proc = self._spawn("redis", [server, "--port", str(url.port or 6379), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no", "--dir", str(data)])
+                                     "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                                     "--dir", str(data)])  # AOF as compose and EC2 run it: a restart loses no job
         _wait(lambda: _redis_answers(self.config.redis_url), "redis-server", 20, proc, self.logs / "redis.log")
 
     def _start_s3(self) -> None:
