@@ -6,7 +6,9 @@ task id) in the hash `avsr:leases`. A reaper on every worker (one acts at a time
 lock, every AVSR_REAPER_INTERVAL_S) re-publishes a registered task whose lease expired while its
 job is still running — idempotent, since each stage writes by reference and a finished task id is
 marked done. `avsr:deliveries:<task_id>` counts the deliveries that never ended: once AVSR_MAX_DELIVERIES
-of them died, the job fails with `worker_lost` instead of running again.
+of them died, the job fails with `worker_lost` instead of running again. A delivery that ends with a
+retry leaves a lease marked as waiting for it (`Lease.await_retry`): the retry takes it at once, and if
+the worker holding the retry dies it lapses like any other.
 
 Recovery bound after a worker dies: lease TTL + reaper interval + the replacement's start-up.
 """
@@ -76,6 +78,17 @@ class Lease:
         registry once Redis answers, as for a worker that died (this delivery counts as one)."""
         self._stop.set()
 
+    def await_retry(self, countdown: float) -> None:
+        """The delivery ends with a retry published `countdown` s ahead: keep the registry entry and leave a
+        lease marked as waiting for it, which the retry takes at once and which lapses after `countdown` +
+        the lease TTL if no retry came (the worker holding it died): the reaper then re-publishes the task."""
+        self._stop.set()
+        pipe = jobs.connection().pipeline()
+        pipe.set(_LEASE.format(self.task_id), json.dumps({**_holder(), "retry": True}),
+                 ex=int(countdown) + get_settings().lease_ttl_s)
+        pipe.decr(_DELIVERIES.format(self.task_id))  # this delivery ended; it did not die
+        pipe.execute()
+
     def release(self, *, done: bool) -> None:
         """The delivery ended (succeeded, failed or will be retried): drop the lease; `done` marks the
         task id finished so a stray duplicate delivery is skipped."""
@@ -98,6 +111,8 @@ def acquire(task_id: str, job_id: str, signature: dict[str, Any]) -> Lease | Non
     deadline = time.monotonic() + 2 * settings.lease_ttl_s
     while (raw := r.get(_LEASE.format(task_id))) is not None:
         holder = json.loads(raw)
+        if holder.get("retry"):
+            break  # the lease of a delivery that ended with a retry: this is it (or the reaper's copy)
         if holder["host"] == socket.gethostname() and not _pid_alive(int(holder["pid"])):
             break  # e.g. a killed pool child on this host, its task re-queued at once by Celery
         if time.monotonic() > deadline:

@@ -92,7 +92,11 @@ def stage_task(name: str, stage: str) -> Callable[[Callable[..., Any]], Any]:
                 error = as_job_error(exc)
                 if error.retryable and self.request.retries < MAX_RETRIES:
                     log.warning("retrying %s after %s", short, error.message)
-                    raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))) from exc
+                    countdown = min(60, 2 ** (self.request.retries + 1))
+                    if lease is not None:  # kept until the retry takes it: a dead worker's retry is re-published
+                        lease.await_retry(countdown)
+                        lease = None
+                    raise self.retry(exc=exc, countdown=countdown) from exc
                 fail(job_id, error)
                 if error.code == "internal_error":
                     log.exception("%s failed", short)
