@@ -128,6 +128,9 @@ class Settings:
                                 doc="frames per preprocessing task; longer clips fan out over CPU workers")
     cache_dir: str = setting("AVSR_CACHE_DIR", "", doc="where a worker keeps input videos its tasks share; "
                              "empty means the system temp dir")
+    cache_max_bytes: int = setting("AVSR_CACHE_MAX_BYTES", 8 * 1024**3, kind=int,
+                                   doc="input videos a worker keeps there at most; the least recently used "
+                                       "go first (a task that needs one again fetches it again)")
     # Workers.
     task_soft_time_limit_s: int = setting("AVSR_TASK_SOFT_TIME_LIMIT_S", 1800, kind=int,
                                           doc="soft time limit of one task")

@@ -176,15 +176,15 @@ def cached_download(obj: S3Object, bucket: str, max_age_s: float = 3600.0) -> Pa
 
     A long video is cut into many preprocessing tasks; each used to fetch the whole file. The
     copy lives in `AVSR_CACHE_DIR` under a name derived from bucket, key and ETag, is fetched
-    once under a file lock (prefork children share it), and copies unused for `max_age_s` are
-    evicted when a new one is fetched.
+    once under a file lock (prefork children share it), and when a new one is fetched, copies unused
+    for `max_age_s` are evicted, then the least recently used until it fits under AVSR_CACHE_MAX_BYTES.
     """
     path = _cache_path(obj, bucket)
     root, name = path.parent, path.name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            _evict(root, max_age_s)
+            _evict(root, max_age_s, room=obj.size)
             partial = root / f"{name}.part"
             download_file(bucket, obj.key, partial, obj.etag)
             partial.rename(path)
@@ -210,12 +210,25 @@ def upload_to_cache(local: Path, bucket: str, key: str) -> S3Object:
     return obj
 
 
-def _evict(root: Path, max_age_s: float) -> None:
+def _evict(root: Path, max_age_s: float, room: int) -> None:
+    """Remove what is unused for `max_age_s`, then the least recently used copies until `room` more bytes
+    fit under AVSR_CACHE_MAX_BYTES (never another task's `.part` download or a `.lock`)."""
     cutoff = time.time() - max_age_s
+    copies: list[tuple[float, int, Path]] = []
     for entry in root.iterdir():
         with contextlib.suppress(FileNotFoundError):
-            if entry.stat().st_mtime < cutoff:
+            stat = entry.stat()
+            if stat.st_mtime < cutoff:
                 entry.unlink()
+            elif "." not in entry.name:  # a whole copy (its name is a bare hash)
+                copies.append((stat.st_mtime, stat.st_size, entry))
+    excess = sum(size for _, size, _ in copies) + room - get_settings().cache_max_bytes
+    for _, size, entry in sorted(copies, key=lambda c: c[0]):
+        if excess <= 0:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+        excess -= size
 
 
 def require_bucket(bucket: str) -> None:

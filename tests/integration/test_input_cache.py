@@ -51,3 +51,22 @@ def test_one_fetch_per_version_and_eviction(s3, s3_settings):
     s3.put_object(Bucket=INPUT_BUCKET, Key="cache/other.mp4", Body=b"x")
     storage.cached_download(storage.head(INPUT_BUCKET, "cache/other.mp4"), INPUT_BUCKET)
     assert not newer.exists()  # unused for an hour: evicted when another copy was fetched
+
+
+def test_the_cache_keeps_under_its_size_evicting_the_least_recently_used(s3, s3_settings, monkeypatch):
+    monkeypatch.setenv("AVSR_CACHE_MAX_BYTES", "25000")
+    get_settings.cache_clear()
+    paths = []
+    for i in range(3):
+        s3.put_object(Bucket=INPUT_BUCKET, Key=f"cache/size-{i}.mp4", Body=bytes([i]) * 10_000)
+        paths.append(storage.cached_download(storage.head(INPUT_BUCKET, f"cache/size-{i}.mp4"), INPUT_BUCKET))
+        recent = time.time() - 100 + 10 * i  # fetched in this order
+        os.utime(paths[-1], (recent, recent))
+    assert [p.exists() for p in paths] == [False, True, True]  # 30 kB would be over 25 kB: the oldest went
+    storage.cached_download(storage.head(INPUT_BUCKET, "cache/size-1.mp4"), INPUT_BUCKET)  # used again
+    partial = s3_settings / ("f" * 64 + ".part")  # another task's download in progress is never removed
+    partial.write_bytes(b"p" * 10_000)
+    s3.put_object(Bucket=INPUT_BUCKET, Key="cache/size-3.mp4", Body=b"3" * 10_000)
+    storage.cached_download(storage.head(INPUT_BUCKET, "cache/size-3.mp4"), INPUT_BUCKET)
+    assert [p.exists() for p in paths] == [False, True, False] and partial.exists()
+    assert sum(p.stat().st_size for p in s3_settings.iterdir() if "." not in p.name) <= 25_000
