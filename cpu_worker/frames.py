@@ -241,6 +241,10 @@ class VideoFile:
         with _open(self.source) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
+            # FFmpeg refuses a frame far over the limit before allocating it (a stream may switch sizes mid-way);
+            # it counts the allocated size (1920x1080 codes as 1920x1088, widths round up to 64), so 1/16 to
+            # spare for frames near any real limit; `check` is exact
+            stream.codec_context.options = {"max_pixels": str(self.limits.max_pixels + self.limits.max_pixels // 16)}
             if seek_to is not None and stream.time_base:
                 c.seek(max(0, int(seek_to / stream.time_base)), stream=stream, backward=True, any_frame=False)
             n = 0
@@ -248,6 +252,8 @@ class VideoFile:
                 try:
                     decoded = packet.decode()
                 except av.FFmpegError:
+                    # refused for its size: the context holds the new size, over AVSR_MAX_FRAME_PIXELS
+                    self.limits.check(stream.codec_context.width, stream.codec_context.height, "a video frame")
                     self.corrupt_skipped += 1
                     continue
                 for frame in decoded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -15,6 +16,7 @@ from cpu_worker import audio as audio_lib
 from cpu_worker import stages
 from cpu_worker.errors import BadMedia
 from cpu_worker.frames import (
+    FrameLimits,
     ImageSequence,
     VideoFile,
     audio_samples,
@@ -403,5 +405,36 @@ def test_a_video_over_the_pixel_cap_fails_from_its_header(tmp_path: Path, monkey
         with pytest.raises(JobError) as info:
             VideoFile(path)
         assert info.value.code == "input_too_large" and "320×240" in info.value.message
+    finally:
+        get_settings.cache_clear()
+
+
+def _h264(width: int, height: int, n: int) -> bytes:
+    """An H.264 Annex B stream of `n` frames (two concatenated make a stream that switches sizes)."""
+    with av.open(buffer := io.BytesIO(), "w", format="h264") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 + i, np.uint8), format="bgr24")
+            for p in vs.encode(frame):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    return buffer.getvalue()
+
+
+def test_a_stream_that_grows_past_the_pixel_cap_is_refused_by_the_decoder(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "switch.h264"
+    path.write_bytes(_h264(192, 128, 8) + _h264(384, 256, 8))
+    monkeypatch.setenv("AVSR_MAX_FRAME_PIXELS", str(192 * 128))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(JobError) as info:
+            list(VideoFile(path))
+        assert info.value.code == "input_too_large" and "384×256" in info.value.message
+        # FFmpeg itself refuses the larger frames, before allocating them: without our check none come out
+        monkeypatch.setattr(FrameLimits, "check", lambda self, width, height, what: True)
+        sizes = {frame.shape[:2] for _, frame in VideoFile(path)._timed()}
+        assert sizes == {(128, 192)}
     finally:
         get_settings.cache_clear()
