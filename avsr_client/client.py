@@ -49,10 +49,14 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
-        try:
-            response = self.session.request(method, self.url + path, **kwargs)
+        try:  # redirects are not followed: requests would send the X-API-Key header to the other host
+            response = self.session.request(method, self.url + path, allow_redirects=False, **kwargs)
         except requests.RequestException as exc:
             raise AvsrError("unreachable", f"{self.url}: {exc}") from exc
+        if response.is_redirect:
+            raise AvsrError("redirected", f"{self.url}{path} redirects to {response.headers.get('Location')!r}; the "
+                            "client does not follow redirects (its API key would go along): use the final URL",
+                            response.status_code)
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -161,8 +165,11 @@ def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str, *, tole
     `tolerance_s` of now (replays refused). The `standardwebhooks` package verifies the same headers."""
     lowered = {k.lower(): v for k, v in headers.items()}
     delivery_id, timestamp = lowered.get("webhook-id", ""), lowered.get("webhook-timestamp", "")
-    if not delivery_id or not timestamp.isdigit():
-        return False
+    if not secret or not delivery_id or not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        return False  # no secret would sign with an empty key; '²' is isdigit() but no number
     if abs((time.time() if now is None else now) - int(timestamp)) > tolerance_s:
         return False
-    return signing.verify(body, delivery_id, timestamp, lowered.get("webhook-signature", ""), secret)
+    try:
+        return signing.verify(body, delivery_id, timestamp, lowered.get("webhook-signature", ""), secret)
+    except ValueError:  # a header that does not encode (lone surrogates): not the service's
+        return False

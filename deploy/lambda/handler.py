@@ -167,6 +167,16 @@ def jobs_from_s3_records(records: list[dict]) -> tuple[list[tuple[dict, str]], l
     return jobs, skipped
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is an HTTPError, not followed: urllib would send X-API-Key to the other host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _retryable(status: int) -> bool:
     return status >= 500 or status == 429
 
@@ -189,7 +199,7 @@ def submit(body: dict, idempotency: str, deadline: float | None = None) -> dict:
     for attempt in range(1, attempts + 1):
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _OPENER.open(request, timeout=timeout) as response:
                 answer = json.loads(response.read() or b"{}")
             job_id = answer.get("job_id") or answer.get("id")
             if job_id:
@@ -221,6 +231,8 @@ def lambda_handler(event: dict, context=None) -> dict:
     """Entry point (Handler: handler.lambda_handler)."""
     if not _env("AVSR_API_URL"):
         raise RuntimeError("AVSR_API_URL is not set")
+    if not isinstance(event, dict):
+        return {"job_ids": [], "errors": [{"error": "the event must be a JSON object"}], "skipped": []}
     deadline = None
     if context is not None and hasattr(context, "get_remaining_time_in_millis"):
         deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000 - 1.0

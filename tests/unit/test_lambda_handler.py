@@ -379,3 +379,56 @@ def test_handler_uses_the_standard_library_only():
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert imported - {"__future__"} <= stdlib, imported - stdlib
+
+
+def test_a_redirect_is_reported_and_never_followed_with_the_key(handler, monkeypatch):
+    seen_elsewhere: list[dict] = []
+
+    def server(answer):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                answer(self)
+
+            do_GET = do_POST
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    def record(request):
+        seen_elsewhere.append(dict(request.headers))
+        request.send_response(202)
+        request.send_header("Content-Length", "2")
+        request.end_headers()
+        request.wfile.write(b"{}")
+
+    elsewhere = server(record)
+
+    def redirect(request):
+        request.send_response(302)
+        request.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}/v1/jobs")
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    api = server(redirect)
+    try:
+        for name in [n for n in __import__("os").environ if n.startswith("AVSR_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("AVSR_API_URL", f"http://127.0.0.1:{api.server_address[1]}/")
+        monkeypatch.setenv("AVSR_API_KEY", "test-key")
+        result = handler.lambda_handler({"s3_bucket": "b", "s3_key": "x.mp4"})
+        assert result["job_ids"] == [] and result["errors"][0]["status"] == 302
+        assert seen_elsewhere == []
+    finally:
+        api.shutdown()
+        elsewhere.shutdown()
+
+
+@pytest.mark.parametrize("event", [[], "x", None, 7])
+def test_an_event_that_is_not_an_object_is_an_error(api, handler, event):
+    result = handler.lambda_handler(event)
+    assert result["job_ids"] == [] and "JSON object" in result["errors"][0]["error"]
+    assert api.posts == []

@@ -207,6 +207,70 @@ def test_verify_webhook_accepts_the_services_signature():
     assert not verify_webhook(body, {}, "s3cret")
 
 
+@pytest.mark.parametrize("changed", [
+    {"webhook-signature": "v1,\u00e9"}, {"webhook-signature": "v1,\ud800"}, {"webhook-timestamp": "\u00b2"},
+    {"webhook-timestamp": "9" * 5000}, {"webhook-id": "\ud800"},
+])
+def test_verify_webhook_refuses_crafted_headers_without_raising(changed):
+    from tasks.signing import signature
+
+    body, now = b'{"job_id": "x"}', str(int(time.time()))
+    headers = {"webhook-id": "d1", "webhook-timestamp": now, "webhook-signature": signature("s3cret", "d1", now, body)}
+    assert verify_webhook(body, {**headers, **changed}, "s3cret") is False
+
+
+def test_verify_webhook_refuses_everything_without_a_secret():
+    from tasks.signing import signature
+
+    body, now = b"{}", str(int(time.time()))
+    headers = {"webhook-id": "d1", "webhook-timestamp": now, "webhook-signature": signature("", "d1", now, body)}
+    assert verify_webhook(body, headers, "") is False  # an unset secret signs with an empty key: anyone could
+
+
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    """Answers every request 302 to `self.server.target`; records the headers it was sent."""
+
+    def log_message(self, *args):
+        pass
+
+    def _redirect(self) -> None:
+        self.server.seen.append(dict(self.headers))  # type: ignore[attr-defined]
+        self.send_response(302)
+        self.send_header("Location", self.server.target)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_DELETE = _redirect
+
+
+@pytest.fixture
+def redirect_to_elsewhere():
+    """(redirecting server URL, headers the redirect target received)."""
+    servers = []
+    for target in (None, "elsewhere"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+        server.seen, server.target = [], target  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    first, elsewhere = servers
+    first.target = f"http://127.0.0.1:{elsewhere.server_address[1]}/stolen"  # type: ignore[attr-defined]
+    yield f"http://127.0.0.1:{first.server_address[1]}", elsewhere.seen  # type: ignore[attr-defined]
+    for server in servers:
+        server.shutdown()
+
+
+def test_the_client_never_follows_a_redirect_with_its_key(redirect_to_elsewhere):
+    from avsr_client import AvsrError, Client
+
+    url, seen_elsewhere = redirect_to_elsewhere
+    client = Client(url, "secret-key", timeout=5)
+    for call in (lambda: client.status("f" * 32), lambda: client.submit(s3_bucket="b", s3_key="v.mp4")):
+        with pytest.raises(AvsrError) as info:
+            call()
+        assert info.value.code == "redirected"
+    assert seen_elsewhere == []
+
+
 def test_cli_transcribe_without_a_model_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("AVHUBERT_MODEL_PATH", raising=False)
     assert main(["transcribe", str(tmp_path / "clip.mp4")]) == 2
