@@ -162,7 +162,8 @@ def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str, *, tole
                    now: float | None = None) -> bool:
     """True when a webhook POST is the service's: its Standard Webhooks headers (`webhook-id`,
     `webhook-timestamp`, `webhook-signature`) sign `body` with `secret`, and the timestamp is within
-    `tolerance_s` of now (replays refused). The `standardwebhooks` package verifies the same headers."""
+    `tolerance_s` of now (older deliveries refused; a receiver that must refuse a replay inside that window
+    remembers the `webhook-id`s it took). The `standardwebhooks` package verifies the same headers."""
     lowered = {k.lower(): v for k, v in headers.items()}
     delivery_id, timestamp = lowered.get("webhook-id", ""), lowered.get("webhook-timestamp", "")
     if not secret or not delivery_id or not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
