@@ -116,12 +116,7 @@ def test_bad_media_raises_with_code(tmp_path: Path) -> None:
 def test_a_video_codec_without_a_decoder_is_bad_media(tmp_path: Path) -> None:
     path = tmp_path / "clip.avi"
     with av.open(str(path), "w") as c:
-        vs = c.add_stream("mjpeg", rate=25)
-        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
-        for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
-            c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
+        _mux_black_frames(c, _black_video_stream(c), 1)
     data = path.read_bytes()
     assert data.count(b"MJPG") == 2  # the AVI's fourcc, in its stream header and its format block
     with pytest.raises(BadMedia, match="cannot be decoded"):
@@ -140,18 +135,28 @@ def _audio_frame(samples: np.ndarray, rate: int) -> av.AudioFrame:
     return frame
 
 
+def _black_video_stream(c: av.container.OutputContainer) -> av.VideoStream:
+    """A 64x48 MJPEG stream at 25 fps in `c` (add every stream before muxing the first packet)."""
+    vs = c.add_stream("mjpeg", rate=25)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+    return vs
+
+
+def _mux_black_frames(c: av.container.OutputContainer, vs: av.VideoStream, n: int) -> None:
+    for _ in range(n):
+        for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
+            c.mux(p)
+    for p in vs.encode():
+        c.mux(p)
+
+
 def test_audio_whose_sample_rate_changes_mid_stream_is_decoded_whole(tmp_path: Path) -> None:
     path = tmp_path / "two_rates.mkv"  # 2 s of video; 1 s of MP2 at 48 kHz, then 1 s at 22.05 kHz
     with av.open(str(path), "w") as c:
-        vs = c.add_stream("mjpeg", rate=25)
-        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        vs = _black_video_stream(c)
         aus = c.add_stream("mp2", rate=48000)
         aus.layout = "mono"
-        for _ in range(50):
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
+        _mux_black_frames(c, vs, 50)
         later = av.CodecContext.create("mp2", "w")
         later.sample_rate, later.layout, later.format = 22050, "mono", "s16"
         for enc, rate in ((aus.codec_context, 48000), (later, 22050)):
@@ -177,15 +182,10 @@ def test_to_mono_16k_follows_changes_after_a_passthrough_start() -> None:
 def _long_audio_clip(path: Path) -> Path:
     """1 s of video, 120 s of 8 kHz noise."""
     with av.open(str(path), "w") as c:
-        vs = c.add_stream("mjpeg", rate=25)
-        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuvj420p"
+        vs = _black_video_stream(c)
         aus = c.add_stream("pcm_s16le", rate=8000)
         aus.layout = "mono"
-        for _ in range(25):
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")):
-                c.mux(p)
-        for p in vs.encode():
-            c.mux(p)
+        _mux_black_frames(c, vs, 25)
         noise = np.random.default_rng(0).integers(-8000, 8000, (1, 8000), dtype=np.int16)
         for _ in range(120):
             for p in aus.encode(_audio_frame(noise, 8000)):
