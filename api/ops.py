@@ -54,14 +54,24 @@ def health():
         "model_loaded": bool(loaded),
         "device": first.get("device"),
         "gpu_name": first.get("gpu_name"),
-        "model": {k: first.get(k) for k in ("checkpoint", "kind", "loaded_at", "load_seconds", "model_error")},
+        "model": _public({k: first.get(k) for k in ("checkpoint", "kind", "loaded_at", "load_seconds", "model_error")}),
         "broker": broker,
         "workers": {"cpu": cpu_count, "gpu": [
-            {k: w.get(k) for k in ("hostname", "device", "gpu_name", "model_loaded", "checkpoint", "loaded_at",
-                                   "updated_at")} for w in gpu]},
+            _public({k: w.get(k) for k in ("hostname", "device", "gpu_name", "model_loaded", "checkpoint", "loaded_at",
+                                           "updated_at")}) for w in gpu]},
         "queues": queues,
     }
     return jsonify(body), 200
+
+
+def _public(fields: dict) -> dict:
+    """What an unauthenticated /health shows of a worker's model: the checkpoint's file name, not its path or
+    bucket, and the type of a load error, not its message (paths, endpoints: the GPU worker's log has it)."""
+    if fields.get("checkpoint"):
+        fields["checkpoint"] = str(fields["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
+    if fields.get("model_error"):
+        fields["model_error"] = str(fields["model_error"]).split(":", 1)[0] + " (details in the GPU worker's log)"
+    return fields
 
 
 class RedisStateCollector:

@@ -61,3 +61,13 @@ def test_predict_slots_keep_room_for_other_tenants():
     for tenant in ("a", "b", "b", "c"):
         slots.release(tenant)
     assert [slots.acquire("a") for _ in range(3)] == [True, True, False]
+
+
+def test_health_shows_no_model_path_or_error_message():
+    from api.ops import _public
+
+    shown = _public({"checkpoint": "s3://acme-models/private/avsr/finetune.pt", "kind": "seq2seq",
+                     "model_error": "FileNotFoundError: [Errno 2] No such file: '/srv/secret/finetune.pt'"})
+    assert shown["checkpoint"] == "finetune.pt" and shown["kind"] == "seq2seq"
+    assert shown["model_error"].startswith("FileNotFoundError") and "/srv" not in shown["model_error"]
+    assert _public({"checkpoint": None, "model_error": None}) == {"checkpoint": None, "model_error": None}
