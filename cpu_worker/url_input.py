@@ -97,7 +97,7 @@ def _save(url: str, response: urllib3.BaseHTTPResponse, dest: Path, max_bytes: i
     if not (content_type.startswith("video/") or content_type == "application/octet-stream"):
         raise JobError("url_not_video", f"{url} is {content_type}, not video/* or application/octet-stream")
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:  # '²' is isdigit(), no number
         raise input_too_large(f"{url} is {declared} bytes, limit {max_bytes}")
     size = 0
     try:

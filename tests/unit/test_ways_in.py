@@ -93,6 +93,10 @@ class _Server(http.server.BaseHTTPRequestHandler):
                              if self.path != "/redirect" else "/video.mp4")
             self.end_headers()
             return
+        if self.path == "/odd-length":  # a Content-Length of '²' (latin-1 0xB2): isdigit(), but no number
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: \xb2\r\n"
+                             b"Connection: close\r\n\r\n" + BODY)
+            return
         if self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Type", "video/mp4")
@@ -138,7 +142,7 @@ def fetch(url, tmp_path, max_bytes=1 << 20, timeout_s=30.0, allow_private=True):
     return url_input.fetch(url, tmp_path / "v", max_bytes=max_bytes, timeout_s=timeout_s, allow_private=allow_private)
 
 
-@pytest.mark.parametrize("path", ["/video.mp4", "/redirect", "/bare"])
+@pytest.mark.parametrize("path", ["/video.mp4", "/redirect", "/bare", "/odd-length"])
 def test_fetch_streams_the_video(server, tmp_path, path):
     assert fetch(server + path, tmp_path) == len(BODY)
     assert (tmp_path / "v").read_bytes() == BODY
