@@ -14,13 +14,10 @@ import re
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import urllib3
-
-if TYPE_CHECKING:
-    from urllib3._base_connection import BaseHTTPConnection, BaseHTTPSConnection
 
 _Connection = TypeVar("_Connection")
 
@@ -131,22 +128,21 @@ class Deadline:
         self._closed.set()
 
 
-class _Pool(urllib3.HTTPConnectionPool):
-    """A pool that hands each connection it makes to `deadline`."""
+class _Watched:
+    """Mixed into a urllib3 pool: hands each connection the pool makes to `deadline`."""
     deadline: Deadline | None = None
 
-    def _new_conn(self) -> BaseHTTPConnection:
-        connection = super()._new_conn()
+    def _new_conn(self) -> Any:
+        connection = super()._new_conn()  # type: ignore[misc]  # the urllib3 pool it is mixed into
         return self.deadline.watch(connection) if self.deadline else connection
 
 
-class _TLSPool(urllib3.HTTPSConnectionPool):
-    """`_Pool` for https."""
-    deadline: Deadline | None = None
+class _Pool(_Watched, urllib3.HTTPConnectionPool):
+    """An http pool whose connections its deadline watches."""
 
-    def _new_conn(self) -> BaseHTTPSConnection:
-        connection = super()._new_conn()
-        return self.deadline.watch(connection) if self.deadline else connection
+
+class _TLSPool(_Watched, urllib3.HTTPSConnectionPool):
+    """An https pool whose connections its deadline watches."""
 
 
 def request(method: str, url: str, *, host: str, allow_private: bool, headers: dict[str, str],
