@@ -509,6 +509,41 @@ class AVHubertEncoder(nn.Module):
         x, padding_mask = self.fused_features(video, audio, padding_mask)
         return self.transformer(x, padding_mask, layer), padding_mask
 
+    def forward_items(
+        self, video: Tensor | None, audio: Tensor | None, padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """What the decoder attends to, without computing the padded frames: each item of a batch
+        padded at the end is encoded alone at its own length, and the padded frames' outputs are
+        zeros, which the decoder's attention masks out (``forward`` computes them: the official
+        encoder output, padded frames included). Each item's output is then exactly its output
+        alone. A batch without padding, or with a mask that is not end padding, runs as one."""
+        lengths = _end_padded_lengths(padding_mask)
+        if lengths is None:
+            return self.forward(video, audio, padding_mask)
+        assert padding_mask is not None  # lengths are only found in a mask
+        outs = [
+            self.forward(
+                None if video is None else video[b : b + 1, :, :n], None if audio is None else audio[b : b + 1, :n]
+            )[0]
+            for b, n in enumerate(lengths)
+        ]
+        memory = outs[0].new_zeros(len(lengths), padding_mask.size(1), outs[0].size(-1))
+        for b, out in enumerate(outs):
+            memory[b, : out.size(1)] = out[0]
+        return memory, padding_mask
+
+
+def _end_padded_lengths(padding_mask: Tensor | None) -> list[int] | None:
+    """The valid lengths of a ``[B, T]`` mask (True = padding) when every row is padded at its end only,
+    some row is padded and none is empty; otherwise None."""
+    if padding_mask is None or padding_mask.dim() != 2 or not bool(padding_mask.any()):
+        return None
+    lengths = (~padding_mask).sum(1)
+    end_padded = torch.arange(padding_mask.size(1), device=padding_mask.device)[None, :] >= lengths[:, None]
+    if not torch.equal(padding_mask, end_padded) or not bool((lengths > 0).all()):
+        return None
+    return [int(n) for n in lengths.tolist()]
+
 
 def frame_padding_mask(padding_mask: Tensor, frames: int) -> Tensor:
     """Official ``forward_padding_mask``: fold a sample-level mask onto ``frames`` steps."""

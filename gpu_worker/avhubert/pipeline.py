@@ -258,7 +258,10 @@ class AVHubert:
         d = tokenizer.dictionary
         eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
-            memory, mask = self.network.encoder(video, audio, padding_mask)
+            # on CPU the padded frames of a batch of mixed lengths are not computed (on a GPU the batch
+            # runs in one launch, padding and all)
+            encode = self.network.encoder.forward_items if self.device.type == "cpu" else self.network.encoder
+            memory, mask = encode(video, audio, padding_mask)
             raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix)
         return [[self._hypothesis(h, tokenizer) for h in hyps] for hyps in raw]
 

@@ -193,3 +193,36 @@ def test_reduced_precision_deviation_is_bounded(fp32_outputs, inputs, outputs, p
     assert agreement >= min_agree
     # outputs stay float32 whatever the compute type
     assert model.encode(**_source(inputs, "rand29", "video")).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mod", MODS)
+def test_decoder_memory_skips_padded_frames_and_equals_each_item_alone(fp32: AVHubert, inputs, mod: str) -> None:
+    """On CPU the decoder's memory for a batch padded at the end is each item encoded alone (bit for bit)
+    with zeros on the padded frames; the mask is the frame mask; a mask that is not end padding, or
+    none, gives the plain batched encoder output."""
+    src = _source(inputs, "rand75", mod)
+    video, audio = src["video"], src["audio"]
+    t = 75
+    lengths = [75, 50, 29]
+    mask = torch.arange(t)[None, :] >= torch.tensor(lengths)[:, None]
+    batch_video = None if video is None else torch.from_numpy(video).repeat(3, 1, 1, 1, 1).masked_fill(
+        mask[:, None, :, None, None], 0.0)
+    batch_audio = None if audio is None else torch.from_numpy(audio).repeat(3, 1, 1).masked_fill(
+        mask[:, :, None], 0.0)
+    encoder = fp32.network.encoder
+    with torch.inference_mode():
+        memory, out_mask = encoder.forward_items(batch_video, batch_audio, mask)
+        assert out_mask is not None and torch.equal(out_mask, mask)
+        for b, n in enumerate(lengths):
+            alone, _ = encoder(None if video is None else batch_video[b:b + 1, :, :n],
+                               None if audio is None else batch_audio[b:b + 1, :n])
+            assert torch.equal(memory[b, :n], alone[0])
+            assert not memory[b, n:].any()
+        batched, _ = encoder(batch_video, batch_audio, mask)
+        assert (memory[1, :50] - batched[1, :50]).abs().max() < 1e-4  # the batch: the same up to rounding
+        not_end_padded = mask.flip(1)
+        assert torch.equal(encoder.forward_items(batch_video, batch_audio, not_end_padded)[0],
+                           encoder(batch_video, batch_audio, not_end_padded)[0])
+        no_padding = torch.zeros_like(mask)
+        assert torch.equal(encoder.forward_items(batch_video, batch_audio, no_padding)[0],
+                           encoder(batch_video, batch_audio, no_padding)[0])
