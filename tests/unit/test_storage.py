@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from tasks import storage
 from tasks.storage import classify, natural_key
 
 
@@ -52,3 +53,26 @@ def test_network_errors_are_retryable():
 def test_unknown_errors_propagate():
     with pytest.raises(ZeroDivisionError):
         classify(ZeroDivisionError("boom"), "s3://b/k")
+
+
+def test_arrays_round_trip_as_a_deflated_npz(monkeypatch):
+    """`put_arrays` writes what `np.load` reads (and `get_arrays` returns), every member deflated."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    stored: dict[str, bytes] = {}
+    monkeypatch.setattr(storage, "put_bytes", lambda bucket, key, data, *a, **k: stored.update({key: data}))
+    monkeypatch.setattr(storage, "get_bytes", lambda bucket, key: stored[key])
+    arrays = {"rois": np.arange(3 * 96 * 96, dtype=np.uint8).reshape(3, 96, 96),
+              "landmarks": np.random.default_rng(0).random((3, 68, 2), dtype=np.float32),
+              "empty": np.zeros((0, 2), dtype=np.int64), "fps": np.float64(25.0), "stats_json": np.str_('{"a": 1}')}
+    storage.put_arrays("bucket", "k.npz", **arrays)
+    with zipfile.ZipFile(io.BytesIO(stored["k.npz"])) as archive:
+        assert {i.filename: i.compress_type for i in archive.infolist()} == {
+            f"{name}.npy": zipfile.ZIP_DEFLATED for name in arrays}
+    loaded = storage.get_arrays("bucket", "k.npz")
+    assert loaded.keys() == arrays.keys()
+    for name, array in arrays.items():
+        assert loaded[name].dtype == np.asarray(array).dtype and np.array_equal(loaded[name], array), name
