@@ -152,7 +152,7 @@ class Batcher:
                     continue
                 deadline = deadline or time.monotonic() + self.linger_s
                 plan = next_batch([Waiting(j.group, [i.frames for i in j.items[j.next:]]) for j in self._waiting],
-                                  self.max_batch_frames, self.max_batch_size)
+                                  self.max_batch_frames, self.max_batch_size, self.engine.pads_batches)
                 remaining = deadline - time.monotonic()
                 if plan.full or remaining <= 0:
                     break

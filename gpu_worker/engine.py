@@ -7,9 +7,9 @@
     # -> [{"id": 0, "text": "...", "confidence": 0.83, "score": -0.19, "num_tokens": 12}]
 
 Segments of similar length share a forward pass, bounded by a frame budget (batch size × longest
-segment), and are decoded with per-item length caps (`max_len_from="item"`) so a batch gives
-exactly what each segment would give alone — the official single-utterance result. A batch that
-still runs out of GPU memory is split in halves and retried.
+segment; on CPU, where padding is not computed, the segments' frames), and are decoded with per-item
+length caps (`max_len_from="item"`) so a batch gives exactly what each segment would give alone — the
+official single-utterance result. A batch that still runs out of GPU memory is split in halves and retried.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class Engine:
         self.checkpoint = Path(checkpoint)
         self.max_batch_frames = max_batch_frames
         self.max_batch_size = max_batch_size
+        # on CPU the encoder runs each segment of a batch at its own length (`AVHubertEncoder.forward_items`):
+        # a batch costs its segments' frames there, not size x longest
+        self.pads_batches = self.model.device.type != "cpu"
 
     def warm_up(self, frames: int = 25) -> float:
         """One short decode so the first request does not pay for lazy initialisation; seconds taken."""
@@ -62,7 +65,8 @@ class Engine:
         items = segment_inputs(rois, audio, segments, modality)
         results: list[DecodedSegment | None] = [None] * len(segments)
         done = 0
-        for batch in batch_segments([item.frames for item in items], self.max_batch_frames, self.max_batch_size):
+        for batch in batch_segments([item.frames for item in items], self.max_batch_frames, self.max_batch_size,
+                                    self.pads_batches):
             for i, decoded in zip(batch, self.decode([items[i] for i in batch], beam_size), strict=True):
                 results[i] = decoded
             done += len(batch)

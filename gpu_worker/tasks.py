@@ -125,10 +125,7 @@ def infer_early(batch: int, spans: list[SegmentSpan], offset: int, job_id: str) 
         digests = [early.input_digest(i.video, i.audio, modality=modality, beam_size=beam_size,
                                       model=engine.identity) for i in items]
 
-        # In groups of 1, 2, 4, ... segments: the first text shows soon, the later ones batch well.
-        start = 0
-        while start < len(items):
-            group = range(start, min(len(items), 2 * start + 1))
+        for group in decode_groups(batch, len(items)):
 
             def store(results: Results, group: range = group) -> None:
                 done = {k: r for k, r in zip(group, results, strict=True) if r is not None}
@@ -140,7 +137,6 @@ def infer_early(batch: int, spans: list[SegmentSpan], offset: int, job_id: str) 
 
             runtime.batcher().decode_items([items[k] for k in group], modality=modality, beam_size=beam_size,
                                            on_progress=store)
-            start = group.stop
         status = early.DONE
         return len(items)
     except JobCancelled:
@@ -151,6 +147,19 @@ def infer_early(batch: int, spans: list[SegmentSpan], offset: int, job_id: str) 
     finally:
         early.set_batch(job_id, batch, status)
         current_job_id.reset(token)
+
+
+def decode_groups(batch: int, count: int) -> list[range]:
+    """How early batch `batch` hands its `count` segments to the batcher: the job's first batch in groups of
+    1, 2, 4, ... segments, so that its first text shows soon; a later batch in one group, which batches best
+    (its text shows after the earlier batches' anyway: the status shows the decoded prefix of the clip)."""
+    if batch > 0:
+        return [range(count)] if count else []
+    groups, start = [], 0
+    while start < count:
+        groups.append(range(start, min(count, 2 * start + 1)))
+        start = groups[-1].stop
+    return groups
 
 
 def _show_early(job_id: str) -> None:

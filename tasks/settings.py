@@ -109,7 +109,8 @@ class Settings:
     max_segment_s: float = setting("AVSR_MAX_SEGMENT_S", 15.0, kind=float,
                                    doc="longest segment decoded at once, seconds")
     max_batch_frames: int = setting("AVSR_MAX_BATCH_FRAMES", 3000, kind=int,
-                                    doc="inference memory budget: segments per batch × longest segment, in frames")
+                                    doc="inference memory budget: segments per batch × longest segment, in frames "
+                                        "(on CPU, which computes no padding: the segments' frames)")
     gpu_concurrent_jobs: int = setting("AVSR_GPU_CONCURRENT_JOBS", 8, kind=int,
                                        doc="jobs one GPU worker has in inference at once (its Celery threads); "
                                            "their segments share batches; 1 decodes one job at a time")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker.batching import Waiting, batch_segments, next_batch
+from gpu_worker.batching import NextBatch, Waiting, batch_segments, next_batch
 
 
 def test_batches_respect_budget_and_group_similar_lengths() -> None:
@@ -76,3 +76,33 @@ def test_next_batch_edges() -> None:
     assert batch_of([]) == ([], False)
     with pytest.raises(ValueError):
         next_batch([Waiting("video", [1])], 0, 1)
+
+
+@pytest.mark.parametrize(("batch", "count", "groups"), [
+    (0, 0, []),
+    (0, 1, [[0]]),
+    (0, 5, [[0], [1, 2], [3, 4]]),
+    (0, 9, [[0], [1, 2], [3, 4, 5, 6], [7, 8]]),
+    (1, 9, [list(range(9))]),
+    (7, 3, [[0, 1, 2]]),
+    (3, 0, []),
+])
+def test_early_batches_go_whole_but_the_first_starts_with_one_segment(batch, count, groups):
+    """The job's first early batch reaches the batcher in groups of 1, 2, 4, ... (the first text soon);
+    a later one in one group (the biggest batch), every segment once, in order."""
+    from gpu_worker.tasks import decode_groups
+
+    assert [list(g) for g in decode_groups(batch, count)] == groups
+
+
+def test_unpadded_batches_count_each_segments_own_frames() -> None:
+    """Where the encoder runs each segment at its own length (CPU), a batch costs the segments' frames,
+    not size × longest: a long segment no longer crowds out short ones."""
+    lengths = [100, 100, 100, 400]
+    assert batch_segments(lengths, max_batch_frames=800, max_batch_size=8) == [[0, 1, 2], [3]]
+    assert batch_segments(lengths, max_batch_frames=800, max_batch_size=8, padded=False) == [[0, 1, 2, 3]]
+    assert batch_segments(lengths, max_batch_frames=600, max_batch_size=8, padded=False) == [[0, 1, 2], [3]]
+    waiting = [Waiting("g", [400]), Waiting("g", [100, 100, 100])]
+    assert next_batch(waiting, 800, 8) == NextBatch([1, 1], True)  # 2 × 400
+    assert next_batch(waiting, 800, 8, padded=False) == NextBatch([1, 3], False)
+    assert next_batch(waiting, 650, 8, padded=False) == NextBatch([1, 2], True)
