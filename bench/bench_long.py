@@ -61,20 +61,38 @@ def rss_kib(pid: int, field: str) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class PeakSampler(threading.Thread):
-    """Samples the summed RSS of each named process tree every 0.2 s; keeps the peak."""
+    """Samples the summed RSS of each named process tree every 0.2 s; keeps the peak, and the CPU seconds
+    each tree spent from `start()` to `stop` (of its processes alive at the end)."""
 
     def __init__(self, pids: dict[str, int]):
         super().__init__(daemon=True)
         self.pids, self.peak = pids, dict.fromkeys(pids, 0)
+        self.cpu_s: dict[str, float] = {}
         self.stop = threading.Event()
 
+    def _cpu(self) -> dict[int, float]:
+        return {p: cpu_seconds(p) for pid in self.pids.values() for p in tree_pids(pid)}
+
     def run(self) -> None:
+        before = self._cpu()
         while not self.stop.is_set():
             for name, pid in self.pids.items():
                 total = sum(rss_kib(p, "VmRSS") for p in tree_pids(pid))
                 self.peak[name] = max(self.peak[name], total)
             self.stop.wait(0.2)
+        after = self._cpu()
+        self.cpu_s = {name: round(sum(after[p] - before.get(p, 0.0) for p in tree_pids(pid) if p in after), 1)
+                      for name, pid in self.pids.items()}
 
 
 def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early: bool,
@@ -123,7 +141,7 @@ def run_once(video: Path, seconds: float, workers: int, checkpoint: Path, early:
             "first_text_s": first_text,
             "segments": len(result["segments"]), "reused": job.get("segments_reused", 0), "text": result["text"],
             "frames": result["num_frames"], "timings": result["timings"],
-            "peak_rss_mib": {k: round(v / 1024) for k, v in sampler.peak.items()}}
+            "peak_rss_mib": {k: round(v / 1024) for k, v in sampler.peak.items()}, "cpu_s": sampler.cpu_s}
 
 
 def _label(run: dict) -> str:
@@ -162,12 +180,12 @@ def main() -> int:
                   f"{shown[0]['start'] if shown else '-'}-{shown[0]['end'] if shown else '-'} s)")
         return 0
     print(f"{'precision':>9}{'cpu workers':>12}{'early':>6}{'wall s':>9}{'RTF':>7}{'first text s':>13}{'segments':>9}"
-          f"{'reused':>7}  stage seconds (summed over tasks)                 peak RSS MiB")
+          f"{'reused':>7}  stage seconds (summed over tasks)                 peak RSS MiB; CPU seconds")
     for r in runs:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items())
         print(f"{r['precision']:>9}{r['workers']:>12}{'on' if r['early'] else 'off':>6}{r['wall_s']:>9.1f}"
               f"{r['rtf']:>7.2f}{r['first_text_s']:>13.1f}{r['segments']:>9}{r['reused']:>7}  {stages:<48} "
-              f"{r['peak_rss_mib']}")
+              f"{r['peak_rss_mib']}; {r['cpu_s']}")
     for r in runs[1:]:
         print(f"{_label(r)} vs the first run: wall "
               f"{runs[0]['wall_s'] / r['wall_s']:.2f}x, first text {runs[0]['first_text_s'] / r['first_text_s']:.2f}x "

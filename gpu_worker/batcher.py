@@ -187,7 +187,8 @@ class Batcher:
             return
         log.info("batch decoded", extra={
             "jobs": len(batch), "segments": len(items), "padded_frames": len(items) * max(i.frames for i in items),
-            "seconds": round(time.perf_counter() - started, 4), "job_ids": ",".join(job.job_id for job, _, _ in batch)})
+            "seconds": round(time.perf_counter() - started, 4), "threads": self.engine.threads,
+            "job_ids": ",".join(job.job_id for job, _, _ in batch)})
         offset = 0
         for part in batch:
             self._store(part, decoded[offset:offset + part[2] - part[1]])

@@ -27,6 +27,7 @@ import torch
 
 from gpu_worker.avhubert import Hypothesis, audio_from_features, collate, load_model, video_from_rois
 from gpu_worker.batching import batch_segments
+from gpu_worker.core_share import CoreShare
 from tasks.records import DecodedSegment, SegmentSpan, Word
 
 MODALITIES = ("video", "audio", "audiovisual")
@@ -46,6 +47,9 @@ class Engine:
         # on CPU the encoder runs each segment of a batch at its own length (`AVHubertEncoder.forward_items`):
         # a batch costs its segments' frames there, not size x longest
         self.pads_batches = self.model.device.type != "cpu"
+        # on CPU, as many intra-op threads as the cores other processes leave idle (`core_share`)
+        self._cores = CoreShare(torch.get_num_threads()) if self.model.device.type == "cpu" else None
+        self.threads = torch.get_num_threads()  # the intra-op threads now
 
     def warm_up(self, frames: int = 25) -> float:
         """One short decode so the first request does not pay for lazy initialisation; seconds taken."""
@@ -95,6 +99,7 @@ class Engine:
     def _decode(self, items: list[SegmentInput], beam_size: int) -> list[Hypothesis]:
         """Best hypothesis of each item. A batch that runs out of GPU memory is decoded in halves
         (results are the same: per-item length caps), down to single segments."""
+        self._share_cores()
         info = self.model.info  # the items of a batch use the same modality: all or none have video, audio
         videos = [video_from_rois(item.video, info["image_crop_size"], info["image_mean"], info["image_std"])
                   for item in items if item.video is not None]
@@ -103,7 +108,7 @@ class Engine:
         inputs = collate(videos or None, audios or None)
         try:
             hyps = self.model.generate(video=inputs.video, audio=inputs.audio, padding_mask=inputs.padding_mask,
-                                       beam_size=beam_size, max_len_from="item")
+                                       beam_size=beam_size, max_len_from="item", on_step=self._share_cores)
         except torch.OutOfMemoryError:
             if len(items) == 1:
                 raise
@@ -113,6 +118,15 @@ class Engine:
             half = len(items) // 2
             return self._decode(items[:half], beam_size) + self._decode(items[half:], beam_size)
         return [item_hyps[0] for item_hyps in hyps]
+
+    def _share_cores(self) -> None:
+        """On CPU: as many intra-op threads as the cores other processes leave idle (`core_share`),
+        before a batch and each of its decoder steps."""
+        if self._cores is not None:
+            threads = self._cores.threads()
+            if threads != self.threads:
+                torch.set_num_threads(threads)
+                self.threads = threads
 
     @functools.cached_property
     def identity(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -217,6 +218,7 @@ class AVHubert:
         padding_mask: ArrayLike | None = None,
         beam_size: int = 5,
         prefix_tokens: ArrayLike | None = None,
+        on_step: Callable[[], None] | None = None,
         **generation: Any,
     ) -> list[list[Hypothesis]]:
         """Beam search (``beam_size=1``: greedy) for each item; per item a list of hypotheses,
@@ -225,7 +227,8 @@ class AVHubert:
         ``unk_penalty``, ``temperature``, ``no_repeat_ngram_size``, ``match_source_len``,
         ``max_len``, ``max_len_from`` = ``"padded"`` (official default) | ``"item"`` |
         ``"frames"``, ``incremental``). ``prefix_tokens`` ``[B, P]`` forces the first tokens as the
-        official ``prefix_size`` does (``target[:, :prefix_size]``, ``<pad>`` = unconstrained)."""
+        official ``prefix_size`` does (``target[:, :prefix_size]``, ``<pad>`` = unconstrained).
+        ``on_step`` is called before each decoder step."""
         decoder = self._require_decoder()
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -262,7 +265,7 @@ class AVHubert:
             # runs in one launch, padding and all)
             encode = self.network.encoder.forward_items if self.device.type == "cpu" else self.network.encoder
             memory, mask = encode(video, audio, padding_mask)
-            raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix)
+            raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix, on_step)
         return [[self._hypothesis(h, tokenizer) for h in hyps] for hyps in raw]
 
     @staticmethod

@@ -18,6 +18,7 @@ source item and shared by its hypotheses.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -193,13 +194,15 @@ def beam_search(
     unk: int,
     src_lengths: list[int] | None = None,
     prefix_tokens: Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[list[RawHypothesis]]:
     """Decode every item of ``encoder_out`` ``[B, S, D]``; item ``b`` stops at ``max_lens[b]``
     tokens before the forced ``</s>``. Returns per item up to ``beam`` hypotheses, best first.
 
     ``src_lengths`` (each item's frame count) is required with ``cfg.match_source_len``;
     ``prefix_tokens`` ``[B, P]`` forces the first ``P`` tokens (official ``prefix_size``: the
-    target's first tokens; ``<pad>`` entries are free)."""
+    target's first tokens; ``<pad>`` entries are free). ``on_step`` is called before each decoder
+    step (the engine adjusts its CPU threads there)."""
     device = encoder_out.device
     bsz = encoder_out.size(0)
     vocab = decoder.embed_tokens.num_embeddings
@@ -228,6 +231,8 @@ def beam_search(
     kept_items: Tensor | None = None
 
     for step in range(longest + 1):
+        if on_step is not None:
+            on_step()
         if reorder is not None:
             if kept_items is not None:
                 decoding.select_items(kept_items)
