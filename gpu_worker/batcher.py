@@ -122,6 +122,12 @@ class Batcher:
                     self._waiting.remove(job)
                 self._active.remove(job)
 
+    def working_for(self, job_id: str) -> bool:
+        """Whether segments handed in for job `job_id` are waiting here or being decoded (its early batches)."""
+        with self._cond:
+            return any(job.job_id == job_id and job.done < len(job.items) and job.error is None
+                       for job in self._active)
+
     # -- the decoding thread ------------------------------------------------------------------
     def _run(self) -> None:
         while True:

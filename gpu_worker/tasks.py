@@ -73,12 +73,15 @@ def _stored(job_id: str, spans: Sequence[SegmentSpan], digests: Sequence[str]) -
 def _decode_missing(job_id: str, items: list[SegmentInput], spans: Sequence[SegmentSpan], digests: Sequence[str],
                     results: Results, modality: str, beam_size: int, progress: Progress) -> int:
     """Fill `results`: decode the segments with no stored result, except those an early batch is still
-    decoding, whose results are awaited while they keep coming (`AVSR_EARLY_WAIT_S` without one).
+    decoding, whose results are awaited while they keep coming or this worker's batcher is decoding some
+    of the job's segments (`AVSR_EARLY_WAIT_S` without either: an early batch on a worker that died).
     Returns how many came from the store meanwhile."""
     wait_s = get_settings().early_wait_s
     taken = 0
     last_news = time.monotonic()
     while missing := [k for k, r in enumerate(results) if r is None]:
+        if runtime.batcher().working_for(job_id):  # an early batch of the job is decoding here: news to come
+            last_news = time.monotonic()
         in_flight = early.in_flight(job_id) if time.monotonic() - last_news < wait_s else set()
         todo = [k for k in missing if (spans[k]["start_frame"], spans[k]["end_frame"]) not in in_flight]
         if todo:

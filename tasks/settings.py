@@ -122,7 +122,8 @@ class Settings:
                                         "(results unchanged)")
     early_wait_s: float = setting("AVSR_EARLY_WAIT_S", 30.0, kind=float,
                                   doc="how long a job's inference waits for its early decodes still running "
-                                      "(with no progress) before decoding those segments itself")
+                                      "(with no progress, and none of them in its own worker's batches) before "
+                                      "decoding those segments itself")
     max_faces: int = setting("AVSR_MAX_FACES", 4, kind=int,
                              doc="faces followed as face tracks (speaker: center, a hint, speaking, all)")
     chunk_frames: int = setting("AVSR_CHUNK_FRAMES", 750, kind=int,

@@ -8,6 +8,7 @@ number of segments the test submits, so the batch forms once every job has hande
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -193,3 +194,32 @@ def test_a_decode_that_hangs_fails_the_job_with_timeout(engine, clips, monkeypat
 def test_a_batch_budget_that_can_hold_nothing_is_refused(engine, bad):
     with pytest.raises(ValueError):
         Batcher(engine, **{"linger_s": 0.0, "max_batch_frames": 100, "max_batch_size": 2, **bad})
+
+
+def test_the_batcher_says_which_jobs_it_is_working_for(engine, clips, single_torch_thread):
+    """`working_for(job_id)`: segments of that job are waiting or decoding here (what `infer` asks before it
+    gives up waiting for the job's early batches)."""
+    from tasks.logs import current_job_id
+
+    rois, segments = clips["rand75"][0], JOBS["a"][1]
+    batcher = Batcher(engine, linger_s=0.3, max_batch_frames=10_000, max_batch_size=5)
+    batcher.start()
+    seen: dict[str, bool] = {}
+
+    def submit() -> None:
+        token = current_job_id.set("job-a")
+        try:
+            batcher.transcribe(rois=rois, audio=None, segments=segments, modality="video", beam_size=2)
+        finally:
+            current_job_id.reset(token)
+
+    worker = threading.Thread(target=submit)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not seen.get("a") and time.monotonic() < deadline:
+        seen["a"] = batcher.working_for("job-a")
+        time.sleep(0.01)
+    seen["b"] = batcher.working_for("job-b")
+    worker.join()
+    assert seen == {"a": True, "b": False}
+    assert not batcher.working_for("job-a")  # done

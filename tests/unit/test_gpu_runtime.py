@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,47 @@ def test_the_model_loads_on_a_thread_that_ends_and_decodes_on_the_batchers(monke
         assert decoders and all(t.name == "avsr-batcher" for t in decoders)
     finally:
         get_settings.cache_clear()
+
+
+def test_inference_waits_for_early_segments_its_own_batcher_is_decoding(monkeypatch):
+    """However long an early batch of the job takes in this worker's batcher, `infer` does not decode its
+    segments a second time (before, it gave up after AVSR_EARLY_WAIT_S without news); segments in flight
+    elsewhere are still awaited only while news keeps coming."""
+    from gpu_worker import tasks as gpu_tasks
+
+    monkeypatch.setenv("AVSR_EARLY_WAIT_S", "0.5")  # far shorter than the early batch here takes
+    get_settings.cache_clear()
+    monkeypatch.setattr(gpu_tasks, "_POLL_S", 0.01)
+    spans = [{"id": 0, "start_frame": 0, "end_frame": 10}, {"id": 1, "start_frame": 10, "end_frame": 20}]
+    polls = {"n": 0}
+    early_result = {"text": "early", "confidence": 0.5, "score": -1.0, "num_tokens": 2, "words": [],
+                    "end_logprob": -0.1}
+
+    class Batcher:
+        def __init__(self) -> None:
+            self.decoded: list[int] = []
+
+        def working_for(self, job_id: str) -> bool:
+            polls["n"] += 1
+            if polls["n"] < 60:  # the early batch of segment 0 decodes here for a while (> 0.5 s)
+                time.sleep(0.02)
+            return polls["n"] < 60
+
+        def decode_items(self, items, **_kwargs):
+            self.decoded.extend(int(i) for i in items)
+            return [{**early_result, "text": f"late {i}"} for i in items]
+
+    batcher = Batcher()
+    monkeypatch.setattr(runtime, "batcher", lambda: batcher)
+    # its result is stored a little after the batcher is done with it (the early task's thread stores it)
+    monkeypatch.setattr(gpu_tasks.early, "in_flight", lambda job_id: {(0, 10)} if polls["n"] < 63 else set())
+    monkeypatch.setattr(gpu_tasks, "_stored", lambda job_id, sp, dg: [
+        early_result if s["id"] == 0 and polls["n"] >= 62 else None for s in sp])
+    results: list = [None, None]
+    try:
+        taken = gpu_tasks._decode_missing("job", [0, 1], spans, ["d0", "d1"], results, "video", 2,
+                                          lambda _results: None)
+    finally:
+        get_settings.cache_clear()
+    assert batcher.decoded == [1]  # segment 0 came from its early batch, never decoded again
+    assert taken == 1 and results[0]["text"] == "early" and results[1]["text"] == "late 1"
