@@ -226,3 +226,30 @@ def test_decoder_memory_skips_padded_frames_and_equals_each_item_alone(fp32: AVH
         no_padding = torch.zeros_like(mask)
         assert torch.equal(encoder.forward_items(batch_video, batch_audio, no_padding)[0],
                            encoder(batch_video, batch_audio, no_padding)[0])
+
+
+@pytest.mark.parametrize(("size", "stride", "bias"), [(3, 1, True), (6, 2, True), (5, 1, False), (4, 2, False),
+                                                      (1, 1, True), (7, 2, True)])
+def test_tap_convolution_computes_the_zero_padded_convolution(size: int, stride: int, bias: bool) -> None:
+    """`TapConv2d` (the padding's zero taps skipped, one GEMM per output position) is the convolution up to
+    fp32 rounding, for map sizes and strides where taps fall off one, both or no edges, any input layout."""
+    from gpu_worker.avhubert.model import TapConv2d
+
+    torch.manual_seed(size * 10 + stride)
+    conv = nn.Conv2d(24, 40, 3, stride, 1, bias=bias).eval()
+    taps = TapConv2d(conv)
+    plain = torch.randn(7, 24, size, size)
+    for x in (plain, plain.contiguous(memory_format=torch.channels_last)):
+        with torch.inference_mode():
+            expected, got = conv(x), taps(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_fp32_resnet_runs_its_last_layer_on_tap_convolutions(fp32: AVHubert) -> None:
+    from gpu_worker.avhubert.model import BasicBlock, TapConv2d
+
+    backbone = fp32.network.encoder.video_frontend.backbone
+    last = [m for m in backbone.layers[-1] if isinstance(m, BasicBlock)]
+    assert len(last) == 2 and all(isinstance(b.conv1, TapConv2d) and isinstance(b.conv2, TapConv2d) for b in last)
+    assert not any(isinstance(m, TapConv2d) for m in backbone.layers[:-1].modules())
