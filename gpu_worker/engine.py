@@ -44,12 +44,11 @@ class Engine:
         self.checkpoint = Path(checkpoint)
         self.max_batch_frames = max_batch_frames
         self.max_batch_size = max_batch_size
-        # on CPU the encoder runs each segment of a batch at its own length (`AVHubertEncoder.forward_items`):
-        # a batch costs its segments' frames there, not size x longest
-        self.pads_batches = self.model.device.type != "cpu"
+        # where the model encodes each segment at its own length (CPU), a batch costs its segments' frames,
+        # not size x longest
+        self.pads_batches = self.model.pads_batches
         # on CPU, as many intra-op threads as the cores other processes leave idle (`core_share`)
         self._cores = CoreShare(torch.get_num_threads()) if self.model.device.type == "cpu" else None
-        self.threads = torch.get_num_threads()  # the intra-op threads now
 
     def warm_up(self, frames: int = 25) -> float:
         """One short decode so the first request does not pay for lazy initialisation; seconds taken."""
@@ -126,7 +125,11 @@ class Engine:
             threads = self._cores.threads()
             if threads != self.threads:
                 torch.set_num_threads(threads)
-                self.threads = threads
+
+    @property
+    def threads(self) -> int:
+        """The intra-op threads torch uses now (on the calling thread: the batcher's, in the GPU worker)."""
+        return torch.get_num_threads()
 
     @functools.cached_property
     def identity(self) -> str:

@@ -249,10 +249,9 @@ class TapConv2d(nn.Module):
         self.kernel = (kh, kw)
         self.stride, self.padding = conv.stride, (kh // 2, kw // 2)  # the padding checked above
         weight = conv.weight.detach().float()
-        self.taps = [torch.ops.mkldnn._reorder_linear_weight(weight[:, :, di, dj].contiguous())
-                     for di in range(kh) for dj in range(kw)]  # each [C_out, C] for oneDNN's inner product
-        for i, tap in enumerate(self.taps):
-            self.register_buffer(f"tap{i}", tap)
+        for d in range(kh * kw):  # `tap{d}`: tap d's [C_out, C] weight, packed for oneDNN's inner product
+            tap = weight[:, :, d // kw, d % kw].contiguous()
+            self.register_buffer(f"tap{d}", torch.ops.mkldnn._reorder_linear_weight(tap))
         bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
         self.register_buffer("bias", bias.float().contiguous())
         self.out_channels, self.in_channels = cout, cin
@@ -277,7 +276,7 @@ class TapConv2d(nn.Module):
                 continue
             (i0, i1, r0), (j0, j1, c0) = rows, columns
             seen = cols[:, r0 : r0 + (i1 - i0 - 1) * sh + 1 : sh, c0 : c0 + (j1 - j0 - 1) * sw + 1 : sw]
-            part = torch.ops.mkldnn._linear_pointwise(seen.reshape(-1, c), self.taps[d],
+            part = torch.ops.mkldnn._linear_pointwise(seen.reshape(-1, c), self.get_buffer(f"tap{d}"),
                                                       self.bias if out is None else None, "none", [], "")
             if out is None:  # the centre tap feeds every output position (odd kernel, same-size padding)
                 out = part.view(n, oh, ow, self.out_channels)

@@ -81,6 +81,12 @@ class AVHubert:
 
     # ------------------------------------------------------------------ metadata
     @property
+    def pads_batches(self) -> bool:
+        """Whether `generate` encodes a batch padded to its longest item (a GPU: one launch), or each item
+        at its own length, the padded frames never computed (CPU: `AVHubertEncoder.forward_items`)."""
+        return self.device.type != "cpu"
+
+    @property
     def info(self) -> dict[str, Any]:
         """Model metadata for a service (sizes, device, dtype, input normalisation ...)."""
         enc, dec, task = self.config.encoder, self.config.decoder, self.config.task
@@ -261,9 +267,7 @@ class AVHubert:
         d = tokenizer.dictionary
         eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
-            # on CPU the padded frames of a batch of mixed lengths are not computed (on a GPU the batch
-            # runs in one launch, padding and all)
-            encode = self.network.encoder.forward_items if self.device.type == "cpu" else self.network.encoder
+            encode = self.network.encoder if self.pads_batches else self.network.encoder.forward_items
             memory, mask = encode(video, audio, padding_mask)
             raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix, on_step)
         return [[self._hypothesis(h, tokenizer) for h in hyps] for hyps in raw]
