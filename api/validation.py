@@ -15,7 +15,7 @@ from flask import request
 from api import schema
 from api.errors import ApiError
 from tasks.jobs import is_job_id
-from tasks.pinned_http import canonical_host, non_global_address, url_host
+from tasks.pinned_http import non_global_address, url_host
 from tasks.records import (
     FPS,
     FramesInput,
@@ -228,9 +228,7 @@ def _callback(value: Any, tenant: Tenant, allow_private: bool) -> str | None:
             or any(unicodedata.category(c) == "Cc" for c in value)):
         raise bad("invalid_field", "'callback_url' must be a URL string")
     try:
-        parsed = urlparse(value)
-        parsed.port  # noqa: B018 - raises on a bad port
-        host = canonical_host(parsed.hostname or "")
+        parsed, host = urlparse(value), url_host(value)
     except ValueError:
         raise bad("invalid_field", "'callback_url' must be an http(s) URL") from None
     if parsed.scheme not in ("http", "https") or not host or parsed.username is not None:

@@ -26,12 +26,10 @@ import random
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
 import urllib3
 
 from tasks import jobs, pinned_http
-from tasks.pinned_http import canonical_host
 from tasks.settings import get_settings
 from tasks.signing import signature
 
@@ -114,7 +112,7 @@ def post(url: str, body: bytes, delivery_id: str, secret: str, allow_private: bo
                "webhook-timestamp": timestamp, "webhook-signature": signature(secret, delivery_id, timestamp, body)}
     with pinned_http.Deadline(ATTEMPT_S) as deadline:
         try:
-            response = pinned_http.request("POST", url, host=canonical_host(urlparse(url).hostname or ""),
+            response = pinned_http.request("POST", url, host=pinned_http.url_host(url),
                                            allow_private=allow_private, headers=headers, body=body,
                                            timeout=deadline.timeout(5.0, TIMEOUT_S), deadline=deadline)
         except (OSError, urllib3.exceptions.HTTPError) as exc:

@@ -162,7 +162,7 @@ def test_every_spelling_of_a_private_address_is_refused(url):
 
 
 @pytest.mark.parametrize("url", ["http://999999999999/", "http://user:pw@example.org/", "http://example.org:99999/",
-                                 "http://exa mple.org/\n"])
+                                 "http://exa mple.org/\n", "http://a..b.example/", f"http://{'x' * 64}.example/"])
 def test_malformed_callback_urls_are_invalid_fields(url):
     assert error_of({"s3_bucket": "clips", "s3_prefix": "a/", "callback_url": url}).code == "invalid_field"
 
