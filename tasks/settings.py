@@ -186,6 +186,11 @@ class Settings:
         """The tenant of requests when no keys are configured (auth off): the global allow-lists."""
         return Tenant("default", (), self.allowed_buckets, self.output_buckets, self.callback_secret)
 
+    def claimed_buckets(self, tenant_id: str) -> frozenset[str]:
+        """The buckets that tenants other than `tenant_id` list (to read or write): closed to a tenant that
+        lists no read buckets of its own, which may otherwise read any bucket but the work bucket."""
+        return frozenset(b for t in self.tenants if t.id != tenant_id for b in (*t.read_buckets, *t.write_buckets))
+
     def tenant(self, tenant_id: str) -> Tenant:
         """The tenant of that id (a job's `tenant`); the default tenant for an unknown id."""
         return next((t for t in self.tenants if t.id == tenant_id), self.default_tenant())
@@ -221,7 +226,7 @@ class Tenant:
 
     id: str
     key_hashes: tuple[str, ...] = field(repr=False)
-    read_buckets: tuple[str, ...] = ()  # empty: any bucket but the work bucket
+    read_buckets: tuple[str, ...] = ()  # empty: any bucket but the work bucket and other tenants' buckets
     write_buckets: tuple[str, ...] = ()  # empty: results only to the work bucket
     callback_secret: str = field(default="", repr=False)
 

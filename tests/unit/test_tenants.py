@@ -71,3 +71,27 @@ def test_health_shows_no_model_path_or_error_message():
     assert shown["checkpoint"] == "finetune.pt" and shown["kind"] == "seq2seq"
     assert shown["model_error"].startswith("FileNotFoundError") and "/srv" not in shown["model_error"]
     assert _public({"checkpoint": None, "model_error": None}) == {"checkpoint": None, "model_error": None}
+
+
+def test_an_open_tenant_cannot_read_or_write_another_tenants_buckets():
+    from api.validation import parse_job_request
+
+    settings = Settings(tenants_json=TENANTS)  # globex lists no buckets: it reads any other bucket
+    acme, globex = settings.tenant("acme"), settings.tenant("globex")
+
+    def submit(tenant, bucket, output=None):
+        body = {"s3_bucket": bucket, "s3_key": "talk.mp4", **({"output": output} if output else {})}
+        return parse_job_request(body, settings, tenant=tenant)
+
+    assert submit(acme, "acme-in")["input"]["bucket"] == "acme-in"
+    assert submit(globex, "globex-media")["input"]["bucket"] == "globex-media"
+    for bucket in ("acme-in", "acme-out", settings.work_bucket):  # acme's (read or write) and the work bucket
+        with pytest.raises(ApiError) as info:
+            submit(globex, bucket)
+        assert info.value.code == "bucket_not_allowed"
+    with pytest.raises(ApiError) as info:
+        submit(globex, "globex-media", {"s3_bucket": "acme-out", "s3_prefix": "x/"})
+    assert info.value.code == "bucket_not_allowed"
+    with pytest.raises(ApiError) as info:  # a listed tenant reads only its list
+        submit(acme, "globex-media")
+    assert info.value.code == "bucket_not_allowed"
