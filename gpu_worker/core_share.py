@@ -1,6 +1,6 @@
 """Intra-op threads for a model on CPU that shares its cores with other processes (the local stack, one
-small host): as many as the other processes left idle in the last second, at least one and at most
-what the process started with.
+small host): as many as the other processes left idle in the last second, on the cores this process may
+run on (its CPU affinity), at least one and at most what the process started with.
 
 Why: while a CPU worker's preprocessing keeps the cores busy, a 2-thread model waits at every one of a
 beam step's parallel regions for its second thread to be scheduled again: on 2 cores a one-segment
@@ -22,17 +22,30 @@ PROC_STAT = Path("/proc/stat")
 
 
 def _machine_busy_s() -> tuple[float, int] | None:
-    """Seconds of CPU time every core of the machine spent busy since boot, and how many cores;
-    None where /proc/stat cannot be read (not Linux)."""
+    """Seconds of CPU time the cores this process may run on (its CPU affinity: a container's cpuset, a
+    `taskset`) spent busy since boot, and how many such cores; None where /proc/stat cannot be read (not
+    Linux). Cores outside the affinity set are not counted: other containers' work there leaves ours idle."""
     try:
         lines = PROC_STAT.read_text().splitlines()
     except OSError:
         return None
-    fields = [int(v) for v in lines[0].split()[1:]]  # user nice system idle iowait irq softirq steal ...
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    busy = sum(fields[:8]) - idle  # guest time is already counted in user
-    cores = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
-    return busy / os.sysconf("SC_CLK_TCK"), max(1, cores)
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy, cores = 0, 0
+    for line in lines[1:]:
+        name, *values = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            continue
+        if allowed is not None and int(name[3:]) not in allowed:
+            continue
+        fields = [int(v) for v in values]  # user nice system idle iowait irq softirq steal ...
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        busy += sum(fields[:8]) - idle  # guest time is already counted in user
+        cores += 1
+    if cores == 0:  # no per-core lines (or none of ours): the machine-wide first line
+        fields = [int(v) for v in lines[0].split()[1:]]
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        cores = max(1, len(allowed) if allowed else os.cpu_count() or 1)
+    return busy / os.sysconf("SC_CLK_TCK"), cores
 
 
 def _own_busy_s() -> float:

@@ -99,3 +99,21 @@ def test_the_engine_asks_before_a_batch_and_each_decoder_step():
     finally:
         torch.set_num_threads(threads)
     assert len(asked) == 1 + decoded[0]["num_tokens"]  # the batch, then every step (its tokens incl. </s>)
+
+
+def test_only_the_cores_of_the_affinity_set_count(monkeypatch, tmp_path):
+    """In a container pinned to cores 2-3 of a 4-core host, work on cores 0-1 leaves ours idle."""
+    stat = tmp_path / "stat"
+    tick = core_share.os.sysconf("SC_CLK_TCK")
+
+    def write(busy_per_core: list[int]) -> None:
+        lines = [f"cpu  {sum(busy_per_core)} 0 0 0 0 0 0 0 0 0"]
+        lines += [f"cpu{i} {busy} 0 0 {1000 - busy} 0 0 0 0 0 0" for i, busy in enumerate(busy_per_core)]
+        stat.write_text("\n".join(lines) + "\nintr 1 2 3\n")
+
+    monkeypatch.setattr(core_share, "PROC_STAT", stat)
+    monkeypatch.setattr(core_share.os, "sched_getaffinity", lambda pid: {2, 3})
+    write([900, 800, 10, 20])
+    assert core_share._machine_busy_s() == (30 / tick, 2)
+    monkeypatch.setattr(core_share.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert core_share._machine_busy_s() == (1730 / tick, 4)
