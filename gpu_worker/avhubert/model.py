@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import ACTIVATIONS, DecoderConfig, EncoderConfig
 from .packed import PackedLinear, pack_linears
+from .winograd import WinogradConv2d
 
 
 def _gelu_accurate(x: Tensor) -> Tensor:
@@ -156,13 +157,20 @@ class VideoResNet(nn.Module):
             for block in cast(nn.Sequential, layer):
                 cast(BasicBlock, block).fold_batchnorm()
 
-    def use_tap_convs(self) -> None:
-        """CPU fp32 inference, after :meth:`fold_batchnorm`: the last layer's 3x3 convolutions (on the
-        3x3 and 6x6 maps of 88x88 crops) as :class:`TapConv2d`."""
-        for block in cast(nn.Sequential, self.layers[-1]):
-            basic = cast(BasicBlock, block)
-            basic.conv1 = TapConv2d(basic.conv1)  # type: ignore[assignment]  # the same call contract
-            basic.conv2 = TapConv2d(basic.conv2)  # type: ignore[assignment]
+    def use_small_map_convs(self) -> None:
+        """CPU fp32 inference, after :meth:`fold_batchnorm`: the 3x3 convolutions of the last two layers
+        (on the 6x6 and 3x3 maps of 88x88 crops), where oneDNN's direct convolution runs below its rate
+        elsewhere: the stride-1 ones as Winograd F(3x3, 3x3) (:class:`WinogradConv2d`: 25 products a tile
+        where the direct one has up to 81), layer 4's strided one as :class:`TapConv2d`."""
+        for layer in list(self.layers)[2:]:
+            for block in cast(nn.Sequential, layer):
+                basic = cast(BasicBlock, block)
+                # the same call contract as the nn.Conv2d they replace
+                basic.conv2 = WinogradConv2d(basic.conv2)  # type: ignore[assignment]
+                if basic.conv1.stride == (1, 1):
+                    basic.conv1 = WinogradConv2d(basic.conv1)  # type: ignore[assignment]
+                elif layer is self.layers[-1]:
+                    basic.conv1 = TapConv2d(basic.conv1)  # type: ignore[assignment]
 
     def _stem_chunks(self, video: Tensor, runs: list[int]) -> Iterator[Tensor]:
         """The 3-D stem convolution (+ BatchNorm) as a per-frame 2-D convolution whose 5 input
@@ -935,9 +943,10 @@ class AVHubertModel(nn.Module):
     def pack_weights(self) -> None:
         """CPU fp32 inference, after :meth:`prepare_for_inference`: every Linear and the decoder's
         output projection prepacked by oneDNN (:mod:`.packed`: fp32 rounding differences only;
-        beam-search steps about 2x faster on a 2-core CPU), and the ResNet's last layer's convolutions
-        as :class:`TapConv2d`. The attention projections that the fused ones replace are dropped. The
-        model then stays on the CPU in fp32."""
+        beam-search steps about 2x faster on a 2-core CPU), and the 3x3 convolutions of the ResNet's last
+        two layers as Winograd or tap convolutions (:meth:`VideoResNet.use_small_map_convs`). The
+        attention projections that the fused ones replace are dropped. The model then stays on the CPU
+        in fp32."""
         for module in self.modules():
             if isinstance(module, MultiheadAttention):
                 module.drop_unfused()
@@ -946,7 +955,7 @@ class AVHubertModel(nn.Module):
             self.decoder.pack_output_projection()
         backbone = self.encoder.video_frontend.backbone
         if isinstance(backbone, VideoResNet):
-            backbone.use_tap_convs()
+            backbone.use_small_map_convs()
 
     def quantize_linear_int8(self) -> None:
         """Dynamic int8 quantisation of every Linear (CPU, after :meth:`prepare_for_inference`:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -246,10 +247,61 @@ def test_tap_convolution_computes_the_zero_padded_convolution(size: int, stride:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_fp32_resnet_runs_its_last_layer_on_tap_convolutions(fp32: AVHubert) -> None:
+def test_cpu_fp32_resnet_runs_its_small_maps_on_winograd_and_tap_convolutions(fp32: AVHubert) -> None:
     from gpu_worker.avhubert.model import BasicBlock, TapConv2d
+    from gpu_worker.avhubert.winograd import WinogradConv2d
 
     backbone = fp32.network.encoder.video_frontend.backbone
-    last = [m for m in backbone.layers[-1] if isinstance(m, BasicBlock)]
-    assert len(last) == 2 and all(isinstance(b.conv1, TapConv2d) and isinstance(b.conv2, TapConv2d) for b in last)
-    assert not any(isinstance(m, TapConv2d) for m in backbone.layers[:-1].modules())
+    layer3, layer4 = ([cast(BasicBlock, b) for b in layer] for layer in backbone.layers[2:])
+    assert isinstance(layer4[0].conv1, TapConv2d) and isinstance(layer3[0].conv1, nn.Conv2d)  # the strided ones
+    assert all(isinstance(c, WinogradConv2d) for c in (*[b.conv2 for b in layer3 + layer4],
+                                                        layer3[1].conv1, layer4[1].conv1))
+    assert not any(isinstance(m, TapConv2d | WinogradConv2d) for m in backbone.layers[:2].modules())
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_winograd_transforms_compute_the_correlation(m: int) -> None:
+    """F(m, 3): A^T ((G g) * (B^T d)) is the correlation of m + 2 inputs with 3 taps."""
+    from gpu_worker.avhubert.winograd import winograd_matrices
+
+    a_t, g, b_t = winograd_matrices(m)
+    taps, inputs = torch.randn(3, dtype=torch.float64), torch.randn(m + 2, dtype=torch.float64)
+    expected = torch.stack([taps @ inputs[i:i + 3] for i in range(m)])
+    torch.testing.assert_close(a_t @ ((g @ taps) * (b_t @ inputs)), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("size", "channels", "bias"), [(3, 32, True), (6, 24, True), (5, 16, False), (1, 8, True),
+                                                        (7, 40, True), (11, 16, False)])
+def test_winograd_convolution_computes_the_zero_padded_convolution(size: int, channels: int, bias: bool) -> None:
+    """`WinogradConv2d` is the stride-1 3x3 convolution up to fp32 rounding, for maps of whole tiles and
+    not (3 and 6 in the ResNet), any input layout; each frame's result is its result alone, and the same at
+    1 and 2 threads, bit for bit (core sharing and per-segment encoding rely on both)."""
+    from gpu_worker.avhubert.winograd import WinogradConv2d
+
+    torch.manual_seed(size * 10 + channels)
+    conv = nn.Conv2d(channels, channels + 8, 3, 1, 1, bias=bias).eval()
+    fast = WinogradConv2d(conv)
+    plain = torch.randn(5, channels, size, size)
+    threads = torch.get_num_threads()
+    try:
+        for x in (plain, plain.contiguous(memory_format=torch.channels_last)):
+            with torch.inference_mode():
+                expected = conv(x)
+                torch.set_num_threads(1)
+                got = fast(x)
+                torch.set_num_threads(2)
+                assert torch.equal(fast(x), got)
+                assert torch.equal(fast(x[2:3]), got[2:3])
+            assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_winograd_convolution_refuses_other_convolutions() -> None:
+    from gpu_worker.avhubert.winograd import WinogradConv2d
+
+    for conv in (nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 5, 1, 2), nn.Conv2d(4, 4, 3, 1, 0), nn.Conv2d(4, 4, 3, 1, 1,
+                                                                                                    groups=2)):
+        with pytest.raises(ValueError):
+            WinogradConv2d(conv)
