@@ -238,10 +238,11 @@ class TapConv2d(nn.Module):
     """A zero-padded ``k x k`` convolution (+ bias) for small feature maps, CPU fp32: per kernel tap, one
     oneDNN inner product (weight prepacked, :mod:`.packed`) of the input positions the tap sees onto the
     output positions it feeds, added up centre tap first, so the padding's zero taps are skipped (a 3x3
-    map with padding 1: 49 of 81). The ResNet's layer 4 (512 channels on 3x3 maps, 6x6 into its first
-    convolution) runs oneDNN's direct convolution at half its rate on larger maps; this takes 19.6
-    against 59.9 ms (14.1 against 30.4 for the strided one) for 250 frames on 2 cores, with fp32 rounding
-    differences only (about 2.5e-6 relative), and the same numbers at any thread count.
+    map with padding 1: 49 of 81). The ResNet's layer 4 (512 channels on 3x3 maps, 6x6 into its first,
+    strided convolution) runs oneDNN's direct convolution at half its rate on larger maps; this takes 14.1
+    against 30.4 ms for that strided one for 250 frames on 2 cores (19.6 against 59.9 for a stride-1 one,
+    now :class:`WinogradConv2d`), with fp32 rounding differences only (about 2.5e-6 relative), and the
+    same numbers at any thread count.
 
     ``[N, C, H, W]`` (best channels-last) -> ``[N, C_out, OH, OW]`` channels-last.
     """
