@@ -77,16 +77,16 @@ def s3_path(value: str, name: str) -> str:
     return value
 
 
-def _bucket(body: dict, name: str, allowed: tuple[str, ...], settings: Settings, tenant_id: str, *,
-            write: bool = False) -> str:
+def _bucket(body: dict, name: str, tenant: Tenant, settings: Settings, *, write: bool = False) -> str:
     bucket = _string(body, name, required=True, max_len=63) or ""
     if not _BUCKET.match(bucket) or _IPV4.match(bucket):
         raise bad("invalid_bucket", f"'{bucket}' is not a valid S3 bucket name")
     # Writing: only listed buckets (none listed: results stay in the work bucket). Reading: the listed
     # buckets, or with none listed any bucket but the work bucket (other jobs' arrays and results) and
     # the buckets other tenants list (theirs, not this tenant's)
+    allowed = tenant.write_buckets if write else tenant.read_buckets
     permitted = bucket in allowed if write or allowed else (
-        bucket != settings.work_bucket and bucket not in settings.claimed_buckets(tenant_id))
+        bucket != settings.work_bucket and bucket not in settings.claimed_buckets(tenant.id))
     if not permitted:
         what = "written to" if write else "read from"
         raise bad("bucket_not_allowed", f"bucket '{bucket}' may not be {what} with this API key")
@@ -155,7 +155,7 @@ def speaker(value: Any) -> SpeakerMode | SpeakerHint:
 
 
 def _s3_input(body: dict, tenant: Tenant, settings: Settings, legacy: bool) -> FramesInput | VideoInput:
-    bucket = _bucket(body, "s3_bucket", tenant.read_buckets, settings, tenant.id)
+    bucket = _bucket(body, "s3_bucket", tenant, settings)
     prefix, key = _string(body, "s3_prefix"), _string(body, "s3_key")
     if prefix is not None:
         s3_path(prefix, "s3_prefix")
@@ -220,7 +220,7 @@ def _output(value: Any, tenant: Tenant, settings: Settings) -> OutputLocation | 
         return None
     if not isinstance(value, dict) or set(value) - {"s3_bucket", "s3_prefix"}:
         raise bad("invalid_field", "'output' must be {\"s3_bucket\", \"s3_prefix\"}")
-    bucket = _bucket(value, "s3_bucket", tenant.write_buckets, settings, tenant.id, write=True)
+    bucket = _bucket(value, "s3_bucket", tenant, settings, write=True)
     return {"bucket": bucket, "prefix": s3_path(_string(value, "s3_prefix") or "", "output.s3_prefix")}
 
 

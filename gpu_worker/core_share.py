@@ -37,15 +37,19 @@ def _machine_busy_s() -> tuple[float, int] | None:
             continue
         if allowed is not None and int(name[3:]) not in allowed:
             continue
-        fields = [int(v) for v in values]  # user nice system idle iowait irq softirq steal ...
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        busy += sum(fields[:8]) - idle  # guest time is already counted in user
+        busy += _busy_ticks(values)
         cores += 1
     if cores == 0:  # no per-core lines (or none of ours): the machine-wide first line
-        fields = [int(v) for v in lines[0].split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+        busy = _busy_ticks(lines[0].split()[1:])
         cores = max(1, len(allowed) if allowed else os.cpu_count() or 1)
     return busy / os.sysconf("SC_CLK_TCK"), cores
+
+
+def _busy_ticks(values: list[str]) -> int:
+    """Busy clock ticks of a /proc/stat `cpu` line's values (user nice system idle iowait irq softirq steal ...):
+    all but idle and iowait; guest time is already counted in user."""
+    fields = [int(v) for v in values]
+    return sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)
 
 
 def _own_busy_s() -> float:

@@ -44,9 +44,6 @@ class Engine:
         self.checkpoint = Path(checkpoint)
         self.max_batch_frames = max_batch_frames
         self.max_batch_size = max_batch_size
-        # where the model encodes each segment at its own length (CPU), a batch costs its segments' frames,
-        # not size x longest
-        self.pads_batches = self.model.pads_batches
         # on CPU, as many intra-op threads as the cores other processes leave idle (`core_share`)
         self._cores = CoreShare(torch.get_num_threads()) if self.model.device.type == "cpu" else None
 
@@ -125,6 +122,12 @@ class Engine:
             threads = self._cores.threads()
             if threads != self.threads:
                 torch.set_num_threads(threads)
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a batch is encoded padded (GPU: it costs size x longest frames) or each segment at its own
+        length (CPU: it costs its segments' frames); the model's."""
+        return self.model.pads_batches
 
     @property
     def threads(self) -> int:

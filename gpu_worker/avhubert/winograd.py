@@ -70,9 +70,8 @@ class WinogradConv2d(nn.Module):
         self.m, self.n = m, m + 2
         self.in_channels, self.out_channels = cin, cout
         weight = torch.einsum("ak,oikl,bl->abio", g, conv.weight.detach().double(), g)  # [n, n, C, C_out]
-        for k, (a, b) in enumerate((a, b) for a in range(self.n) for b in range(self.n)):
-            tap = weight[a, b].t().float().contiguous()  # [C_out, C]
-            self.register_buffer(f"u{k}", torch.ops.mkldnn._reorder_linear_weight(tap))
+        for k, product in enumerate(weight.flatten(0, 1)):  # `u{k}`: product k's [C_out, C], packed
+            self.register_buffer(f"u{k}", torch.ops.mkldnn._reorder_linear_weight(product.t().float().contiguous()))
         bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(cout)
         self.register_buffer("bias", bias.float().contiguous())
         # both axes at once: V[(p, q)] = sum_(i, j) B^T[p, i] B^T[q, j] d[(i, j)], and the same with A^T
