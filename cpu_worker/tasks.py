@@ -15,8 +15,7 @@ from tasks.stage_task import stage_task
 @stage_task(chain.PREPARE, "downloading")
 def prepare(job: jobs.Job) -> dict[str, int]:
     plan: InputPlan = stages.prepare(job)
-    if jobs.once(job["job_id"], "launch"):
-        chain.launch(job["job_id"], plan["chunks"])
+    chain.launch(job["job_id"], plan["chunks"])
     return {"chunks": len(plan["chunks"])}
 
 

@@ -23,6 +23,7 @@ from celery.canvas import Signature
 from tasks import jobs
 from tasks.celery_app import app
 from tasks.records import Chunk, SegmentSpan
+from tasks.settings import get_settings
 
 PREPARE, PREPROCESS_CHUNK, ASSEMBLE, INFER, FINALIZE = (
     "avsr.prepare", "avsr.preprocess_chunk", "avsr.assemble", "avsr.infer", "avsr.finalize")
@@ -44,13 +45,35 @@ def submit(job_id: str) -> None:
     _sig(PREPARE, job_id=job_id, stage="prepare").apply_async()
 
 
-def launch(job_id: str, chunks: list[Chunk]) -> None:
-    """After `prepare`: the chunks as a chord, then assemble → infer → finalize."""
-    chunk_tasks = group(_sig(PREPROCESS_CHUNK, chunk["index"], job_id=job_id, stage=f"chunk.{chunk['index']}")
+_LAUNCHED = "avsr:launched:{}"  # the job's chord was published whole
+_LAUNCHES = "avsr:launches:{}"  # publications of the job's chord begun
+
+
+def launch(job_id: str, chunks: list[Chunk]) -> bool:
+    """After `prepare`: the chunks as a chord, then assemble → infer → finalize, published once per
+    job (False: an earlier delivery of `prepare` did it).
+
+    A delivery that died or lost Redis part-way through publishing leaves a chord that may never
+    complete (some chunk messages never sent); the next delivery publishes a whole new one. Its chunk
+    task ids carry the attempt (`chunk.<i>.r<k>`), so none of its chunks is skipped as a duplicate of
+    the first chord's and it completes; the stages after the chord keep their ids, so if both chords
+    complete, the second `assemble` is a duplicate delivery and skipped (`tasks/leases.py`)."""
+    r = jobs.connection()
+    if r.exists(_LAUNCHED.format(job_id)):
+        return False
+    ttl = get_settings().job_ttl_s
+    pipe = r.pipeline()
+    pipe.incr(_LAUNCHES.format(job_id))
+    pipe.expire(_LAUNCHES.format(job_id), ttl)
+    attempt = int(pipe.execute()[0])
+    suffix = "" if attempt == 1 else f".r{attempt - 1}"
+    chunk_tasks = group(_sig(PREPROCESS_CHUNK, chunk["index"], job_id=job_id, stage=f"chunk.{chunk['index']}{suffix}")
                         for chunk in chunks)
     (chord(chunk_tasks, _sig(ASSEMBLE, job_id=job_id, stage="assemble"))
      | _sig(INFER, job_id=job_id, stage="infer")
      | _sig(FINALIZE, job_id=job_id, stage="finalize")).apply_async()
+    r.set(_LAUNCHED.format(job_id), 1, ex=ttl)
+    return True
 
 
 def infer_early(job_id: str, batch: int, spans: list[SegmentSpan], offset: int) -> None:
@@ -74,7 +97,9 @@ def cancel(job_id: str) -> jobs.Job | None:
     if job is None:
         return None
     ids = [task_id(job_id, s) for s in STAGE_TASKS]
-    ids += [task_id(job_id, f"chunk.{i}") for i in range(job.get("chunks_total") or 0)]
+    launches = int(jobs.connection().get(_LAUNCHES.format(job_id)) or 1)
+    ids += [task_id(job_id, f"chunk.{i}{'' if k == 0 else f'.r{k}'}")
+            for i in range(job.get("chunks_total") or 0) for k in range(launches)]
     ids += [task_id(job_id, f"early.{i}") for i in range(job.get("early_batches") or 0)]
     app.control.revoke(ids)
     if job["status"] == jobs.CANCELLED:  # not a job that had already finished otherwise
