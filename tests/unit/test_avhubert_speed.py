@@ -305,3 +305,26 @@ def test_winograd_convolution_refuses_other_convolutions() -> None:
                                                                                                     groups=2)):
         with pytest.raises(ValueError):
             WinogradConv2d(conv)
+
+
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_decoder_cache_reorder_gives_each_row_its_sources_history(with_prefix: bool) -> None:
+    """Row ``i`` ends with the history of ``rows[i]``; only the steps from ``same_prefix[i]`` on are
+    copied, which is enough because the steps before it are already equal (the search's contract)."""
+    from gpu_worker.avhubert.model import DecoderCache
+
+    g = torch.Generator().manual_seed(0)
+    layers, n, heads, capacity, d, t = 2, 10, 3, 12, 4, 9
+    rows = torch.tensor([0, 0, 3, 2, 9, 5, 5, 7, 1, 1])
+    same_prefix = torch.tensor([9, 2, 0, 7, 4, 9, 3, 8, 5, 0]) if with_prefix else None
+    kv = torch.randn(layers, 2, n, heads, capacity, d, generator=g)
+    if same_prefix is not None:  # the contract: row i's first same_prefix[i] steps equal its source's
+        for i, (src, keep) in enumerate(zip(rows.tolist(), same_prefix.tolist(), strict=True)):
+            kv[:, :, i, :, :keep] = kv[:, :, src, :, :keep]
+    expected = kv[:, :, rows, :, :t].clone()
+    beyond = kv[:, :, :, :, t:].clone()
+    cache = DecoderCache(kv, [])
+    cache.length = t
+    cache.reorder(rows, same_prefix)
+    assert torch.equal(cache.kv[:, :, :, :, :t], expected)
+    assert torch.equal(cache.kv[:, :, :, :, t:], beyond)  # steps not filled yet are not touched
