@@ -55,8 +55,9 @@ def test_unknown_errors_propagate():
         classify(ZeroDivisionError("boom"), "s3://b/k")
 
 
-def test_arrays_round_trip_as_a_deflated_npz(monkeypatch):
-    """`put_arrays` writes what `np.load` reads (and `get_arrays` returns), every member deflated."""
+def test_arrays_round_trip_as_an_uncompressed_npz(monkeypatch):
+    """`put_arrays` writes what `np.load` reads (and `get_arrays` returns), every member stored as is
+    (deflate cost the CPU worker a tenth of its time on a long clip)."""
     import io
     import zipfile
 
@@ -71,7 +72,7 @@ def test_arrays_round_trip_as_a_deflated_npz(monkeypatch):
     storage.put_arrays("bucket", "k.npz", **arrays)
     with zipfile.ZipFile(io.BytesIO(stored["k.npz"])) as archive:
         assert {i.filename: i.compress_type for i in archive.infolist()} == {
-            f"{name}.npy": zipfile.ZIP_DEFLATED for name in arrays}
+            f"{name}.npy": zipfile.ZIP_STORED for name in arrays}
     loaded = storage.get_arrays("bucket", "k.npz")
     assert loaded.keys() == arrays.keys()
     for name, array in arrays.items():
