@@ -182,6 +182,16 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
         raise BadMedia(f"cannot open media: {exc}") from exc
 
 
+def bgr_array(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as BGR uint8 ``[H, W, 3]``: the pixels of ``frame.to_ndarray(format="bgr24")``, as a
+    view of the converted frame's buffer (which it keeps alive) instead of PyAV's copy of it, which
+    cost more than the conversion itself (0.45 against 0.19 ms a 640x480 H.264 frame)."""
+    converted = frame.reformat(format="bgr24")
+    plane = converted.planes[0]
+    rows = np.frombuffer(memoryview(plane), np.uint8).reshape(converted.height, plane.line_size)
+    return rows[:, : converted.width * 3].reshape(converted.height, converted.width, 3)
+
+
 def audio_samples(num_frames: int) -> int:
     """The 16 kHz samples a clip of `num_frames` 25 fps frames reads, with AUDIO_MARGIN_S to spare (its audio
     features and energy are cut to the clip's frames: a filterbank row reads 15 ms past its frame)."""
@@ -264,7 +274,7 @@ class VideoFile:
                     t = frame.time if frame.time is not None else n / self.source_fps
                     n += 1
                     self.frames_decoded += 1
-                    yield float(t), frame.to_ndarray(format="bgr24")
+                    yield float(t), bgr_array(frame)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return resample_timed(self._timed(), FPS, t0=self._t0)

@@ -20,6 +20,7 @@ from cpu_worker.frames import (
     ImageSequence,
     VideoFile,
     audio_samples,
+    bgr_array,
     decode_image,
     image_size,
     resample_timed,
@@ -88,6 +89,26 @@ def test_video_containers_resampled_to_25fps(tmp_path: Path, ext: str, codec: st
         assert 0.2 * 32768 < np.abs(wav).max() < 0.4 * 32768
     else:
         assert wav is None
+
+
+@pytest.mark.parametrize(("codec", "pix_fmt", "size"), [("libx264", "yuv420p", (64, 48)), ("ffv1", "bgr0", (64, 48)),
+                                                   ("ffv1", "yuv420p", (66, 50)), ("mpeg4", "yuv420p", (64, 48))])
+def test_bgr_array_is_what_pyav_converts(tmp_path: Path, codec: str, pix_fmt: str, size: tuple[int, int]) -> None:
+    """The decoded frames as views of the converted buffers equal PyAV's own copies (rows padded or not)."""
+    path = tmp_path / "clip.mkv"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream(codec, rate=25)
+        vs.width, vs.height, vs.pix_fmt = *size, pix_fmt
+        for _ in range(6):
+            img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")))
+        c.mux(vs.encode())
+    with av.open(str(path)) as c:
+        for frame in c.decode(video=0):
+            array = bgr_array(frame)
+            assert array.shape == (size[1], size[0], 3) and array.flags.writeable
+            np.testing.assert_array_equal(array, frame.to_ndarray(format="bgr24"))
 
 
 def test_reference_clip_decodes_exactly_from_bytes() -> None:
