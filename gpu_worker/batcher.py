@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpu_worker.batching import Waiting, next_batch
+from gpu_worker.batching import Waiting, batch_frames, next_batch
 from gpu_worker.engine import Engine, SegmentInput, segment_inputs
 from tasks.errors import JobError
 from tasks.logs import current_job_id
@@ -192,7 +192,9 @@ class Batcher:
                     self._finish([part], exc)
             return
         log.info("batch decoded", extra={
-            "jobs": len(batch), "segments": len(items), "padded_frames": len(items) * max(i.frames for i in items),
+            "jobs": len(batch), "segments": len(items),
+            "frames": batch_frames(len(items), max(i.frames for i in items), sum(i.frames for i in items),
+                                   self.engine.pads_batches),
             "seconds": round(time.perf_counter() - started, 4), "threads": self.engine.threads,
             "job_ids": ",".join(job.job_id for job, _, _ in batch)})
         offset = 0

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from deploy.local.sample_media import write_face_video
+from tasks.settings import get_settings
 
 from .conftest import INPUT_BUCKET, upload_frames
 from .test_worker_faults import control, stack_worker_paused, start_ready  # noqa: F401  (control: a fixture)
@@ -99,3 +100,6 @@ def test_jobs_batched_together_give_what_each_gives_alone(stack, api, control, b
     for pair in ({ids[0], ids[1]}, {ids[2], ids[3]}):
         assert any(pair <= s for s in shared), json.dumps(batches)
     assert all(len({modality[j] for j in s}) == 1 for s in shared)
+    # within the frame budget (the stack's default), which on CPU counts the segments' own frames
+    budget = get_settings().max_batch_frames
+    assert all(e["frames"] <= budget or e["segments"] == 1 for e in batches), json.dumps(batches)
