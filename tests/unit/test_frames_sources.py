@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import struct
 from fractions import Fraction
@@ -104,11 +105,19 @@ def test_bgr_array_is_what_pyav_converts(tmp_path: Path, codec: str, pix_fmt: st
             img = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
             c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")))
         c.mux(vs.encode())
+    views, copies = [], []
     with av.open(str(path)) as c:
         for frame in c.decode(video=0):
             array = bgr_array(frame)
             assert array.shape == (size[1], size[0], 3) and array.flags.writeable
             np.testing.assert_array_equal(array, frame.to_ndarray(format="bgr24"))
+            views.append(array)
+            copies.append(array.copy())
+    del frame, array
+    gc.collect()
+    _reuse = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(50)]
+    # each view keeps its buffer alive after the frame, the decoder and the container are gone
+    assert all(np.array_equal(view, copy) for view, copy in zip(views, copies, strict=True))
 
 
 def test_reference_clip_decodes_exactly_from_bytes() -> None:
