@@ -236,7 +236,7 @@ class VideoResNet(nn.Module):
 
 class TapConv2d(nn.Module):
     """A zero-padded ``k x k`` convolution (+ bias) for small feature maps, CPU fp32: per kernel tap, one
-    oneDNN inner product (weight prepacked, :mod:`.packed`) of the input positions the tap sees onto the
+    oneDNN inner product (:class:`PackedLinear`) of the input positions the tap sees onto the
     output positions it feeds, added up centre tap first, so the padding's zero taps are skipped (a 3x3
     map with padding 1: 49 of 81). The ResNet's layer 4 (512 channels on 3x3 maps, 6x6 into its first,
     strided convolution) runs oneDNN's direct convolution at half its rate on larger maps; this takes 14.1
@@ -247,8 +247,6 @@ class TapConv2d(nn.Module):
     ``[N, C, H, W]`` (best channels-last) -> ``[N, C_out, OH, OW]`` channels-last.
     """
 
-    bias: Tensor
-
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         cout, cin, kh, kw = conv.weight.shape
@@ -257,12 +255,12 @@ class TapConv2d(nn.Module):
             raise ValueError("TapConv2d takes a plain convolution with an odd kernel, zero-padded by half of it")
         self.kernel = (kh, kw)
         self.stride, self.padding = conv.stride, (kh // 2, kw // 2)  # the padding checked above
+        self.centre = (kh // 2) * kw + kw // 2
         weight = conv.weight.detach().float()
-        for d in range(kh * kw):  # `tap{d}`: tap d's [C_out, C] weight, packed for oneDNN's inner product
-            tap = weight[:, :, d // kw, d % kw].contiguous()
-            self.register_buffer(f"tap{d}", torch.ops.mkldnn._reorder_linear_weight(tap))
-        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)
-        self.register_buffer("bias", bias.float().contiguous())
+        bias = (conv.bias.detach() if conv.bias is not None else weight.new_zeros(cout)).float()
+        # tap d's [C_out, C] weight; the centre tap, which feeds every output position, adds the bias
+        self.taps = nn.ModuleList(PackedLinear(weight[:, :, d // kw, d % kw], bias if d == self.centre else None)
+                                  for d in range(kh * kw))
         self.out_channels, self.in_channels = cout, cin
 
     def _span(self, out: int, size: int, tap: int, axis: int) -> tuple[int, int, int] | None:
@@ -277,16 +275,14 @@ class TapConv2d(nn.Module):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         cols = x.permute(0, 2, 3, 1)  # [N, H, W, C]
-        centre = (kh // 2) * kw + kw // 2
         out: Tensor | None = None
-        for d in [centre] + [d for d in range(kh * kw) if d != centre]:
+        for d in [self.centre] + [d for d in range(kh * kw) if d != self.centre]:
             rows, columns = self._span(oh, h, d // kw, 0), self._span(ow, w, d % kw, 1)
             if rows is None or columns is None:
                 continue
             (i0, i1, r0), (j0, j1, c0) = rows, columns
             seen = cols[:, r0 : r0 + (i1 - i0 - 1) * sh + 1 : sh, c0 : c0 + (j1 - j0 - 1) * sw + 1 : sw]
-            part = torch.ops.mkldnn._linear_pointwise(seen.reshape(-1, c), self.get_buffer(f"tap{d}"),
-                                                      self.bias if out is None else None, "none", [], "")
+            part = self.taps[d](seen.reshape(-1, c))
             if out is None:  # the centre tap feeds every output position (odd kernel, same-size padding)
                 out = part.view(n, oh, ow, self.out_channels)
             else:

@@ -12,7 +12,7 @@ four tiles: 100 against 256. The transforms use the points 0, 1, -1, 2 (and infi
 result differs from the direct convolution by rounding only (about 1e-6 relative; a test bounds it).
 
 The transforms run as small matrix products over every tile and channel at once, the GEMMs as oneDNN
-inner products on weights transformed and packed once (:mod:`.packed`): the same numbers at any
+inner products on weights transformed and packed once (:class:`.packed.PackedLinear`): the same numbers at any
 thread count (a test).
 """
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .packed import PackedLinear
 
 POINTS = {2: (0.0, 1.0, -1.0), 3: (0.0, 1.0, -1.0, 2.0), 4: (0.0, 1.0, -1.0, 2.0, -2.0)}
 
@@ -70,8 +72,8 @@ class WinogradConv2d(nn.Module):
         self.m, self.n = m, m + 2
         self.in_channels, self.out_channels = cin, cout
         weight = torch.einsum("ak,oikl,bl->abio", g, conv.weight.detach().double(), g)  # [n, n, C, C_out]
-        for k, product in enumerate(weight.flatten(0, 1)):  # `u{k}`: product k's [C_out, C], packed
-            self.register_buffer(f"u{k}", torch.ops.mkldnn._reorder_linear_weight(product.t().float().contiguous()))
+        # product k's [C_out, C] weight
+        self.products = nn.ModuleList(PackedLinear(product.t().float(), None) for product in weight.flatten(0, 1))
         bias = conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(cout)
         self.register_buffer("bias", bias.float().contiguous())
         # both axes at once: V[(p, q)] = sum_(i, j) B^T[p, i] B^T[q, j] d[(i, j)], and the same with A^T
@@ -88,10 +90,7 @@ class WinogradConv2d(nn.Module):
         rows = n_frames * th * tw
         d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(n * n, rows * c)  # [(i, j), (tile, C)]
         v = torch.mm(self.input_transform, d).view(n * n, rows, c)
-        products = torch.stack([
-            torch.ops.mkldnn._linear_pointwise(v[k], self.get_buffer(f"u{k}"), None, "none", [], "")
-            for k in range(n * n)
-        ])  # [(p, q), tile, C_out]
+        products = torch.stack([product(v[k]) for k, product in enumerate(self.products)])  # [(p, q), tile, C_out]
         y = torch.mm(self.output_transform, products.view(n * n, rows * self.out_channels))
         y = y.view(m, m, n_frames, th, tw, self.out_channels).permute(2, 3, 0, 4, 1, 5)  # [N, th, r, tw, s, C_out]
         out = x.new_empty(n_frames, h, w, self.out_channels)
