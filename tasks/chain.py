@@ -66,14 +66,18 @@ def launch(job_id: str, chunks: list[Chunk]) -> bool:
     pipe.incr(_LAUNCHES.format(job_id))
     pipe.expire(_LAUNCHES.format(job_id), ttl)
     attempt = int(pipe.execute()[0])
-    suffix = "" if attempt == 1 else f".r{attempt - 1}"
-    chunk_tasks = group(_sig(PREPROCESS_CHUNK, chunk["index"], job_id=job_id, stage=f"chunk.{chunk['index']}{suffix}")
-                        for chunk in chunks)
+    chunk_tasks = group(_sig(PREPROCESS_CHUNK, chunk["index"], job_id=job_id,
+                             stage=_chunk_stage(chunk["index"], attempt)) for chunk in chunks)
     (chord(chunk_tasks, _sig(ASSEMBLE, job_id=job_id, stage="assemble"))
      | _sig(INFER, job_id=job_id, stage="infer")
      | _sig(FINALIZE, job_id=job_id, stage="finalize")).apply_async()
     r.set(_LAUNCHED.format(job_id), 1, ex=ttl)
     return True
+
+
+def _chunk_stage(index: int, launch: int) -> str:
+    """The stage name (task id suffix) of chunk `index` in the job's `launch`-th publication (from 1)."""
+    return f"chunk.{index}" if launch == 1 else f"chunk.{index}.r{launch - 1}"
 
 
 def infer_early(job_id: str, batch: int, spans: list[SegmentSpan], offset: int) -> None:
@@ -98,8 +102,8 @@ def cancel(job_id: str) -> jobs.Job | None:
         return None
     ids = [task_id(job_id, s) for s in STAGE_TASKS]
     launches = int(jobs.connection().get(_LAUNCHES.format(job_id)) or 1)
-    ids += [task_id(job_id, f"chunk.{i}{'' if k == 0 else f'.r{k}'}")
-            for i in range(job.get("chunks_total") or 0) for k in range(launches)]
+    ids += [task_id(job_id, _chunk_stage(i, launch))
+            for i in range(job.get("chunks_total") or 0) for launch in range(1, launches + 1)]
     ids += [task_id(job_id, f"early.{i}") for i in range(job.get("early_batches") or 0)]
     app.control.revoke(ids)
     if job["status"] == jobs.CANCELLED:  # not a job that had already finished otherwise
