@@ -75,38 +75,47 @@ def _decode_missing(job_id: str, items: list[SegmentInput], spans: Sequence[Segm
     """Fill `results`: decode the segments with no stored result, except those an early batch is still
     decoding, whose results are awaited while they keep coming or this worker's batcher is decoding some
     of the job's segments (`AVSR_EARLY_WAIT_S` without either: an early batch on a worker that died).
-    Returns how many came from the store meanwhile."""
+    Returns how many came from the store meanwhile.
+
+    Each look reads the early batches' states first and the store second: a batch stores its results
+    before it leaves `queued`, so a segment not in flight at the first read has its result in the store
+    at the second (or its batch failed). Read the other way round, a batch finishing between the two
+    reads had its segments decoded twice."""
     wait_s = get_settings().early_wait_s
     taken = 0
     last_news = time.monotonic()
-    while missing := [k for k, r in enumerate(results) if r is None]:
+    while True:
         if runtime.batcher().working_for(job_id):  # an early batch of the job is decoding here: news to come
             last_news = time.monotonic()
         in_flight = early.in_flight(job_id) if time.monotonic() - last_news < wait_s else set()
-        todo = [k for k in missing if (spans[k]["start_frame"], spans[k]["end_frame"]) not in in_flight]
-        if todo:
-            def merged(sub: Results, todo: list[int] = todo) -> None:
-                now = list(results)
-                for k, r in zip(todo, sub, strict=True):
-                    now[k] = r
-                progress(now)
-
-            decoded = runtime.batcher().decode_items([items[k] for k in todo], modality=modality,
-                                                     beam_size=beam_size, on_progress=merged)
-            for k, result in zip(todo, decoded, strict=True):
-                results[k] = result
-            last_news = time.monotonic()
-        else:
-            time.sleep(_POLL_S)
+        missing = [k for k, r in enumerate(results) if r is None]
         fresh = _stored(job_id, [spans[k] for k in missing], [digests[k] for k in missing])
-        news = [(k, r) for k, r in zip(missing, fresh, strict=True) if r is not None and results[k] is None]
+        news = [(k, r) for k, r in zip(missing, fresh, strict=True) if r is not None]
         for k, r in news:
             results[k] = r
         taken += len(news)
         if news:
             last_news = time.monotonic()
             progress(results)
-    return taken
+        missing = [k for k in missing if results[k] is None]
+        if not missing:
+            return taken
+        todo = [k for k in missing if (spans[k]["start_frame"], spans[k]["end_frame"]) not in in_flight]
+        if not todo:
+            time.sleep(_POLL_S)
+            continue
+
+        def merged(sub: Results, todo: list[int] = todo) -> None:
+            now = list(results)
+            for k, r in zip(todo, sub, strict=True):
+                now[k] = r
+            progress(now)
+
+        decoded = runtime.batcher().decode_items([items[k] for k in todo], modality=modality,
+                                                 beam_size=beam_size, on_progress=merged)
+        for k, result in zip(todo, decoded, strict=True):
+            results[k] = result
+        last_news = time.monotonic()
 
 
 @app.task(name=chain.INFER_EARLY)  # type: ignore[untyped-decorator]  # celery is untyped

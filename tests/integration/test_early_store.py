@@ -1,6 +1,7 @@
 """Early decodes in a real Redis (`tasks/early.py`, `gpu_worker/tasks.py`): inference reuses a stored
 result only for byte-identical inputs, waits for an early batch that is still decoding, and decodes
-the segments of an early batch that never finishes itself."""
+the segments of an early batch that never finishes itself, and never decodes again the segments of
+an early batch that finishes while it looks."""
 
 from __future__ import annotations
 
@@ -99,6 +100,28 @@ def test_inference_waits_for_a_running_early_batch(engine, batcher, rois):
     finisher.join()
     assert reused == 2 and batcher.decoded == [[2]]
     assert results == alone
+
+
+def test_an_early_batch_finishing_between_two_looks_is_not_decoded_again(engine, batcher, rois, monkeypatch):
+    """The early batch stores its results and leaves `queued` while inference decodes the segment it lacks:
+    inference takes the stored results instead of decoding those segments a second time."""
+    alone = engine.transcribe(rois=rois, audio=None, segments=SPANS, modality="video", beam_size=2)
+    early.record_batch(JOB, {"origin": 50, "next_id": 2, "chunks": 1, "batches": 1}, SPANS[:2])
+    looks = []
+
+    def in_flight(job_id: str) -> set[tuple[int, int]]:
+        looks.append(job_id)
+        if len(looks) == 2:  # the batch finishes now, as an early task does: results first, then its state
+            store(engine, rois, 0, alone[0])
+            store(engine, rois, 1, alone[1])
+            early.set_batch(JOB, 0, early.DONE)
+        return early_in_flight(job_id)
+
+    early_in_flight = early.in_flight
+    monkeypatch.setattr(gpu_tasks.early, "in_flight", in_flight)
+    reused, results = run(engine, rois, [])
+    assert len(looks) == 2 and batcher.decoded == [[2]]
+    assert reused == 2 and results == alone
 
 
 def test_an_early_batch_that_never_finishes_is_decoded_after_the_wait(engine, batcher, rois):
