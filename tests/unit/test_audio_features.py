@@ -83,3 +83,18 @@ def test_frame_energy_db() -> None:
     assert (e[:12] == -100.0).all()
     np.testing.assert_allclose(e[13:], 20 * np.log10(0.5), atol=1e-4)
     assert frame_energy_db(np.zeros(650, np.int16)).shape == (2,)
+
+
+@pytest.mark.parametrize("length", [1, 2, 399, 400, 401, 559, 560, 561, 16000 * 20 + 37, 160 * 4096 + 241])
+def test_filterbank_is_the_libraries_bits_at_every_length(length: int) -> None:
+    """The strided framing gives python_speech_features.logfbank's exact float64 result, at the edge
+    lengths of its frame count (one frame, a frame plus one hop, ...) and on a 20-s clip."""
+    from python_speech_features import logfbank
+
+    rng = np.random.default_rng(length)
+    wav = rng.normal(0, 3000, length).clip(-32768, 32767).astype(np.int16)
+    wav[: length // 3] = 0  # digital silence: the eps branch of the log
+    expected = logfbank(wav, samplerate=16000).astype(np.float32)
+    got = log_filterbank(wav, 16000)
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected, equal_nan=True)
