@@ -88,7 +88,8 @@ def test_frame_energy_db() -> None:
 @pytest.mark.parametrize("length", [1, 2, 399, 400, 401, 559, 560, 561, 16000 * 20 + 37, 160 * 4096 + 241])
 def test_filterbank_is_the_libraries_bits_at_every_length(length: int) -> None:
     """The strided framing gives python_speech_features.logfbank's exact float64 result, at the edge
-    lengths of its frame count (one frame, a frame plus one hop, ...) and on a 20-s clip."""
+    lengths of its frame count (one frame, a frame plus one hop, ...), on a 20-s clip and on one
+    that crosses a block of the power spectrum."""
     from python_speech_features import logfbank
 
     rng = np.random.default_rng(length)
