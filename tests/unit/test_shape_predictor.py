@@ -186,3 +186,47 @@ def test_an_index_out_of_range_is_refused(tmp_path: Path, where: str) -> None:
     write_random_model(path, seed=4, **{f"bad_{where}": True})
     with pytest.raises(ValueError, match="out of range"):
         read_model(path)
+
+
+_CACHE_PROBE = """
+import numpy as np
+from cpu_worker import shape_predictor as sp
+from cpu_worker.landmarks import _models_dir
+sp.ShapePredictor(_models_dir() / "shape_predictor_68_face_landmarks.dat")  # compiles or loads them
+print(sum(sum(f.stats.cache_hits.values()) for f in (sp._tokens, sp._predict)))
+"""
+
+
+def test_a_second_process_loads_the_compiled_predictor_from_numbas_cache() -> None:
+    """The predictor's numba functions are cached on disk (beside the module, else in NUMBA_CACHE_DIR
+    or ~/.cache/numba): once this process has them, a new process loads them instead of compiling."""
+    import subprocess
+    import sys
+
+    _shape_predictor()  # compiled (and cached) or loaded from the cache here
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], cwd=root, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert int(out.split()[-1]) == 2, out  # _tokens and _predict (which calls _similarity inside compiled code)
+
+
+def test_where_no_cache_folder_is_writable_the_functions_compile_in_memory(monkeypatch) -> None:
+    import numba
+
+    from cpu_worker import shape_predictor as sp
+
+    real = numba.njit
+
+    def no_locator(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+
+    @sp._compiled(nogil=True)
+    def twice(x: float) -> float:
+        return 2.0 * x
+
+    assert twice(21.0) == 42.0
+    assert type(twice._cache).__name__ == "NullCache"
