@@ -169,8 +169,17 @@ def _cnn() -> tuple[dlib.cnn_face_detection_model_v1, threading.Lock]:
     return dlib.cnn_face_detection_model_v1(str(_models_dir() / "mmod_human_face_detector.dat")), threading.Lock()
 
 
+# On an image under 16 px on a side dlib's CNN raises, and on some (e.g. 320x3, what a 4000x32 frame
+# becomes at `cnn_max_side`) it corrupts its heap and aborts the process. Its window is about 80 px
+# (faces of 40 px need an upsampled image), so such an image holds no face it could find: it never reaches the network.
+CNN_MIN_SIDE = 32
+
+
 def cnn_detect(gray: np.ndarray, upsample: int = 0) -> list[dlib.rectangle]:
-    """dlib CNN (mmod) face detector; serialised because the network is not re-entrant."""
+    """dlib CNN (mmod) face detector; serialised because the network is not re-entrant. An image under
+    :data:`CNN_MIN_SIDE` px on a side has no face it could find: ``[]``."""
+    if min(gray.shape[:2]) < CNN_MIN_SIDE:
+        return []
     net, lock = _cnn()
     with lock:
         return [d.rect for d in net(gray, upsample)]

@@ -128,6 +128,7 @@ def test_predict_keeps_the_old_contract(api, frames_job):
 @pytest.mark.parametrize(("name", "setup", "code"), [
     ("missing prefix", None, "input_not_found"),
     ("no face", "noise", "no_face_detected"),
+    ("no face in 40x2000 frames (too thin for dlib's CNN)", "sliver", "no_face_detected"),
     ("corrupt video", "garbage", "bad_media"),
     ("audio from frames", "frames-audio", "no_audio"),
     ("1x1 frames", "tiny", "no_frames"),
@@ -141,6 +142,11 @@ def test_bad_inputs_fail_with_a_reason(api, s3, jpeg_frames, name, setup, code):
         noise = [cv2.imencode(".png", rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))[1].tobytes()
                  for _ in range(10)]
         body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/noise/", noise, "png")}
+    elif setup == "sliver":
+        rng = np.random.default_rng(1)
+        thin = [cv2.imencode(".png", rng.integers(0, 255, (2000, 40, 3), dtype=np.uint8))[1].tobytes()
+                for _ in range(6)]
+        body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/sliver/", thin, "png")}
     elif setup == "tiny":
         tiny = [cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes()] * 5
         body = {"s3_bucket": INPUT_BUCKET, "s3_prefix": upload_frames(s3, "clips/tiny/", tiny, "png")}

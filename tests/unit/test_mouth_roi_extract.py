@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -112,6 +114,23 @@ def test_no_face_raises_with_code(frames: np.ndarray) -> None:
     with pytest.raises(NoFrames) as info2:
         extract_mouth_rois(np.zeros((0, 48, 64, 3), np.uint8))
     assert info2.value.code == "no_frames"
+
+
+@pytest.mark.parametrize("shape", [(40, 2000), (2000, 40), (32, 4000), (4000, 32)])
+def test_sliver_frames_find_no_face_instead_of_crashing_dlibs_cnn(shape: tuple[int, int]) -> None:
+    """Frames of legal size (each side >= AVSR_MIN_FRAME_SIDE) whose CNN input, shrunk to `cnn_max_side`,
+    is a few pixels across: dlib raised on those, and aborted the process on some."""
+    noise = np.random.default_rng(0).integers(0, 255, (6, *shape, 3), dtype=np.uint8)
+    with pytest.raises(NoFaceDetected):
+        extract_mouth_rois(noise)
+
+
+def test_cnn_is_never_given_an_image_it_cannot_scan() -> None:
+    """dlib's CNN on 3x320 corrupts the heap (`double free`, SIGABRT): run where that cannot take pytest."""
+    code = ("import numpy as np\nfrom cpu_worker.landmarks import cnn_detect\n"
+            "print([len(cnn_detect(np.zeros(s, np.uint8))) for s in [(3, 320), (320, 3), (8, 8), (12, 5), (31, 320)]])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert (done.returncode, done.stdout.strip()) == (0, "[0, 0, 0, 0, 0]"), done.stderr[-2000:]
 
 
 def test_long_gap_is_reported_as_break(frames: np.ndarray) -> None:
