@@ -179,7 +179,9 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
             return av.open(io.BytesIO(bytes(source)), mode="r")
         return av.open(source if not isinstance(source, Path) else str(source), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise BadMedia(f"cannot open media: {exc}") from exc
+        # FFmpeg's reason without the file name it adds (a path on the worker, not the customer's)
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise BadMedia(f"cannot open media: {reason}") from exc
 
 
 def bgr_array(frame: av.VideoFrame) -> np.ndarray:

@@ -132,6 +132,11 @@ def test_bad_media_raises_with_code(tmp_path: Path) -> None:
     with pytest.raises(BadMedia) as info:
         VideoFile(b"this is not a video at all" * 100)
     assert info.value.code == "bad_media" and isinstance(info.value, JobError)
+    garbage = tmp_path / "input-cache-entry"
+    garbage.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(BadMedia) as from_file:
+        VideoFile(garbage)
+    assert from_file.value.message == "cannot open media: Invalid data found when processing input"  # no path
     wav_only = tmp_path / "a.wav"
     with av.open(str(wav_only), "w") as c:
         s = c.add_stream("pcm_s16le", rate=16000)
