@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops
+from cpu_worker.align import CROP_SIZE, WINDOW, RoiCropper, iter_crops, to_gray
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.frames import resample_timed
 from cpu_worker.landmarks import (
@@ -127,16 +127,23 @@ def crop_mouth_rois(frames: np.ndarray | Iterable[np.ndarray], landmarks: np.nda
 
 _Item = tuple[int, np.ndarray, np.ndarray]  # (frame index, grey frame, landmarks for the crop)
 
+# The bytes of grey frames a leading gap (the frames before the first face) may keep for their crops:
+# 250 full-HD frames. Up to 1920x1080 all 250 are kept; of 4096x2304 frames (the largest allowed), 54,
+# where 250 took 2.4 GB. Dropped frames are in a break (no face) and get empty ROIs. The last-resort CNN
+# pass (a chunk where the schedule found no face) needs every frame kept, so it runs on at most as many.
+MAX_LEAD_BYTES = 250 * 1920 * 1080
+
 
 class _GapFiller:
     """Streaming ``landmarks_interpolate``: short gaps are interpolated linearly between detections
     (leading/trailing gaps copy the nearest detection, as the official code); a gap that grows past
     ``max_gap`` frames becomes a break and is filled by holding the last detection so that frames need
-    not be buffered."""
+    not be buffered. A leading gap keeps at most ``max_lead`` frames and ``max_lead_bytes`` of them."""
 
-    def __init__(self, max_gap: int, max_lead: int) -> None:
-        self.max_gap, self.max_lead = max_gap, max_lead
+    def __init__(self, max_gap: int, max_lead: int, max_lead_bytes: int | None = None) -> None:
+        self.max_gap, self.max_lead, self.max_lead_bytes = max_gap, max_lead, max_lead_bytes
         self.pending: list[tuple[int, np.ndarray]] = []  # (index, grey) of frames without landmarks yet
+        self.pending_bytes = 0
         self.last: np.ndarray | None = None
         self.last_idx = -1
         self.gap_start: int | None = None
@@ -163,12 +170,17 @@ class _GapFiller:
                 self.held += len(self.pending) + 1
                 self.holding = True
                 self.pending.clear()
+                self.pending_bytes = 0
                 out.append((idx, gray, self.last))
             else:
                 self.pending.append((idx, gray))
-                if self.last is None and len(self.pending) > self.max_lead:
+                self.pending_bytes += gray.nbytes
+                while self.last is None and len(self.pending) > 1 and (
+                        len(self.pending) > self.max_lead
+                        or (self.max_lead_bytes is not None and self.pending_bytes > self.max_lead_bytes)):
                     # a very long leading gap: drop the oldest frame (it will get an empty ROI)
                     j, g = self.pending.pop(0)
+                    self.pending_bytes -= g.nbytes
                     out.append((j, g, np.full((68, 2), np.nan)))
                     self.dropped_lead += 1
             return out
@@ -182,6 +194,7 @@ class _GapFiller:
                 out.append((j, g, lm if self.last is None else self.last + w * (lm - self.last)))
             self.interpolated += len(self.pending)
             self.pending.clear()
+            self.pending_bytes = 0
         self.holding = False
         self.last, self.last_idx = lm, idx
         out.append((idx, gray, lm))
@@ -194,17 +207,19 @@ class _GapFiller:
         out = [(j, g, self.last) for j, g in self.pending]
         self.interpolated += len(self.pending)
         self.pending.clear()
+        self.pending_bytes = 0
         return out
 
 
 def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """Group frames into runs that end at absolute multiples of ``block``."""
+    """Group frames, grey as they are read (a third of the bytes in the blocks waiting and in flight;
+    the colour frame is never used again), into runs that end at absolute multiples of ``block``."""
     buf: list[np.ndarray] = []
     first = start
     for i, frame in enumerate(frames):
         if frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8, got {frame.dtype}")
-        buf.append(frame)
+        buf.append(np.ascontiguousarray(to_gray(frame)))
         if (start + i + 1) % block == 0:
             yield first, buf
             first, buf = start + i + 1, []
@@ -215,8 +230,8 @@ def _blocks(frames: Iterable[np.ndarray], start: int, block: int) -> Iterator[tu
 class _RoiBuilder:
     """Gap filling (``_GapFiller``) feeding the crop (``RoiCropper``): frames with landmarks in, ROIs out."""
 
-    def __init__(self, max_gap: int, max_lead: int, crop: bool = True) -> None:
-        self.filler = _GapFiller(max_gap, max_lead)
+    def __init__(self, max_gap: int, max_lead: int, crop: bool = True, max_lead_bytes: int | None = None) -> None:
+        self.filler = _GapFiller(max_gap, max_lead, max_lead_bytes)
         self.cropper = RoiCropper()
         self.crop = crop
         self.rois: list[np.ndarray] = []
@@ -313,7 +328,7 @@ def extract_mouth_rois(
     if abs(fps - FPS) > 1e-6:
         stream = resample_timed(((i / fps, f) for i, f in enumerate(frames)), FPS)
     max_gap = max(1, round(max_gap_s * FPS))
-    builder = _RoiBuilder(max_gap, max_lead=max(250, 10 * max_gap))
+    builder = _RoiBuilder(max_gap, max_lead=max(250, 10 * max_gap), max_lead_bytes=MAX_LEAD_BYTES)
     detected: list[bool] = []
     det_stats = DetectionStats()
     tracks = [_RoiBuilder(max_gap, max_lead=max_gap, crop=crop_tracks) for _ in range(cfg.max_faces)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -12,7 +14,7 @@ import pytest
 
 from cpu_worker.errors import NoFaceDetected, NoFrames
 from cpu_worker.landmarks import TrackerConfig
-from cpu_worker.mouth_roi import MouthRoiResult, extract_mouth_rois, stitch_results
+from cpu_worker.mouth_roi import MAX_LEAD_BYTES, MouthRoiResult, _blocks, extract_mouth_rois, stitch_results
 from tasks.errors import JobError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,6 +133,31 @@ def test_cnn_is_never_given_an_image_it_cannot_scan() -> None:
             "print([len(cnn_detect(np.zeros(s, np.uint8))) for s in [(3, 320), (320, 3), (8, 8), (12, 5), (31, 320)]])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert (done.returncode, done.stdout.strip()) == (0, "[0, 0, 0, 0, 0]"), done.stderr[-2000:]
+
+
+def test_big_frames_are_kept_grey_and_a_faceless_lead_within_its_budget() -> None:
+    """A 4096x2304 clip without a face (the largest frame allowed): the colour frames are not buffered
+    (blocks hold grey) and the leading gap keeps MAX_LEAD_BYTES of frames, not 250. Before, 100 such
+    frames peaked at 3.3 GB of numpy arrays (tracemalloc), now 1.5 GB (real RSS of a 200-frame H.264
+    file of that size: 5.1 against 2.0 GB)."""
+    blank = np.zeros((2304, 4096, 3), np.uint8)
+
+    def frames() -> Iterator[np.ndarray]:
+        for _ in range(100):
+            yield blank.copy()  # a decoder's fresh frame each time
+
+    first, block = next(_blocks(frames(), 0, 24))
+    assert (first, len(block), block[0].shape) == (0, 24, (2304, 4096))
+    tracemalloc.start()
+    try:
+        with pytest.raises(NoFaceDetected):
+            extract_mouth_rois(frames(), config=TrackerConfig(use_cnn=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    frame_grey = 2304 * 4096
+    assert MAX_LEAD_BYTES // frame_grey == 54
+    assert peak < 2.2e9, f"{peak / 1e9:.2f} GB"
 
 
 def test_long_gap_is_reported_as_break(frames: np.ndarray) -> None:

@@ -12,9 +12,10 @@ from cpu_worker.mouth_roi import _GapFiller
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(detected: list[bool], max_gap: int, max_lead: int = 1000) -> tuple[_GapFiller, dict[int, np.ndarray]]:
+def _run(detected: list[bool], max_gap: int, max_lead: int = 1000,
+         max_lead_bytes: int | None = None) -> tuple[_GapFiller, dict[int, np.ndarray]]:
     rng = np.random.default_rng(0)
-    filler = _GapFiller(max_gap, max_lead)
+    filler = _GapFiller(max_gap, max_lead, max_lead_bytes)
     out: dict[int, np.ndarray] = {}
     gray = np.zeros((2, 2), np.uint8)
     for i, d in enumerate(detected):
@@ -65,3 +66,14 @@ def test_overlong_leading_gap_drops_oldest_frames() -> None:
     assert filler.dropped_lead == 2
     assert np.isnan(out[0]).all() and np.isnan(out[1]).all()
     np.testing.assert_array_equal(out[2], out[12])
+
+
+def test_leading_gap_keeps_at_most_its_byte_budget() -> None:
+    """The 2x2 frames of `_run` are 4 bytes: a budget of 7 frames' bytes keeps 7 of 12 (their count cap is 10)."""
+    det = [False] * 12 + [True] + [False] * 3
+    filler, out = _run(det, max_gap=5, max_lead=10, max_lead_bytes=7 * 4)
+    assert filler.dropped_lead == 5 and filler.pending_bytes == 0
+    assert all(np.isnan(out[j]).all() for j in range(5))
+    for j in range(5, 12):
+        np.testing.assert_array_equal(out[j], out[12])
+    assert filler.breaks == [(0, 12)]
