@@ -171,7 +171,8 @@ def _cnn() -> tuple[dlib.cnn_face_detection_model_v1, threading.Lock]:
 
 # On an image under 16 px on a side dlib's CNN raises, and on some (e.g. 320x3, what a 4000x32 frame
 # becomes at `cnn_max_side`) it corrupts its heap and aborts the process. Its window is about 80 px
-# (faces of 40 px need an upsampled image), so such an image holds no face it could find: it never reaches the network.
+# (faces of 40 px need an upsampled image), so such an image holds no face it could find: it never
+# reaches the network.
 CNN_MIN_SIDE = 32
 
 
