@@ -141,7 +141,10 @@ def decode_image(data: bytes | bytearray | memoryview, limits: FrameLimits | Non
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error:
         return None
-    return img if img is not None and img.size else None
+    if img is None or not img.size or img.dtype != np.uint8:
+        return None
+    # IMREAD_COLOR still gives one channel for some formats (a grey float PFM): BGR, as every frame
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img
 
 
 class ImageSequence:

@@ -12,6 +12,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from cpu_worker import audio as audio_lib
 from cpu_worker import stages
@@ -324,6 +325,10 @@ def test_image_formats_and_exif_orientation() -> None:
     assert rotated.shape == (60, 40, 3)
     assert rotated[:20, -10:, 2].mean() > 200  # the red block ends up top-right
     assert decode_image(b"\xff\xd8garbage") is None and decode_image(b"") is None
+    pfm = io.BytesIO()  # grey float PFM ("Pf"): OpenCV decodes it to one channel even with IMREAD_COLOR
+    Image.fromarray(base[:, :, 2]).convert("F").save(pfm, "PPM")
+    from_pfm = decode_image(pfm.getvalue())
+    assert from_pfm.shape == (40, 60, 3) and from_pfm.dtype == np.uint8
 
 
 def test_image_sequence_skips_corrupt_and_resamples() -> None:
