@@ -143,7 +143,6 @@ class _GapFiller:
     def __init__(self, max_gap: int, max_lead: int, max_lead_bytes: int | None = None) -> None:
         self.max_gap, self.max_lead, self.max_lead_bytes = max_gap, max_lead, max_lead_bytes
         self.pending: list[tuple[int, np.ndarray]] = []  # (index, grey) of frames without landmarks yet
-        self.pending_bytes = 0
         self.last: np.ndarray | None = None
         self.last_idx = -1
         self.gap_start: int | None = None
@@ -152,6 +151,11 @@ class _GapFiller:
         self.holding = False
         self.held = 0
         self.dropped_lead = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of the grey frames kept for their crops."""
+        return sum(gray.nbytes for _, gray in self.pending)
 
     def _close_gap(self, end: int) -> None:
         if self.gap_start is not None and end - self.gap_start > self.max_gap:
@@ -170,17 +174,14 @@ class _GapFiller:
                 self.held += len(self.pending) + 1
                 self.holding = True
                 self.pending.clear()
-                self.pending_bytes = 0
                 out.append((idx, gray, self.last))
             else:
                 self.pending.append((idx, gray))
-                self.pending_bytes += gray.nbytes
                 while self.last is None and len(self.pending) > 1 and (
                         len(self.pending) > self.max_lead
                         or (self.max_lead_bytes is not None and self.pending_bytes > self.max_lead_bytes)):
                     # a very long leading gap: drop the oldest frame (it will get an empty ROI)
                     j, g = self.pending.pop(0)
-                    self.pending_bytes -= g.nbytes
                     out.append((j, g, np.full((68, 2), np.nan)))
                     self.dropped_lead += 1
             return out
@@ -194,7 +195,6 @@ class _GapFiller:
                 out.append((j, g, lm if self.last is None else self.last + w * (lm - self.last)))
             self.interpolated += len(self.pending)
             self.pending.clear()
-            self.pending_bytes = 0
         self.holding = False
         self.last, self.last_idx = lm, idx
         out.append((idx, gray, lm))
@@ -207,7 +207,6 @@ class _GapFiller:
         out = [(j, g, self.last) for j, g in self.pending]
         self.interpolated += len(self.pending)
         self.pending.clear()
-        self.pending_bytes = 0
         return out
 
 
