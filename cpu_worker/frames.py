@@ -21,6 +21,7 @@ from typing import BinaryIO, TypeVar
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from cpu_worker.errors import BadMedia
@@ -187,11 +188,14 @@ def _open(source: str | Path | bytes | BinaryIO) -> av.container.InputContainer:
         raise BadMedia(f"cannot open media: {reason}") from exc
 
 
-def bgr_array(frame: av.VideoFrame) -> np.ndarray:
+def bgr_array(frame: av.VideoFrame, reformatter: VideoReformatter | None = None) -> np.ndarray:
     """The frame as BGR uint8 ``[H, W, 3]``: the pixels of ``frame.to_ndarray(format="bgr24")``, as a
     view of the converted frame's buffer (which it keeps alive) instead of PyAV's copy of it, which
-    cost more than the conversion itself (0.45 against 0.19 ms a 640x480 H.264 frame)."""
-    converted = frame.reformat(format="bgr24")
+    cost more than the conversion itself (0.45 against 0.19 ms a 640x480 H.264 frame).
+
+    Pass one ``reformatter`` for all the frames of a stream: ``frame.reformat`` makes a new one, and so a
+    new swscale context, for every frame (0.59 against 0.14 ms a 640x480 frame; the same pixels)."""
+    converted = (reformatter or VideoReformatter()).reformat(frame, format="bgr24")
     plane = converted.planes[0]
     rows = np.frombuffer(memoryview(plane), np.uint8).reshape(converted.height, plane.line_size)
     return rows[:, : converted.width * 3].reshape(converted.height, converted.width, 3)
@@ -263,6 +267,7 @@ class VideoFile:
             if seek_to is not None and stream.time_base:
                 c.seek(max(0, int(seek_to / stream.time_base)), stream=stream, backward=True, any_frame=False)
             n = 0
+            reformatter = VideoReformatter()  # one swscale context for the stream (re-made if the size changes)
             for packet in c.demux(stream):
                 try:
                     decoded = packet.decode()
@@ -279,7 +284,7 @@ class VideoFile:
                     t = frame.time if frame.time is not None else n / self.source_fps
                     n += 1
                     self.frames_decoded += 1
-                    yield float(t), bgr_array(frame)
+                    yield float(t), bgr_array(frame, reformatter)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return resample_timed(self._timed(), FPS, t0=self._t0)

@@ -12,9 +12,11 @@ import av
 import cv2
 import numpy as np
 import pytest
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from cpu_worker import audio as audio_lib
+from cpu_worker import frames as frames_module
 from cpu_worker import stages
 from cpu_worker.errors import BadMedia
 from cpu_worker.frames import (
@@ -107,9 +109,10 @@ def test_bgr_array_is_what_pyav_converts(tmp_path: Path, codec: str, pix_fmt: st
             c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")))
         c.mux(vs.encode())
     views, copies = [], []
+    reformatter = VideoReformatter()
     with av.open(str(path)) as c:
-        for frame in c.decode(video=0):
-            array = bgr_array(frame)
+        for i, frame in enumerate(c.decode(video=0)):
+            array = bgr_array(frame, reformatter if i % 2 else None)  # a stream's reformatter, or its own
             assert array.shape == (size[1], size[0], 3) and array.flags.writeable
             np.testing.assert_array_equal(array, frame.to_ndarray(format="bgr24"))
             views.append(array)
@@ -119,6 +122,27 @@ def test_bgr_array_is_what_pyav_converts(tmp_path: Path, codec: str, pix_fmt: st
     _reuse = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(50)]
     # each view keeps its buffer alive after the frame, the decoder and the container are gone
     assert all(np.array_equal(view, copy) for view, copy in zip(views, copies, strict=True))
+
+
+def test_a_stream_decodes_through_one_swscale_context_that_follows_size_changes(tmp_path: Path, monkeypatch) -> None:
+    """`frame.reformat` makes a swscale context for every frame (4x the conversion's own cost at 640x480):
+    a stream's frames go through one reformatter, which re-makes its context when the frame size changes."""
+    path = tmp_path / "switch.h264"
+    path.write_bytes(_h264(192, 128, 8) + _h264(96, 64, 8))
+    made: list[VideoReformatter] = []
+
+    def counting() -> VideoReformatter:
+        made.append(VideoReformatter())
+        return made[-1]
+
+    video = VideoFile(path)
+    monkeypatch.setattr(frames_module, "VideoReformatter", counting)
+    decoded = [frame for _, frame in video._timed()]
+    assert len(made) == 1
+    assert [f.shape for f in decoded] == [(128, 192, 3)] * 8 + [(64, 96, 3)] * 8
+    with av.open(str(path)) as c:
+        expected = [frame.to_ndarray(format="bgr24") for frame in c.decode(video=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, expected, strict=True))
 
 
 def test_reference_clip_decodes_exactly_from_bytes() -> None:
