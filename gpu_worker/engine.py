@@ -117,7 +117,8 @@ class Engine:
 
     def _share_cores(self) -> None:
         """On CPU: as many intra-op threads as the cores other processes leave idle (`core_share`),
-        before a batch and each of its decoder steps."""
+        before a batch, each segment it encodes and each decoder step (a 16-segment batch's encoder pass
+        takes about 15 s on one core: a core that the CPU worker frees meanwhile is used at the next segment)."""
         if self._cores is not None:
             threads = self._cores.threads()
             if threads != self.threads:

@@ -587,23 +587,30 @@ class AVHubertEncoder(nn.Module):
         return self.transformer(x, padding_mask, layer), padding_mask
 
     def forward_items(
-        self, video: Tensor | None, audio: Tensor | None, padding_mask: Tensor | None
+        self,
+        video: Tensor | None,
+        audio: Tensor | None,
+        padding_mask: Tensor | None,
+        before_item: Callable[[], None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """What the decoder attends to, without computing the padded frames: each item of a batch
         padded at the end is encoded alone at its own length, and the padded frames' outputs are
         zeros, which the decoder's attention masks out (``forward`` computes them: the official
         encoder output, padded frames included). Each item's output is then exactly its output
-        alone. A batch without padding, or with a mask that is not end padding, runs as one."""
+        alone. A batch without padding, or with a mask that is not end padding, runs as one.
+        ``before_item`` is called before each item is encoded (the engine adjusts its CPU threads there)."""
         lengths = _end_padded_lengths(padding_mask)
         if lengths is None:
+            if before_item is not None:
+                before_item()
             return self.forward(video, audio, padding_mask)
         assert padding_mask is not None  # lengths are only found in a mask
-        outs = [
-            self.forward(
-                None if video is None else video[b : b + 1, :, :n], None if audio is None else audio[b : b + 1, :n]
-            )[0]
-            for b, n in enumerate(lengths)
-        ]
+        outs = []
+        for b, n in enumerate(lengths):
+            if before_item is not None:
+                before_item()
+            item_video = None if video is None else video[b : b + 1, :, :n]
+            outs.append(self.forward(item_video, None if audio is None else audio[b : b + 1, :n])[0])
         memory = outs[0].new_zeros(len(lengths), padding_mask.size(1), outs[0].size(-1))
         for b, out in enumerate(outs):
             memory[b, : out.size(1)] = out[0]

@@ -234,7 +234,7 @@ class AVHubert:
         ``max_len``, ``max_len_from`` = ``"padded"`` (official default) | ``"item"`` |
         ``"frames"``, ``incremental``). ``prefix_tokens`` ``[B, P]`` forces the first tokens as the
         official ``prefix_size`` does (``target[:, :prefix_size]``, ``<pad>`` = unconstrained).
-        ``on_step`` is called before each decoder step."""
+        ``on_step`` is called before each decoder step, and on CPU before each item is encoded."""
         decoder = self._require_decoder()
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -267,8 +267,10 @@ class AVHubert:
         d = tokenizer.dictionary
         eos, pad, unk = d.eos_index, d.pad_index, d.unk_index
         with self.autocast():
-            encode = self.network.encoder if self.pads_batches else self.network.encoder.forward_items
-            memory, mask = encode(video, audio, padding_mask)
+            if self.pads_batches:
+                memory, mask = self.network.encoder(video, audio, padding_mask)
+            else:
+                memory, mask = self.network.encoder.forward_items(video, audio, padding_mask, before_item=on_step)
             raw = beam_search(decoder, memory, mask, caps, cfg, eos, pad, unk, valid, prefix, on_step)
         return [[self._hypothesis(h, tokenizer) for h in hyps] for hyps in raw]
 

@@ -80,7 +80,8 @@ def test_the_thread_count_does_not_change_the_decoded_result():
     assert results[0] == results[1]
 
 
-def test_the_engine_asks_before_a_batch_and_each_decoder_step():
+def test_the_engine_asks_before_a_batch_each_segment_it_encodes_and_each_decoder_step():
+    """A core freed while a batch is encoded (15 s for 16 segments on one core) is taken at the next segment."""
     from pathlib import Path
 
     from gpu_worker.engine import Engine, segment_inputs
@@ -88,17 +89,23 @@ def test_the_engine_asks_before_a_batch_and_each_decoder_step():
     engine = Engine(Path(__file__).resolve().parents[1] / "fixtures" / "avhubert_reference" / "checkpoints"
                     / "finetune_s2s.pt", device="cpu", max_batch_frames=10_000)
     assert engine._cores is not None
-    rois = np.random.default_rng(0).integers(0, 256, size=(30, 96, 96), dtype=np.uint8)
-    items = segment_inputs(rois, None, [{"id": 0, "start_frame": 0, "end_frame": 30}], "video")
+    rois = np.random.default_rng(0).integers(0, 256, size=(60, 96, 96), dtype=np.uint8)
+    spans = [{"id": 0, "start_frame": 0, "end_frame": 30}, {"id": 1, "start_frame": 30, "end_frame": 48},
+             {"id": 2, "start_frame": 48, "end_frame": 60}]
     asked: list[int] = []
     engine._cores.threads = lambda: asked.append(torch.get_num_threads()) or 1  # type: ignore[method-assign]
     threads = torch.get_num_threads()
     try:
-        decoded = engine.decode(items, 2)
+        alone = engine.decode(segment_inputs(rois, None, spans[:1], "video"), 2)
         assert engine.threads == 1 and torch.get_num_threads() == 1
+        # the batch, its one segment, then every step (its tokens incl. </s>)
+        assert len(asked) == 1 + 1 + alone[0]["num_tokens"]
+        asked.clear()
+        decoded = engine.decode(segment_inputs(rois, None, spans, "video"), 2)
     finally:
         torch.set_num_threads(threads)
-    assert len(asked) == 1 + decoded[0]["num_tokens"]  # the batch, then every step (its tokens incl. </s>)
+    # the batch, each of its 3 segments (encoded alone at its own length), then every step of the longest
+    assert len(asked) == 1 + 3 + max(d["num_tokens"] for d in decoded)
 
 
 def test_only_the_cores_of_the_affinity_set_count(monkeypatch, tmp_path):
