@@ -207,8 +207,13 @@ def _to_rect(box: Box) -> Rect:
 
 
 def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
+    """``gray`` scaled by ``scale``; empty where a side would shrink below one pixel (a 32x200000 frame at
+    the detectors' scale: OpenCV refuses an empty size, and such an image holds no face a detector finds)."""
     if scale == 1.0:
         return gray
+    height, width = gray.shape[:2]
+    if round(width * scale) < 1 or round(height * scale) < 1:  # OpenCV rounds the size the same way
+        return gray[:0, :0]
     interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
     return cv2.resize(gray, None, fx=scale, fy=scale, interpolation=interp)
 

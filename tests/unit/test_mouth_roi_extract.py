@@ -118,10 +118,11 @@ def test_no_face_raises_with_code(frames: np.ndarray) -> None:
     assert info2.value.code == "no_frames"
 
 
-@pytest.mark.parametrize("shape", [(40, 2000), (2000, 40), (32, 4000), (4000, 32)])
+@pytest.mark.parametrize("shape", [(40, 2000), (2000, 40), (32, 4000), (4000, 32), (32, 200_000), (200_000, 33)])
 def test_sliver_frames_find_no_face_instead_of_crashing_dlibs_cnn(shape: tuple[int, int]) -> None:
-    """Frames of legal size (each side >= AVSR_MIN_FRAME_SIDE) whose CNN input, shrunk to `cnn_max_side`,
-    is a few pixels across: dlib raised on those, and aborted the process on some."""
+    """Frames of legal size (each side >= AVSR_MIN_FRAME_SIDE, under AVSR_MAX_FRAME_PIXELS) whose detector
+    inputs, shrunk to `detect_max_side` or `cnn_max_side`, are a few pixels across: dlib's CNN raised on
+    those, and aborted the process on some; and where a side shrinks below one pixel OpenCV's resize raised."""
     noise = np.random.default_rng(0).integers(0, 255, (6, *shape, 3), dtype=np.uint8)
     with pytest.raises(NoFaceDetected):
         extract_mouth_rois(noise)
