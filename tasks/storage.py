@@ -26,7 +26,8 @@ from typing import Any
 import boto3
 import numpy as np
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from tasks.errors import JobError, access_denied, input_not_found, transient
 from tasks.settings import Settings, get_settings
@@ -107,8 +108,18 @@ def classify(error: Exception, what: str) -> JobError:
             return transient(f"S3 {code or status} on {what}")
         return JobError("s3_error", f"S3 {code or status} on {what}")
     if isinstance(error, BotoCoreError | ConnectionError | TimeoutError):
-        return transient(f"S3 unreachable for {what}: {error}")
+        return transient(f"S3 unreachable for {what}: {_unreachable_reason(error)}")
     raise error
+
+
+def _unreachable_reason(error: Exception) -> str:
+    """Why S3 could not be reached, without botocore's message: it names the endpoint URL, an address of
+    the service's own network that a job's error must not show its customer."""
+    if isinstance(error, ConnectTimeoutError | ReadTimeoutError | TimeoutError):
+        return "timed out"
+    if isinstance(error, BotoConnectionError | ConnectionClosedError | ConnectionError):
+        return "could not connect"
+    return type(error).__name__
 
 
 def list_objects(bucket: str, prefix: str) -> list[S3Object]:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from tasks import storage
 from tasks.storage import classify, natural_key
@@ -45,9 +51,18 @@ def test_s3_errors_are_classified(code, status, expected, retryable):
     assert (error.code, error.retryable) == (expected, retryable)
 
 
-def test_network_errors_are_retryable():
-    error = classify(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), "s3://b/k")
-    assert error.retryable and error.code == "transient_error"
+@pytest.mark.parametrize(("error", "reason"), [
+    (EndpointConnectionError(endpoint_url="http://10.0.0.5:8333/b/k"), "could not connect"),
+    (ConnectionClosedError(endpoint_url="http://10.0.0.5:8333/b/k"), "could not connect"),
+    (ConnectTimeoutError(endpoint_url="http://10.0.0.5:8333/b/k"), "timed out"),
+    (ReadTimeoutError(endpoint_url="http://10.0.0.5:8333/b/k"), "timed out"),
+    (ConnectionResetError(104, "Connection reset by peer"), "could not connect"),
+])
+def test_network_errors_are_retryable_and_do_not_show_the_endpoint(error, reason):
+    """botocore's messages name the S3 endpoint (an address of the service's network): a job's error says why only."""
+    classified = classify(error, "s3://b/k")
+    assert classified.retryable and classified.code == "transient_error"
+    assert classified.message == f"S3 unreachable for s3://b/k: {reason}"
 
 
 def test_unknown_errors_propagate():
