@@ -14,6 +14,7 @@ from api.errors import error_response
 from api.openapi import openapi_spec
 from tasks import heartbeat, jobs, leases
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
+from tasks.errors import public_model_error
 
 bp = Blueprint("ops", __name__)
 
@@ -70,7 +71,7 @@ def _public(fields: dict) -> dict:
     if fields.get("checkpoint"):
         fields["checkpoint"] = str(fields["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
     if fields.get("model_error"):
-        fields["model_error"] = str(fields["model_error"]).split(":", 1)[0] + " (details in the GPU worker's log)"
+        fields["model_error"] = public_model_error(str(fields["model_error"]))
     return fields
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from gpu_worker.batcher import Batcher
 from gpu_worker.engine import Engine
-from tasks.errors import JobError
+from tasks.errors import JobError, public_model_error
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def engine() -> Engine:
     if _engine is None:
         load_engine()
     if _engine is None:
-        raise JobError("model_unavailable", f"the model is not loaded: {_engine_error}", retryable=True)
+        raise JobError("model_unavailable", f"the model is not loaded: {public_model_error(_engine_error or '')}",
+                       retryable=True)
     return _engine
 
 

@@ -110,3 +110,9 @@ def input_too_large(message: str) -> JobError:
 def transient(message: str) -> JobError:
     """A failure worth retrying (network, throttling, 5xx)."""
     return JobError("transient_error", message, retryable=True)
+
+
+def public_model_error(error: str) -> str:
+    """What a customer or an unauthenticated caller sees of the GPU worker's model load error
+    (``"Type: message"``): its type, not its message, which names paths and endpoints of the service."""
+    return error.split(":", 1)[0] + " (details in the GPU worker's log)"

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpu_worker import runtime
 from gpu_worker.engine import Engine, segment_inputs
@@ -93,3 +94,25 @@ def test_inference_waits_for_early_segments_its_own_batcher_is_decoding(monkeypa
         get_settings.cache_clear()
     assert batcher.decoded == [1]  # segment 0 came from its early batch, never decoded again
     assert taken == 1 and results[0]["text"] == "early" and results[1]["text"] == "late 1"
+
+
+def test_a_model_that_failed_to_load_fails_jobs_model_unavailable_without_its_path(monkeypatch, tmp_path):
+    """The job's error names the load error's type; its message (the checkpoint's path on the GPU host) stays in
+    the worker's log and heartbeat, as /health shows it."""
+    from tasks.errors import JobError
+
+    secret = tmp_path / "srv-secret" / "finetune.pt"
+    monkeypatch.setenv("AVHUBERT_MODEL_PATH", str(secret))
+    get_settings.cache_clear()
+    monkeypatch.setattr(runtime, "_engine", None)
+    monkeypatch.setattr(runtime, "_batcher", None)
+    monkeypatch.setattr(runtime, "_engine_error", None)
+    try:
+        with pytest.raises(JobError) as info:
+            runtime.engine()
+        assert info.value.code == "model_unavailable" and info.value.retryable
+        assert info.value.message.startswith("the model is not loaded: ") and "srv-secret" not in info.value.message
+        assert "(details in the GPU worker's log)" in info.value.message
+        assert "srv-secret" in (runtime.model_state()["model_error"] or "")  # the operator's view keeps it
+    finally:
+        get_settings.cache_clear()
