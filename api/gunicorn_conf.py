@@ -15,6 +15,9 @@ from gunicorn import util
 
 from tasks.errors import http_status
 
+# The threaded worker, but a connection takes a thread only once its whole request has arrived
+# (`api/http_worker.py`: slow clients cannot hold the API's threads).
+worker_class = "api.http_worker.RequestBufferingWorker"
 limit_request_line = 8190  # bytes of the request line (gunicorn's maximum); longer: 414 uri_too_long
 limit_request_field_size = 8190  # bytes of one header; longer: 431 header_too_large
 limit_request_fields = 100  # headers; more: 431 header_too_large

@@ -64,6 +64,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "malformed_request": ErrorCode(400, "the HTTP request itself could not be parsed (request line, headers)"),
     "header_too_large": ErrorCode(431, "a request header is over the server's limit"),
     "uri_too_long": ErrorCode(414, "the request URI is over the server's limit"),
+    "request_timeout": ErrorCode(408, "the request did not arrive in full within AVSR_REQUEST_READ_TIMEOUT_S"),
     "url_not_allowed": ErrorCode(400, "the input URL is not http(s) or points at a non-global address", job=True),
     "url_fetch_failed": ErrorCode(502, "the input URL answered an error, could not be reached or was too slow",
                                   job=True),

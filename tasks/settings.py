@@ -71,6 +71,9 @@ class Settings:
                               doc="comma list of accepted API keys; empty disables auth (local use only)")
     max_request_bytes: int = setting("AVSR_MAX_REQUEST_BYTES", 64 * 1024, kind=int,
                                      doc="largest accepted request body")
+    request_read_timeout_s: float = setting("AVSR_REQUEST_READ_TIMEOUT_S", 20.0, kind=float,
+                                            doc="seconds a client has to send a whole request; it gets "
+                                                "an API thread only once it has (408 `request_timeout`)")
     max_frames: int = setting("AVSR_MAX_FRAMES", 30000, kind=int, doc="longest accepted input, in frames")
     max_input_bytes: int = setting("AVSR_MAX_INPUT_BYTES", 2 * 1024**3, kind=int,
                                    doc="largest accepted input (sum of S3 objects)")

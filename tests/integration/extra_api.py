@@ -16,11 +16,13 @@ from .conftest import API_KEY, Api
 
 
 @contextlib.contextmanager
-def extra_api(stack, port: int, env: dict[str, str], name: str) -> Iterator[Api]:
-    """Run `gunicorn api:create_app()` on 127.0.0.1:`port` with the stack's environment plus `env`."""
+def extra_api(stack, port: int, env: dict[str, str], name: str, args: tuple[str, ...] = ()) -> Iterator[Api]:
+    """Run `gunicorn api:create_app()` (the production config, `args` added) on 127.0.0.1:`port` with the
+    stack's environment plus `env`."""
     log = open(stack.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "1",
-                             "--threads", "4", "api:create_app()"], cwd=ROOT, env=stack.config.env() | env,
+                             "--threads", "4", "--config", "python:api.gunicorn_conf", *args,
+                             "api:create_app()"], cwd=ROOT, env=stack.config.env() | env,
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
