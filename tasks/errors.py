@@ -7,6 +7,7 @@ description — both checked against this table by the tests — list every code
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -59,6 +60,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "timeout": ErrorCode(504, "a stage ran past its time limit, or /predict stopped waiting", job=True),
     "internal_error": ErrorCode(500, "an unexpected failure (logged with the job id)", job=True),
     "worker_lost": ErrorCode(503, "a stage's worker died AVSR_MAX_DELIVERIES times running it", job=True),
+    "insufficient_storage": ErrorCode(507, "a worker's disk had no room for the job, after every retry", job=True),
     "output_not_found": ErrorCode(404, "the output bucket does not exist (the service never creates one)",
                                   job=True),
     "malformed_request": ErrorCode(400, "the HTTP request itself could not be parsed (request line, headers)"),
@@ -111,6 +113,16 @@ def input_too_large(message: str) -> JobError:
 def transient(message: str) -> JobError:
     """A failure worth retrying (network, throttling, 5xx)."""
     return JobError("transient_error", message, retryable=True)
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # an OSError's errno when a disk has no room
+
+
+def disk_full(needed: int | None = None) -> JobError:
+    """The worker's disk has no room (for `needed` more bytes): retried, in case room is made or
+    another worker takes the stage; no path in the message."""
+    room = f" for {needed} bytes" if needed is not None else ""
+    return JobError("insufficient_storage", f"the worker's disk has no room{room}", retryable=True)
 
 
 def public_model_error(error: str) -> str:

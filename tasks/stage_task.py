@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from tasks import jobs, leases
 from tasks.celery_app import app
-from tasks.errors import JobError
+from tasks.errors import DISK_FULL, JobError, disk_full
 from tasks.logs import current_job_id
 from tasks.settings import get_settings
 from tasks.webhooks import enqueue as enqueue_webhook
@@ -147,6 +147,8 @@ def as_job_error(exc: Exception) -> JobError:
         return exc
     if isinstance(exc, SoftTimeLimitExceeded):
         return JobError("timeout", "the task ran past its time limit")
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return disk_full()
     return JobError("internal_error", "an unexpected error stopped the job (the service log has it, by job id)")
 
 

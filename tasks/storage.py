@@ -29,7 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tasks.errors import JobError, access_denied, input_not_found, transient
+from tasks.errors import DISK_FULL, JobError, access_denied, disk_full, input_not_found, transient
 from tasks.settings import Settings, get_settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -178,6 +178,10 @@ def download_file(bucket: str, key: str, path: Path, etag: str = "") -> Path:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
             raise JobError("input_changed", f"s3://{bucket}/{key} changed while the job ran") from exc
         raise classify(exc, f"s3://{bucket}/{key}") from exc
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise disk_full() from exc
+        raise classify(exc, f"s3://{bucket}/{key}") from exc
     except Exception as exc:
         raise classify(exc, f"s3://{bucket}/{key}") from exc
     return path
@@ -197,8 +201,14 @@ def cached_download(obj: S3Object, bucket: str, max_age_s: float = 3600.0) -> Pa
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             _evict(root, max_age_s, room=obj.size)
+            if shutil.disk_usage(root).free < obj.size:
+                raise disk_full(obj.size)
             partial = root / f"{name}.part"
-            download_file(bucket, obj.key, partial, obj.etag)
+            try:
+                download_file(bucket, obj.key, partial, obj.etag)
+            except BaseException:
+                partial.unlink(missing_ok=True)  # a disk left full would fail every job of this host
+                raise
             partial.rename(path)
         path.touch()  # recently used: not evicted while jobs read it
     return path
@@ -224,7 +234,7 @@ def upload_to_cache(local: Path, bucket: str, key: str) -> S3Object:
 
 def _evict(root: Path, max_age_s: float, room: int) -> None:
     """Remove what is unused for `max_age_s`, then the least recently used copies until `room` more bytes
-    fit under AVSR_CACHE_MAX_BYTES (never another task's `.part` download or a `.lock`)."""
+    fit under AVSR_CACHE_MAX_BYTES and on the disk (never another task's `.part` download or a `.lock`)."""
     cutoff = time.time() - max_age_s
     copies: list[tuple[float, int, Path]] = []
     for entry in root.iterdir():
@@ -234,7 +244,8 @@ def _evict(root: Path, max_age_s: float, room: int) -> None:
                 entry.unlink()
             elif "." not in entry.name:  # a whole copy (its name is a bare hash)
                 copies.append((stat.st_mtime, stat.st_size, entry))
-    excess = sum(size for _, size, _ in copies) + room - get_settings().cache_max_bytes
+    held = sum(size for _, size, _ in copies)
+    excess = max(held + room - get_settings().cache_max_bytes, room - shutil.disk_usage(root).free)
     for _, size, entry in sorted(copies, key=lambda c: c[0]):
         if excess <= 0:
             break

@@ -4,6 +4,7 @@ job started with (real SeaweedFS S3)."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -70,3 +71,42 @@ def test_the_cache_keeps_under_its_size_evicting_the_least_recently_used(s3, s3_
     storage.cached_download(storage.head(INPUT_BUCKET, "cache/size-3.mp4"), INPUT_BUCKET)
     assert [p.exists() for p in paths] == [False, True, False] and partial.exists()
     assert sum(p.stat().st_size for p in s3_settings.iterdir() if "." not in p.name) <= 25_000
+
+
+def test_a_full_disk_fails_insufficient_storage_and_leaves_no_partial_download(s3, s3_settings):
+    s3.put_object(Bucket=INPUT_BUCKET, Key="cache/full.mp4", Body=b"f" * 10_000)
+    obj = storage.head(INPUT_BUCKET, "cache/full.mp4")
+    partial = storage._cache_path(obj, INPUT_BUCKET).with_suffix(".part")
+    partial.symlink_to("/dev/full")  # every write to it fails ENOSPC, as on a full disk
+    with pytest.raises(JobError) as info:
+        storage.cached_download(obj, INPUT_BUCKET, max_age_s=1e12)  # (/dev/full is older than an hour)
+    assert (info.value.code, info.value.retryable) == ("insufficient_storage", True)
+    assert str(s3_settings) not in info.value.message
+    assert not partial.exists() and not partial.is_symlink()  # removed: it would keep the disk full
+    assert storage.cached_download(obj, INPUT_BUCKET).read_bytes() == b"f" * 10_000  # room again: fetched
+
+
+def test_copies_are_evicted_to_make_room_on_the_disk_and_an_input_that_cannot_fit_is_not_fetched(
+        s3, s3_settings, monkeypatch):
+    disk = 30_000  # the cache's disk, whatever else the filesystem holds
+
+    def usage(path):
+        used = sum(p.stat().st_size for p in s3_settings.iterdir() if p.is_file())
+        return shutil._ntuple_diskusage(disk, used, disk - used)
+
+    monkeypatch.setattr(storage.shutil, "disk_usage", usage)
+    paths = []
+    for i in range(2):
+        s3.put_object(Bucket=INPUT_BUCKET, Key=f"cache/disk-{i}.mp4", Body=bytes([i]) * 10_000)
+        paths.append(storage.cached_download(storage.head(INPUT_BUCKET, f"cache/disk-{i}.mp4"), INPUT_BUCKET))
+        recent = time.time() - 100 + 10 * i
+        os.utime(paths[-1], (recent, recent))
+    s3.put_object(Bucket=INPUT_BUCKET, Key="cache/disk-big.mp4", Body=b"b" * 15_000)
+    big = storage.cached_download(storage.head(INPUT_BUCKET, "cache/disk-big.mp4"), INPUT_BUCKET)
+    assert big.stat().st_size == 15_000 and [p.exists() for p in paths] == [False, True]  # the older made room
+
+    s3.put_object(Bucket=INPUT_BUCKET, Key="cache/disk-huge.mp4", Body=b"h" * 40_000)
+    with pytest.raises(JobError) as info:
+        storage.cached_download(storage.head(INPUT_BUCKET, "cache/disk-huge.mp4"), INPUT_BUCKET)
+    assert info.value.code == "insufficient_storage" and "40000 bytes" in info.value.message
+    assert not any(p.name.endswith(".part") for p in s3_settings.iterdir())

@@ -55,3 +55,14 @@ def test_internal_errors_carry_no_exception_text():
     error = as_job_error(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed at /srv/secret"))
     assert error.code == "internal_error" and "surrogate" not in error.message and "/srv" not in error.message
     assert as_job_error(JobError("no_frames", "kept")).message == "kept"
+
+
+def test_a_full_disk_is_a_retried_insufficient_storage_error_without_its_path():
+    import errno
+
+    from tasks.stage_task import as_job_error
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        error = as_job_error(OSError(code, "No space left on device", "/srv/cache/avsr-input-cache/x.part"))
+        assert (error.code, error.retryable) == ("insufficient_storage", True) and "/srv" not in error.message
+    assert as_job_error(OSError(errno.EACCES, "Permission denied")).code == "internal_error"
