@@ -15,7 +15,8 @@ front (nginx); this worker does that buffering itself, so the API is safe on its
   closed, so idle connections cannot fill the worker either.
 - A thread still reads from the socket when the loop could not buffer the request: a body over
   the limit (refused 413 by the app), a head over `MAX_HEAD_BYTES` or one that `Expect`s
-  `100-continue`. Those reads, and every write, time out after `AVSR_REQUEST_READ_TIMEOUT_S`.
+  `100-continue`. Those reads end `AVSR_REQUEST_READ_TIMEOUT_S` after the thread took the request,
+  and each write times out after as long.
 
 Not for TLS (the loop cannot read an encrypted head): with a certificate configured it behaves as
 gunicorn's own worker. The settings come from `tasks.settings` like every other process's.
@@ -90,17 +91,43 @@ def _chunked_body_ready(body: bytes, max_body: int) -> bool:
 
 
 class TimedSocket:
-    """A client socket whose blocking reads and writes give up after `timeout` seconds.
+    """A client socket whose blocking reads end `timeout` seconds after `start_request` (the reads of
+    one request together, so a trickle cannot stretch them) and whose writes each time out after
+    `timeout` seconds.
 
     gunicorn switches its sockets between non-blocking (in the event loop) and blocking (in a
-    thread, with no timeout); here blocking means `timeout`. Everything else is the socket's."""
+    thread, with no timeout); here blocking means bounded. Everything else is the socket's."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         self.raw = sock
         self.timeout = timeout
+        self.blocking = False
+        self.reads_end = time.monotonic() + timeout
+
+    def start_request(self) -> None:
+        self.reads_end = time.monotonic() + self.timeout
 
     def setblocking(self, flag: bool) -> None:
+        self.blocking = flag
         self.raw.settimeout(self.timeout if flag else 0.0)
+
+    def recv(self, size: int) -> bytes:
+        if self.blocking:
+            left = self.reads_end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the request did not arrive within {self.timeout:g} s")
+            self.raw.settimeout(left)
+        return self.raw.recv(size)
+
+    def send(self, data: bytes) -> int:
+        if self.blocking:
+            self.raw.settimeout(self.timeout)
+        return self.raw.send(data)
+
+    def sendall(self, data: bytes) -> None:
+        if self.blocking:
+            self.raw.settimeout(self.timeout)
+        self.raw.sendall(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
@@ -176,6 +203,19 @@ class RequestBufferingWorker(ThreadWorker):
         self._wait_for_request(conn)
         return None
 
+    def enqueue_req(self, conn: TConn) -> None:
+        if self.cfg.is_ssl or conn.parser is None or getattr(conn, "early", b""):
+            return super().enqueue_req(conn)
+        # A kept-alive connection whose client sent more than its last request (pipelining): a
+        # thread takes what follows only once that is whole too.
+        pending = conn.parser.unreader.take_buffered()
+        if request_ready(pending, self.max_body):
+            conn.early = pending
+            return super().enqueue_req(conn)
+        conn.sock.setblocking(False)
+        self._wait_for_request(conn, pending)
+        return None
+
     def handle(self, conn: TConn) -> Any:
         early = getattr(conn, "early", b"")
         if early:
@@ -184,6 +224,8 @@ class RequestBufferingWorker(ThreadWorker):
             conn.sock.setblocking(True)
             conn.init()
             conn.parser.unreader.unread(early)
+        if isinstance(conn.sock, TimedSocket):
+            conn.sock.start_request()
         return super().handle(conn)
 
     def murder_pending(self) -> None:
@@ -195,8 +237,9 @@ class RequestBufferingWorker(ThreadWorker):
                 break
             self._drop(waiting, answer=bool(waiting.data))
 
-    def _wait_for_request(self, conn: TConn) -> None:
+    def _wait_for_request(self, conn: TConn, data: bytes = b"") -> None:
         waiting = _Waiting(conn, time.monotonic() + self.read_timeout)
+        waiting.data += data
         self.waiting[conn] = waiting
         if len(self.waiting) > self.max_waiting:
             self._drop(next(iter(self.waiting.values())), answer=False)

@@ -68,13 +68,31 @@ def test_more_slow_clients_than_threads_leave_the_api_answering(api, first_bytes
 
 def test_a_request_that_does_not_arrive_in_time_is_answered_408_and_an_idle_one_closed(stack):
     with extra_api(stack, PORT_BASE + 26, {"AVSR_REQUEST_READ_TIMEOUT_S": "1"}, "api-read-timeout") as api, \
-            connections(api.base, 1, HEAD) as (partial,), connections(api.base, 1, b"") as (idle,):
+            connections(api.base, 1, HEAD) as (partial,), connections(api.base, 1, b"") as (idle,), \
+            connections(api.base, 1, HEAD + b"\r\n" + HEAD) as (pipelined,), \
+            connections(api.base, 1, job_head(api, 100).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+                        ) as (expecting,):
         partial.sendall(b"X-Slow: 1\r\n")
         answer = read_answer(partial)
         status, _, body = answer.partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 408 "), answer
         assert json.loads(body)["error"]["code"] == "request_timeout"
         assert read_answer(idle) == b""  # closed without an answer
+        # a whole request, then half of the next one on the same connection: the first is answered,
+        # the second times out in the event loop like any other
+        first, _, rest = read_answer(pipelined).partition(b"HTTP/1.1 408 ")
+        assert first.startswith(b"HTTP/1.1 200 ") and b"request_timeout" in rest
+        # a body a thread reads itself (after 100 Continue), trickled: the thread's reads end too
+        assert expecting.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        cut = False
+        try:
+            for _ in range(20):  # 4 s of a byte every 0.2 s: the connection is closed on its sender
+                expecting.sendall(b" ")
+                time.sleep(0.2)
+        except OSError:
+            cut = True
+        assert cut
+        assert requests.get(api.base + "/health", timeout=10).status_code == 200
 
 
 def test_past_its_share_of_connections_a_worker_closes_the_longest_waiting(stack):
