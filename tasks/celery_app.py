@@ -26,8 +26,11 @@ def celery_config(settings: Settings) -> dict:
     """
     # A task not acked within the visibility timeout is re-delivered: keep it above the hard limit.
     # It is a last resort: stage leases (tasks/leases.py) re-publish a dead worker's task much sooner.
+    # A Redis that stops answering without closing its connections (a hung process, a partition) must
+    # not hold a publish or a worker's broker call: each socket read gives up after 3 s (kombu's BRPOP
+    # polls for 1 s at a time, well inside it).
     transport_options: dict[str, object] = {"visibility_timeout": settings.task_time_limit_s + 600,
-                                            "socket_connect_timeout": 3}
+                                            "socket_connect_timeout": 3, "socket_timeout": 3}
     if redis_sentinel(settings.redis_url, settings.redis_sentinel_master) is not None:
         transport_options["master_name"] = settings.redis_sentinel_master
     return dict(
@@ -50,7 +53,7 @@ def celery_config(settings: Settings) -> dict:
         broker_transport_options=dict(transport_options),
         result_backend_transport_options=dict(transport_options),
         broker_connection_retry_on_startup=True,
-        # A publish (the API's submit) gives up within a few seconds when Redis is gone: 503, not a hang.
+        # A publish (the API's submit) gives up within about 10 s when Redis is gone or hung: 503, not a hang.
         broker_connection_timeout=3,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                                    "interval_max": 1},

@@ -41,8 +41,12 @@ def _sig(name: str, *args: object, job_id: str, stage: str) -> Signature:
 
 
 def submit(job_id: str) -> None:
-    """Start the pipeline of a freshly created job (publishes `prepare`)."""
-    _sig(PREPARE, job_id=job_id, stage="prepare").apply_async()
+    """Start the pipeline of a freshly created job (publishes `prepare`).
+
+    Nothing reads `prepare`'s Celery result (the job record is the state), so none is kept: with one,
+    the publishing process first subscribes to the result's channel on the result backend, whose
+    retries (20, seconds each) held a submit for minutes when Redis hung."""
+    _sig(PREPARE, job_id=job_id, stage="prepare").apply_async(ignore_result=True)
 
 
 _LAUNCHED = "avsr:launched:{}"  # the job's chord was published whole

@@ -39,7 +39,7 @@ _IDEMPOTENCY_KEY = "avsr:idempotency:{}"
 STATS_KEY = "avsr:stats"  # hash: jobs_<status> counters, stage_<name>_seconds_sum/_count
 
 
-_TIMEOUTS = {"socket_timeout": 10, "socket_connect_timeout": 5}
+_TIMEOUTS = {"socket_timeout": 5, "socket_connect_timeout": 3}  # a hung Redis: a 503 or a retry, not a hang
 
 
 @lru_cache(maxsize=4)

@@ -8,7 +8,8 @@ import threading
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target`; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:`port` to `target`; `cut()` drops every connection and refuses new ones,
+    `freeze()` stops forwarding without closing anything, `restore()` undoes either."""
 
     def __init__(self, target: tuple[str, int]):
         self.target = target
@@ -16,6 +17,8 @@ class TcpProxy:
         self.port = self._server.getsockname()[1]
         self._open = threading.Event()
         self._open.set()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -42,6 +45,7 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         for s in (source, sink):
             with contextlib.suppress(OSError):
@@ -56,8 +60,13 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def freeze(self) -> None:
+        """Hold every byte, keeping the connections open and accepting new ones: a hung Redis."""
+        self._flowing.clear()
+
     def restore(self) -> None:
         self._open.set()
+        self._flowing.set()
 
     def close(self) -> None:
         self.cut()

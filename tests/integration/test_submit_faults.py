@@ -88,6 +88,27 @@ def test_broker_cut_answers_503_fast_leaves_no_job_and_the_retry_runs(stack, api
     assert api.wait(job_id)["status"] == "succeeded"
 
 
+def test_a_hung_broker_answers_503_in_seconds_and_the_retry_runs(stack, api, proxied_api, frames_body):
+    # Redis stopped (SIGSTOP) or partitioned keeps its connections open and answers nothing: without
+    # socket timeouts a submit waited for the whole outage and held an API thread for as long.
+    proxied, proxy = proxied_api
+    r = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
+    before = job_records(r)
+    assert proxied.request("GET", "/health").status_code == 200  # connections through the proxy are open
+    proxy.freeze()
+    try:
+        answer = proxied.request("POST", "/v1/jobs", json=frames_body, timeout=60)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "broker_unavailable"), answer.text
+        polled = proxied.request("GET", "/v1/jobs/" + "0" * 32, timeout=60)
+        assert (polled.status_code, polled.json()["error"]["code"]) == (503, "broker_unavailable"), polled.text
+    finally:
+        proxy.restore()
+    assert job_records(r) == before, "a failed submit left a job record behind"
+    retried = proxied.request("POST", "/v1/jobs", json=frames_body)
+    assert retried.status_code == 202, retried.text
+    assert api.wait(retried.json()["job_id"])["status"] == "succeeded"
+
+
 def test_a_dead_submissions_claim_is_taken_over(stack, api, frames_body, monkeypatch):
     """An API process that died between claiming a key and storing its job leaves a bare claim:
     the next request with that key waits for it to lapse and creates the job."""
