@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from tasks.records import SpeakerMode
+from tasks.records import SOURCE_FPS_RANGE, SpeakerMode
 
 MODALITIES = ("auto", "video", "audio", "audiovisual")
-FPS_RANGE = (1.0, 120.0)
+FPS_RANGE = SOURCE_FPS_RANGE
 BEAM_RANGE = (1, 50)
 MAX_PATH_BYTES = 1024  # an S3 key's limit (UTF-8 bytes)
 MAX_URL_LENGTH = 2048

@@ -7,6 +7,7 @@ only the small typed records of `tasks.records` are returned.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterable
@@ -72,14 +73,16 @@ def prepare(job: jobs.Job) -> InputPlan:
 
 def _prepare_frames(source: FramesInput, request: JobRequest) -> InputPlan:
     settings = get_settings()
-    objects = storage.list_frames(source["bucket"], source["prefix"])
+    fps = float(source.get("fps") or FPS)
+    # more frames than this, shot at `fps`, resample to more than AVSR_MAX_FRAMES at 25 fps
+    most = math.ceil((settings.max_frames + 1) * fps / FPS) + 1
+    objects = storage.list_frames(source["bucket"], source["prefix"], limit=most)
     if not objects:
         raise input_not_found(f"s3://{source['bucket']}/{source['prefix']} (no .jpg/.png frames)")
     total = sum(o.size for o in objects)
     if total > settings.max_input_bytes:
         raise input_too_large(f"frames add up to {total} bytes, limit {settings.max_input_bytes}")
     # Frames shot at `fps` mapped onto the 25 fps grid exactly as `ImageSequence` resamples them.
-    fps = float(source.get("fps") or FPS)
     keys = [o.key for o in frames_lib.resample_timed(((i / fps, o) for i, o in enumerate(objects)), FPS)]
     if len(keys) > settings.max_frames:
         raise input_too_large(f"{len(keys)} frames at 25 fps, limit {settings.max_frames}")

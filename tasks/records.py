@@ -16,6 +16,8 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 FPS = 25.0
 """AV-HuBERT's frame rate: every input is mapped onto this grid, and everything after `prepare` is at it."""
+SOURCE_FPS_RANGE = (1.0, 120.0)
+"""The frame rates a frame-sequence input may be shot at (its `fps`)."""
 
 
 def seconds(frame: int | float) -> float:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tasks.errors import DISK_FULL, JobError, access_denied, disk_full, input_not_found, transient
+from tasks.errors import DISK_FULL, JobError, access_denied, disk_full, input_not_found, input_too_large, transient
 from tasks.settings import Settings, get_settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -122,21 +122,31 @@ def _unreachable_reason(error: Exception) -> str:
     return type(error).__name__
 
 
-def list_objects(bucket: str, prefix: str) -> list[S3Object]:
-    """Every object under `prefix`, in natural key order."""
+def list_objects(bucket: str, prefix: str, keep: Callable[[str], bool] | None = None,
+                 limit: int | None = None) -> list[S3Object]:
+    """Every object under `prefix` whose key `keep` accepts, in natural key order. With `limit`, the
+    listing stops with `input_too_large` past `limit` kept objects or `10 * limit` listed ones: a prefix
+    of millions of keys would otherwise be listed whole into the worker's memory first."""
     client = s3_client()
     found: list[S3Object] = []
+    listed = 0
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            found.extend(S3Object(o["Key"], int(o["Size"])) for o in page.get("Contents", []))
+            contents = page.get("Contents", [])
+            listed += len(contents)
+            found.extend(S3Object(o["Key"], int(o["Size"])) for o in contents if keep is None or keep(o["Key"]))
+            if limit is not None and (len(found) > limit or listed > 10 * limit):
+                raise input_too_large(f"s3://{bucket}/{prefix} holds over {limit} objects, the most an input "
+                                      f"within AVSR_MAX_FRAMES can have")
     except Exception as exc:
         raise classify(exc, f"s3://{bucket}/{prefix}") from exc
     return sorted(found, key=lambda o: natural_key(o.key))
 
 
-def list_frames(bucket: str, prefix: str) -> list[S3Object]:
-    """The image objects under `prefix` (frames of a clip), `frame_2` before `frame_10`."""
-    return [o for o in list_objects(bucket, prefix) if o.key.lower().endswith(IMAGE_SUFFIXES)]
+def list_frames(bucket: str, prefix: str, limit: int | None = None) -> list[S3Object]:
+    """The image objects under `prefix` (frames of a clip), `frame_2` before `frame_10`; at most
+    `limit` (see `list_objects`)."""
+    return list_objects(bucket, prefix, keep=lambda key: key.lower().endswith(IMAGE_SUFFIXES), limit=limit)
 
 
 def head(bucket: str, key: str) -> S3Object:

@@ -110,3 +110,27 @@ def test_copies_are_evicted_to_make_room_on_the_disk_and_an_input_that_cannot_fi
         storage.cached_download(storage.head(INPUT_BUCKET, "cache/disk-huge.mp4"), INPUT_BUCKET)
     assert info.value.code == "insufficient_storage" and "40000 bytes" in info.value.message
     assert not any(p.name.endswith(".part") for p in s3_settings.iterdir())
+
+
+def test_listing_a_frame_prefix_stops_past_its_limit(s3, s3_settings):
+    for i in range(30):
+        s3.put_object(Bucket=INPUT_BUCKET, Key=f"many/frame_{i}.png", Body=b"x")
+        s3.put_object(Bucket=INPUT_BUCKET, Key=f"many/notes_{i}.txt", Body=b"x")
+    assert len(storage.list_frames(INPUT_BUCKET, "many/", limit=30)) == 30
+    for limit in (29, 5):  # too many frames; then too many objects of any kind (over 10 x 5)
+        with pytest.raises(JobError) as info:
+            storage.list_frames(INPUT_BUCKET, "many/", limit=limit)
+        assert info.value.code == "input_too_large" and f"over {limit} objects" in info.value.message
+
+
+def test_a_frame_job_over_the_frame_limit_is_refused_from_its_listing(s3, s3_settings, monkeypatch):
+    from cpu_worker import stages
+
+    monkeypatch.setenv("AVSR_MAX_FRAMES", "10")
+    get_settings.cache_clear()
+    for i in range(60):
+        s3.put_object(Bucket=INPUT_BUCKET, Key=f"long/frame_{i}.png", Body=b"x")
+    source = {"type": "frames", "bucket": INPUT_BUCKET, "prefix": "long/", "fps": 50.0}
+    with pytest.raises(JobError) as info:
+        stages._prepare_frames(source, {"modality": "video"})
+    assert info.value.code == "input_too_large" and "over 23 objects" in info.value.message  # ceil((10+1)*50/25)+1
