@@ -62,11 +62,17 @@ def proxied_api(stack):
         proxy.close()
 
 
-def test_broker_cut_answers_503_fast_leaves_no_job_and_the_retry_runs(stack, api, proxied_api, frames_body):
+@pytest.fixture
+def broker_fault(stack, proxied_api):
+    """The proxied API with its connections open, a Redis client and the job records before the fault."""
     proxied, proxy = proxied_api
     r = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
-    before = job_records(r)
     assert proxied.request("GET", "/health").status_code == 200  # connections through the proxy are open
+    return proxied, proxy, r, job_records(r)
+
+
+def test_broker_cut_answers_503_fast_leaves_no_job_and_the_retry_runs(api, broker_fault, frames_body):
+    proxied, proxy, r, before = broker_fault
     proxy.cut()
     headers = {"Idempotency-Key": "cut-1"}
     for _ in range(2):  # the pooled connections die on the first try, new ones on the second
@@ -88,13 +94,10 @@ def test_broker_cut_answers_503_fast_leaves_no_job_and_the_retry_runs(stack, api
     assert api.wait(job_id)["status"] == "succeeded"
 
 
-def test_a_hung_broker_answers_503_in_seconds_and_the_retry_runs(stack, api, proxied_api, frames_body):
+def test_a_hung_broker_answers_503_in_seconds_and_the_retry_runs(api, broker_fault, frames_body):
     # Redis stopped (SIGSTOP) or partitioned keeps its connections open and answers nothing: without
     # socket timeouts a submit waited for the whole outage and held an API thread for as long.
-    proxied, proxy = proxied_api
-    r = redis.Redis.from_url(stack.config.redis_url, decode_responses=True)
-    before = job_records(r)
-    assert proxied.request("GET", "/health").status_code == 200  # connections through the proxy are open
+    proxied, proxy, r, before = broker_fault
     proxy.freeze()
     try:
         answer = proxied.request("POST", "/v1/jobs", json=frames_body, timeout=60)
