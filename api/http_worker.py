@@ -43,51 +43,89 @@ MAX_HEAD_BYTES = 64 * 1024  # a longer head goes to a thread as it is; the parse
 _CHUNK = 64 * 1024
 
 
-def request_ready(data: bytes, max_body: int) -> bool:
-    """Whether a thread can take the request at the start of `data` without waiting on the client:
-    its head and (for a body within `max_body`, by length or chunked) its whole body are there, or it
-    is one the parser refuses or the app must answer first (over the limits, malformed, `Expect`)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return len(data) > MAX_HEAD_BYTES
-    fields: dict[str, list[str]] = {}
-    for line in data[:end].decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip().lower(), []).append(value.strip())
-    body = data[end + 4:]
-    if "expect" in fields:
-        return True
-    if "transfer-encoding" in fields:
-        return _chunked_body_ready(body, max_body)
-    lengths = fields.get("content-length")
-    if not lengths:
-        return True
-    if len(lengths) > 1 or not lengths[0].isdigit():
-        return True  # the parser answers 400
-    length = int(lengths[0])
-    return length > max_body or len(body) >= length
+class RequestBuffer:
+    """The bytes of one request as they arrive. `add` says when a thread can take the request without
+    waiting on the client: its head and (for a body within `max_body`, by length or chunked) its whole
+    body are there, or it is one the parser refuses or the app must answer first (over the limits,
+    malformed, `Expect`). Each byte is looked at once however the request is split (a client sending
+    a byte at a time must not make the event loop rescan what it has)."""
 
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.data = bytearray()
+        self.body_start = -1  # after the head's blank line, once it has come
+        self.length: int | None = None  # the body's Content-Length; None: chunked
+        self.ready = False
+        self._pos = 0  # chunked: where the next chunk-size line starts
+        self._total = 0  # chunked: the chunk bytes so far
+        self._trailers = -1  # chunked: where the trailers start, after the last chunk
 
-def _chunked_body_ready(body: bytes, max_body: int) -> bool:
-    """Whether a chunked `body` has arrived up to its last chunk and trailers, is over `max_body`,
-    or is malformed (then the parser answers it)."""
-    pos = total = 0
-    while True:
-        eol = body.find(b"\r\n", pos)
-        if eol < 0:
-            return len(body) - pos > 1024  # a chunk-size line that long is refused by the parser
-        try:
-            size = int(body[pos:eol].split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            return True
-        if size == 0:
-            return body.find(b"\r\n\r\n", eol) >= 0
-        total += size
-        if total > max_body:
-            return True
-        pos = eol + 2 + size + 2
-        if pos > len(body):
+    def add(self, chunk: bytes) -> bool:
+        seen = len(self.data)
+        self.data += chunk
+        if not self.ready:
+            self.ready = self._complete(seen)
+        return self.ready
+
+    def _complete(self, seen: int) -> bool:
+        if self.body_start < 0:
+            end = self.data.find(b"\r\n\r\n", max(0, seen - 3))
+            if end < 0:
+                return len(self.data) > MAX_HEAD_BYTES  # the parser refuses it (431/414)
+            self.body_start = end + 4
+            if self._framing(bytes(self.data[:end])):
+                return True
+        if self.length is not None:
+            return len(self.data) - self.body_start >= self.length
+        return self._chunks_complete(seen)
+
+    def _framing(self, head: bytes) -> bool:
+        """Read the body's framing from `head`; True when the request needs no body to be handed on."""
+        fields: dict[str, list[str]] = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip().lower(), []).append(value.strip())
+        if "expect" in fields:
+            return True  # the client waits for gunicorn's 100 Continue
+        if "transfer-encoding" in fields:
+            self._pos = self.body_start
             return False
+        lengths = fields.get("content-length")
+        if not lengths or len(lengths) > 1 or not lengths[0].isdigit():
+            return True  # no body, or one the parser refuses (400)
+        self.length = int(lengths[0])
+        return self.length > self.max_body  # the app answers 413 without reading it
+
+    def _chunks_complete(self, seen: int) -> bool:
+        data = self.data
+        if self._trailers < 0:
+            while True:
+                eol = data.find(b"\r\n", max(self._pos, seen - 1))
+                if eol < 0:
+                    return len(data) - self._pos > 1024  # a chunk-size line that long: the parser refuses it
+                try:
+                    size = int(bytes(data[self._pos:eol]).split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    return True  # malformed: the parser answers 400
+                if size == 0:
+                    self._trailers = eol
+                    break
+                self._total += size
+                if self._total > self.max_body:
+                    return True  # the app answers 413
+                next_line = eol + 2 + size + 2
+                if next_line > len(data):
+                    self._pos, seen = next_line, next_line  # nothing to look at before it
+                    return False
+                self._pos, seen = next_line, next_line
+        if len(data) - self._trailers > MAX_HEAD_BYTES:
+            return True  # trailers without end: the parser refuses them
+        return data.find(b"\r\n\r\n", max(self._trailers, seen - 3)) >= 0
+
+
+def request_ready(data: bytes, max_body: int) -> bool:
+    """Whether `data` begins with a request a thread can take (see `RequestBuffer`)."""
+    return RequestBuffer(max_body).add(data)
 
 
 class TimedSocket:
@@ -153,12 +191,12 @@ class _Conn(TConn):
 class _Waiting:
     """A connection whose request has not arrived in full: what came so far and until when."""
 
-    __slots__ = ("conn", "data", "deadline")
+    __slots__ = ("conn", "deadline", "request")
 
-    def __init__(self, conn: TConn, deadline: float) -> None:
+    def __init__(self, conn: TConn, deadline: float, max_body: int) -> None:
         self.conn = conn
-        self.data = bytearray()
         self.deadline = deadline
+        self.request = RequestBuffer(max_body)
 
 
 def _timeout_answer(seconds: float) -> bytes:
@@ -233,13 +271,13 @@ class RequestBufferingWorker(ThreadWorker):
         now = time.monotonic()
         while self.waiting:
             waiting = next(iter(self.waiting.values()))
-            if waiting.deadline > now and (self.alive or waiting.data):
+            if waiting.deadline > now and (self.alive or waiting.request.data):
                 break
-            self._drop(waiting, answer=bool(waiting.data))
+            self._drop(waiting, answer=bool(waiting.request.data))
 
     def _wait_for_request(self, conn: TConn, data: bytes = b"") -> None:
-        waiting = _Waiting(conn, time.monotonic() + self.read_timeout)
-        waiting.data += data
+        waiting = _Waiting(conn, time.monotonic() + self.read_timeout, self.max_body)
+        waiting.request.add(data)
         self.waiting[conn] = waiting
         if len(self.waiting) > self.max_waiting:
             self._drop(next(iter(self.waiting.values())), answer=False)
@@ -258,11 +296,10 @@ class RequestBufferingWorker(ThreadWorker):
         if not chunk:
             self._drop(waiting, answer=False)
             return
-        waiting.data += chunk
-        if request_ready(bytes(waiting.data), self.max_body):
+        if waiting.request.add(chunk):
             del self.waiting[waiting.conn]
             self.poller.unregister(sock)
-            waiting.conn.early = bytes(waiting.data)
+            waiting.conn.early = bytes(waiting.request.data)
             self.enqueue_req(waiting.conn)
 
     def _drop(self, waiting: _Waiting, answer: bool) -> None:
