@@ -193,10 +193,10 @@ class _Waiting:
 
     __slots__ = ("conn", "deadline", "request")
 
-    def __init__(self, conn: TConn, deadline: float, max_body: int) -> None:
+    def __init__(self, conn: TConn, deadline: float, request: RequestBuffer) -> None:
         self.conn = conn
         self.deadline = deadline
-        self.request = RequestBuffer(max_body)
+        self.request = request
 
 
 def _timeout_answer(seconds: float) -> bytes:
@@ -247,11 +247,12 @@ class RequestBufferingWorker(ThreadWorker):
         # A kept-alive connection whose client sent more than its last request (pipelining): a
         # thread takes what follows only once that is whole too.
         pending = conn.parser.unreader.take_buffered()
-        if request_ready(pending, self.max_body):
+        request = RequestBuffer(self.max_body)
+        if request.add(pending):
             conn.early = pending
             return super().enqueue_req(conn)
         conn.sock.setblocking(False)
-        self._wait_for_request(conn, pending)
+        self._wait_for_request(conn, request)
         return None
 
     def handle(self, conn: TConn) -> Any:
@@ -275,9 +276,9 @@ class RequestBufferingWorker(ThreadWorker):
                 break
             self._drop(waiting, answer=bool(waiting.request.data))
 
-    def _wait_for_request(self, conn: TConn, data: bytes = b"") -> None:
-        waiting = _Waiting(conn, time.monotonic() + self.read_timeout, self.max_body)
-        waiting.request.add(data)
+    def _wait_for_request(self, conn: TConn, request: RequestBuffer | None = None) -> None:
+        """Read `conn`'s request (begun in `request`, if any) in the event loop until it is whole."""
+        waiting = _Waiting(conn, time.monotonic() + self.read_timeout, request or RequestBuffer(self.max_body))
         self.waiting[conn] = waiting
         if len(self.waiting) > self.max_waiting:
             self._drop(next(iter(self.waiting.values())), answer=False)
