@@ -29,7 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tasks.errors import DISK_FULL, JobError, access_denied, disk_full, input_not_found, input_too_large, transient
+from tasks.errors import JobError, access_denied, disk_full, input_not_found, input_too_large, transient
 from tasks.settings import Settings, get_settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -187,10 +187,6 @@ def download_file(bucket: str, key: str, path: Path, etag: str = "") -> Path:
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
             raise JobError("input_changed", f"s3://{bucket}/{key} changed while the job ran") from exc
-        raise classify(exc, f"s3://{bucket}/{key}") from exc
-    except OSError as exc:
-        if exc.errno in DISK_FULL:
-            raise disk_full() from exc
         raise classify(exc, f"s3://{bucket}/{key}") from exc
     except Exception as exc:
         raise classify(exc, f"s3://{bucket}/{key}") from exc

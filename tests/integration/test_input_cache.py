@@ -12,6 +12,7 @@ import pytest
 from tasks import storage
 from tasks.errors import JobError
 from tasks.settings import get_settings
+from tasks.stage_task import as_job_error
 
 from .conftest import INPUT_BUCKET
 
@@ -78,10 +79,11 @@ def test_a_full_disk_fails_insufficient_storage_and_leaves_no_partial_download(s
     obj = storage.head(INPUT_BUCKET, "cache/full.mp4")
     partial = storage._cache_path(obj, INPUT_BUCKET).with_suffix(".part")
     partial.symlink_to("/dev/full")  # every write to it fails ENOSPC, as on a full disk
-    with pytest.raises(JobError) as info:
+    with pytest.raises(OSError) as info:
         storage.cached_download(obj, INPUT_BUCKET, max_age_s=1e12)  # (/dev/full is older than an hour)
-    assert (info.value.code, info.value.retryable) == ("insufficient_storage", True)
-    assert str(s3_settings) not in info.value.message
+    error = as_job_error(info.value)  # what the stage fails the job with
+    assert (error.code, error.retryable) == ("insufficient_storage", True)
+    assert str(s3_settings) not in error.message
     assert not partial.exists() and not partial.is_symlink()  # removed: it would keep the disk full
     assert storage.cached_download(obj, INPUT_BUCKET).read_bytes() == b"f" * 10_000  # room again: fetched
 
